@@ -1,0 +1,21 @@
+"""residlab: read and steer the residual stream of transformer language models."""
+
+from residlab.errors import ModelMismatchError, ResidlabError, UnknownArchitectureError
+from residlab.models.lm import Generation, LanguageModel
+from residlab.models.loading import load
+from residlab.models.registry import DEFAULT_MODEL, PACKAGED_MODELS
+from residlab.vectors.steering_vector import SteeringVector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PACKAGED_MODELS",
+    "Generation",
+    "LanguageModel",
+    "ModelMismatchError",
+    "ResidlabError",
+    "SteeringVector",
+    "UnknownArchitectureError",
+    "load",
+]

@@ -1,0 +1,176 @@
+"""The ``residlab`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from residlab.cli.errors import handle_errors
+from residlab.errors import ResidlabError
+from residlab.models.registry import DEFAULT_MODEL
+
+app = typer.Typer(
+    name="residlab",
+    help="Read and steer the residual stream of transformer language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Packaged model name, local model dir, .gguf file or Hugging Face id."),
+]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@app.command()
+@handle_errors
+def models() -> None:
+    """List the packaged models (and other converted models in the cache), their sizes and status."""
+    from residlab.cache import cache_dir
+    from residlab.models.assets import gguf_path, part_status
+    from residlab.models.loading import converted_dir, is_converted
+    from residlab.models.registry import PACKAGED_MODELS
+
+    table = Table(title=f"Packaged models (cache: {cache_dir()})")
+    table.add_column("name", no_wrap=True)
+    table.add_column("upstream", overflow="fold")
+    for column in ("layers", "d_model", "weights", "status"):
+        table.add_column(column)
+    for m in PACKAGED_MODELS.values():
+        if is_converted(m.name):
+            status = f"[green]ready[/] ({_size(_dir_size(converted_dir(m.name)))} safetensors)"
+        elif gguf_path(m).exists():
+            status = "gguf joined, not yet converted"
+        else:
+            have, need = part_status(m)
+            status = f"wheels {have}/{need} local" if have else "not fetched (fetched on first use)"
+        name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
+        table.add_row(name, m.hf_id, str(m.num_layers), str(m.hidden_size), f"{_size(m.size)} {m.quantization}",
+                      status)
+    console.print(table)
+    others = sorted((cache_dir() / "models" / "gguf").glob("*/residlab.json"))
+    if others:
+        console.print("Converted from user GGUF files:")
+        for marker in others:
+            console.print(f"  {marker.parent.name}  {_size(_dir_size(marker.parent))}  "
+                          f"{json.loads(marker.read_text()).get('source_file', '')}")
+
+
+@app.command()
+@handle_errors
+def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> None:
+    """Show a model's architecture, sizes and where residlab keeps its files."""
+    from residlab.cache import cache_dir
+    from residlab.models.loading import load
+
+    started = time.perf_counter()
+    lm = load(model, dtype=dtype)
+    seconds = time.perf_counter() - started
+    arch = lm.arch
+    rows = [
+        ("name", lm.name), ("source", lm.source), ("family", arch.family), ("layers", str(lm.num_layers)),
+        ("hidden size", str(lm.hidden_size)), ("parameters", f"{lm.num_parameters / 1e6:.1f} M"),
+        ("dtype", str(lm.dtype).replace("torch.", "")), ("vocabulary", str(len(lm.tokenizer))),
+        ("chat template", "yes" if lm.has_chat_template else "no"),
+        ("blocks", arch.blocks), ("attention / MLP", f"{arch.attn} / {arch.mlp} (activation: input of {arch.mlp_down})"),
+        ("final norm / unembed", f"{arch.final_norm} / {arch.unembed}"),
+        ("layer convention", "layer i = output of block i = HF hidden_states[i + 1]"),
+        ("cache", str(cache_dir())), ("load time", f"{seconds:.1f} s"),
+    ]
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def generate(
+    model: ModelOption = DEFAULT_MODEL,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int | None = None,
+    vector: Annotated[Path | None, typer.Option(help="A steering vector (.safetensors) to add while generating.")] = None,
+    strength: Annotated[float, typer.Option(help="Multiplies the vector as stored.")] = 1.0,
+    positions: Annotated[str, typer.Option(
+        help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.")] = "prompt_last+generated",
+    layers: Annotated[str | None, typer.Option(help="Comma-separated subset of the vector's layers.")] = None,
+    allow_other_model: Annotated[bool, typer.Option(help="Accept a vector saved for a model of another name.")] = False,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
+    system: Annotated[str | None, typer.Option(help="A system message (chat only).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    dtype: DtypeOption = "float32",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
+) -> None:
+    """Generate text, optionally with a steering vector added to the residual stream."""
+    import contextlib
+
+    from residlab.interventions.positions import STEERING_RULES, parse_rule
+    from residlab.models.loading import load
+    from residlab.vectors.steering_vector import SteeringVector
+
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise ResidlabError(f"no prompt file at {prompt_file}.", hint="check the path.")
+        prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
+    rule = parse_rule(positions, STEERING_RULES)
+    layer_list = [int(x) for x in layers.split(",")] if layers else None
+    lm = load(model, dtype=dtype)
+    use_chat = chat and lm.has_chat_template
+    steering = contextlib.nullcontext()
+    if vector is not None:
+        vec = SteeringVector.load(vector, model=lm, strict=not allow_other_model)
+        steering = lm.steer(vec, strength=strength, positions=rule, layers=layer_list)
+    started = time.perf_counter()
+    with steering:
+        results = lm.generate(prompts, max_new_tokens=max_new_tokens, chat=use_chat, system=system,
+                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    for i, (p, g) in enumerate(zip(prompts, results, strict=True)):
+        if json_output:
+            print(json.dumps({"prompt": p, "text": g.text, "num_tokens": g.num_tokens, "hit_limit": g.hit_limit}))
+        else:
+            if len(prompts) > 1:
+                console.rule(f"[{i}] {p[:60]}")
+            print(g.text)
+    total = sum(g.num_tokens for g in results)
+    print(f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s)"
+          + (f", steered (strength {strength}, {positions})" if vector is not None else ""), file=sys.stderr)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Adding steering vectors to the residual stream while a model runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from residlab.errors import ModelMismatchError, ResidlabError
+from residlab.interventions.hooks import HookSet, join_output, split_output
+from residlab.interventions.positions import STEERING_RULES, PositionRule, validate_rule
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+
+class Steering:
+    """A context manager that adds ``delta[layer]`` to the output of each steered block.
+
+    ``deltas`` maps layer -> [d] or [rows, d] tensor (already multiplied by the strength). With
+    ``rows`` > 1, row ``i`` of the caller's batch gets row ``i`` of the delta, also when
+    :meth:`LanguageModel.generate` reorders prompts into sub-batches. Positions follow ``rule``
+    (see :mod:`residlab.interventions.positions`), identically with and without the KV cache.
+    Hooks never mutate the model's weights and are removed on exit, exceptions included.
+    """
+
+    def __init__(self, lm: LanguageModel, deltas: dict[int, torch.Tensor], rule: PositionRule) -> None:
+        self._lm = lm
+        self.rule = validate_rule(rule, STEERING_RULES)
+        self.deltas = {
+            lm.check_layer(layer): (d if d.dim() == 2 else d.unsqueeze(0)).to(lm.device, lm.dtype)
+            for layer, d in deltas.items()
+        }
+        for layer, d in self.deltas.items():
+            if d.shape[-1] != lm.hidden_size:
+                raise ModelMismatchError(
+                    f"steering delta for layer {layer} has size {d.shape[-1]}, the model's hidden size is "
+                    f"{lm.hidden_size}.",
+                    hint="use a vector extracted from this model.",
+                )
+        self._hooks = HookSet()
+
+    def _make_hook(self, delta: torch.Tensor):
+        tracker = self._lm.tracker
+        per_row = delta.shape[0] > 1
+        # [rows, 1, d] once, so each pass does one multiply-add and no reshapes.
+        delta3 = delta.unsqueeze(1)
+
+        def hook(module, args, output):
+            hidden, rest = split_output(output)
+            mask = tracker.steering_mask(self.rule, hidden.dtype)
+            d = delta3
+            if per_row:
+                rows = tracker.context.row_index
+                if int(rows.max()) >= d.shape[0]:
+                    raise ResidlabError(
+                        f"a per-row steering vector has {d.shape[0]} rows but the batch has more rows.",
+                        hint="give one vector or strength per prompt, or a single one for all.",
+                    )
+                d = d.index_select(0, rows)
+            return join_output(hidden + mask * d, rest)
+
+        return hook
+
+    def __enter__(self) -> Steering:
+        self._lm.tracker.acquire()
+        try:
+            for layer, delta in self.deltas.items():
+                self._hooks.forward(self._lm.blocks[layer], self._make_hook(delta))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.remove_all()
+        self._lm.tracker.release()

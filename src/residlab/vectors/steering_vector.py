@@ -1,0 +1,241 @@
+"""``SteeringVector``: per-layer directions plus everything needed to use them correctly later.
+
+Layer convention: layer ``i`` is the output of decoder block ``i`` (0-based), which is Hugging Face
+``hidden_states[i + 1]``. A vector is applied by adding ``strength * direction`` to that output.
+Saved as safetensors, tensors named ``layer.<i>``, with the metadata in the file's header.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from residlab.errors import ModelMismatchError, ResidlabError
+from residlab.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+FORMAT = "residlab.steering_vector"
+FORMAT_VERSION = "1"
+LAYER_CONVENTION = "block_output"  # layer i = output of decoder block i = HF hidden_states[i + 1]
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Directions per layer (``{layer: tensor[d_model]}``, float32 on CPU) and their provenance."""
+
+    directions: Mapping[int, torch.Tensor]
+    model_name: str
+    hidden_size: int
+    num_layers: int
+    position_rule: str = "prompt_last+generated"
+    source: str = ""
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ResidlabError("a steering vector needs at least one layer.")
+        clean: dict[int, torch.Tensor] = {}
+        for layer, tensor in self.directions.items():
+            t = torch.as_tensor(tensor).detach().to("cpu", torch.float32).flatten()
+            if t.numel() != self.hidden_size:
+                raise ResidlabError(
+                    f"direction for layer {layer} has {t.numel()} values, expected hidden size {self.hidden_size}."
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ResidlabError(f"direction for layer {layer} contains NaN or infinite values.")
+            if not 0 <= int(layer) < self.num_layers:
+                raise ResidlabError(f"layer {layer} is outside 0..{self.num_layers - 1}.")
+            clean[int(layer)] = t
+        object.__setattr__(self, "directions", dict(sorted(clean.items())))
+        object.__setattr__(self, "info", dict(self.info))
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, *, model: LanguageModel, layer: int, **kwargs: Any) -> SteeringVector:
+        """A one-layer vector for ``model`` at ``layer``."""
+        return cls.from_layers({model.check_layer(layer): tensor}, model=model, **kwargs)
+
+    @classmethod
+    def from_layers(cls, directions: Mapping[int, torch.Tensor], *, model: LanguageModel, **kwargs: Any
+                    ) -> SteeringVector:
+        """A vector with one direction per layer, for ``model``."""
+        return cls(
+            directions={model.check_layer(k): v for k, v in directions.items()},
+            model_name=model.name,
+            hidden_size=model.hidden_size,
+            num_layers=model.num_layers,
+            **kwargs,
+        )
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    def norm(self, layer: int | None = None) -> float:
+        """L2 norm at ``layer`` (default: the only layer, or the first)."""
+        return float(self.directions[self._one_layer(layer)].norm())
+
+    @property
+    def norms(self) -> dict[int, float]:
+        return {layer: float(t.norm()) for layer, t in self.directions.items()}
+
+    def _one_layer(self, layer: int | None) -> int:
+        if layer is None:
+            return self.layers[0]
+        if layer not in self.directions:
+            raise ResidlabError(f"no direction for layer {layer}; layers: {self.layers}.")
+        return layer
+
+    def check_compatible(self, model: LanguageModel, *, strict_name: bool = True) -> None:
+        """Raise :class:`ModelMismatchError` if this vector was made for another model."""
+        if self.hidden_size != model.hidden_size or self.num_layers != model.num_layers:
+            raise ModelMismatchError(
+                f"this steering vector was made for {self.model_name} (hidden size {self.hidden_size}, "
+                f"{self.num_layers} layers), but {model.name} has hidden size {model.hidden_size} and "
+                f"{model.num_layers} layers.",
+                hint="extract a vector from this model, or load the model the vector was made for.",
+            )
+        if strict_name and _canonical(self.model_name) != _canonical(model.name):
+            raise ModelMismatchError(
+                f"this steering vector was made for {self.model_name}, not {model.name}.",
+                hint="load it with strict=False (CLI: --allow-other-model) if the models are really the same.",
+            )
+
+    # -- arithmetic ---------------------------------------------------------------------------
+    def _combine(self, other: SteeringVector, op) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
+            raise ModelMismatchError("cannot combine vectors made for models of different shapes.")
+        if set(other.layers) != set(self.layers):
+            raise ResidlabError(f"layers differ: {self.layers} vs {other.layers}.",
+                                hint="use .select(layers) on both first.")
+        return replace(self, directions={k: op(v, other.directions[k]) for k, v in self.directions.items()},
+                       source=f"combination of ({self.source}) and ({other.source})")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, torch.add)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, torch.sub)
+
+    def __mul__(self, factor: float) -> SteeringVector:
+        return replace(self, directions={k: v * float(factor) for k, v in self.directions.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def normalized(self) -> SteeringVector:
+        """Unit-norm direction at every layer."""
+        for layer, norm in self.norms.items():
+            if norm == 0:
+                raise ResidlabError(f"the direction at layer {layer} is zero and cannot be normalised.")
+        return replace(self, directions={k: v / v.norm() for k, v in self.directions.items()},
+                       info={**self.info, "normalized": True})
+
+    def select(self, layers: list[int]) -> SteeringVector:
+        """The same vector restricted to ``layers``."""
+        return replace(self, directions={k: self.directions[self._one_layer(k)] for k in layers})
+
+    def cosine(self, other: SteeringVector, layer: int | None = None) -> float:
+        """Cosine similarity at ``layer`` (default: the first shared layer)."""
+        if layer is None:
+            shared = [k for k in self.layers if k in other.directions]
+            if not shared:
+                raise ResidlabError("the vectors share no layer.")
+            layer = shared[0]
+        a, b = self.directions[self._one_layer(layer)], other.directions[other._one_layer(layer)]
+        denominator = float(a.norm() * b.norm())
+        return float(a @ b) / denominator if denominator else math.nan
+
+    # -- files --------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "hidden_size": str(self.hidden_size),
+            "num_layers": str(self.num_layers),
+            "layer_convention": LAYER_CONVENTION,
+            "position_rule": self.position_rule,
+            "source": self.source,
+            "created": self.created,
+            "norms": json.dumps({str(k): round(v, 6) for k, v in self.norms.items()}),
+            "info": json.dumps(self.info, default=str),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file (atomically) with the metadata in its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file({f"layer.{k}": v.contiguous() for k, v in self.directions.items()}, str(tmp),
+                      metadata=self.metadata())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: LanguageModel | None = None, strict: bool = True) -> SteeringVector:
+        """Read a vector saved by :meth:`save`; with ``model``, check that it was made for it."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ResidlabError(f"no steering vector file at {path}.", hint="check the path.")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ResidlabError(
+                f"{path} is not a readable safetensors file ({err}).",
+                hint="the file is corrupt or truncated; re-create it with `vec.save(path)`.",
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise ResidlabError(
+                f"{path} is a safetensors file but not a residlab steering vector (format={meta.get('format')!r}).",
+                hint="GGUF control vectors and other formats need their own importer.",
+            )
+        if meta.get("layer_convention") != LAYER_CONVENTION:
+            raise ResidlabError(f"{path} uses layer convention {meta.get('layer_convention')!r}.")
+        try:
+            directions = {int(name.split(".", 1)[1]): t for name, t in tensors.items()}
+            vector = cls(
+                directions=directions,
+                model_name=meta["model_name"],
+                hidden_size=int(meta["hidden_size"]),
+                num_layers=int(meta["num_layers"]),
+                position_rule=meta.get("position_rule", "prompt_last+generated"),
+                source=meta.get("source", ""),
+                created=meta.get("created", ""),
+                info=json.loads(meta.get("info", "{}")),
+            )
+        except (KeyError, ValueError, IndexError) as err:
+            raise ResidlabError(f"{path} has malformed steering-vector metadata ({err}).") from None
+        if model is not None:
+            vector.check_compatible(model, strict_name=strict)
+        return vector
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"{k}: {v:.3g}" for k, v in self.norms.items())
+        return f"SteeringVector(model={self.model_name!r}, layers={{{norms}}}, rule={self.position_rule!r})"
+
+
+def _canonical(name: str) -> str:
+    from residlab.models.registry import packaged_model
+
+    packaged = packaged_model(name)
+    return packaged.name if packaged is not None else name.lower()
