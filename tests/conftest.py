@@ -46,6 +46,11 @@ def random_vector(lm, layers, seed=0, scale=3.0):
     )
 
 
-def no_hooks_left(lm) -> bool:
-    modules = [lm.decoder, *lm.blocks, *(m for b in lm.blocks for m in b.modules())]
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+def hook_keys(lm) -> set:
+    """Every hook on the model's modules (transformers installs some of its own, permanently)."""
+    return {
+        (name, kind, key)
+        for name, module in lm.model.named_modules()
+        for kind, hooks in (("fwd", module._forward_hooks), ("pre", module._forward_pre_hooks))
+        for key in hooks
+    }

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import PROMPTS, no_hooks_left, random_vector
+from conftest import PROMPTS, hook_keys, random_vector
 
 from residlab import ModelMismatchError, ResidlabError
 from residlab.models.architectures import get_module
@@ -129,8 +129,14 @@ def test_hf_generate_inside_the_context_is_steered_like_ours(qwen):
     batch = qwen.encode(PROMPTS)
     with qwen.steer(vec, strength=1.0, positions="prompt_last+generated"):
         ours = qwen.generate(PROMPTS, max_new_tokens=6, chat=False, batch_size=3)
-        hf = qwen.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6,
-                                 do_sample=False, pad_token_id=qwen.pad_token_id, eos_token_id=qwen.eos_token_ids)
+        hf = qwen.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=qwen.pad_token_id,
+            eos_token_id=qwen.eos_token_ids,
+        )
     width = batch.input_ids.shape[1]
     for g, row in zip(ours, hf[:, width:].tolist(), strict=True):
         assert list(g.token_ids) == row[: len(g.token_ids)]
@@ -138,14 +144,15 @@ def test_hf_generate_inside_the_context_is_steered_like_ours(qwen):
 
 def test_hooks_are_removed_on_exit_and_on_exceptions(lm):
     vec = random_vector(lm, [0, 2])
+    before = hook_keys(lm)
     with lm.steer(vec, strength=1.0), lm.record(layers=[1], sites=("block", "attn", "mlp", "mlp_act")):
         lm.forward(PROMPTS)
-        assert not no_hooks_left(lm)
-    assert no_hooks_left(lm)
+        assert len(hook_keys(lm) - before) == 2 + 1 + 1 + 4  # 2 steered blocks, tracker, recorder, 4 sites
+    assert hook_keys(lm) == before
     with pytest.raises(RuntimeError, match="boom"):
         with lm.steer(vec, strength=1.0), lm.record(layers=[1]):
             raise RuntimeError("boom")
-    assert no_hooks_left(lm)
+    assert hook_keys(lm) == before
     assert lm.tracker._users == 0
 
 

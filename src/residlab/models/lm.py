@@ -155,15 +155,18 @@ class LanguageModel:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             if row:
-                ids[i, width - len(row):] = torch.tensor(row)
-                mask[i, width - len(row):] = 1
+                ids[i, width - len(row) :] = torch.tensor(row)
+                mask[i, width - len(row) :] = 1
         return Batch(ids.to(self.device), mask.to(self.device))
 
     # -- running ------------------------------------------------------------------------------
-    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-              last_only: bool) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                  "use_cache": cache is not False}
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, last_only: bool) -> Any:
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": cache is not False,
+        }
         if cache not in (None, False):
             kwargs[self._cache_kwarg] = cache
         if last_only and self._accepts_logits_to_keep:
@@ -190,12 +193,14 @@ class LanguageModel:
         seed: int | None = None,
         batch_size: int = 8,
         use_cache: bool = True,
+        ignore_eos: bool = False,
         progress: bool = False,
     ) -> list[Generation]:
         """Generate a completion for each prompt (greedy when ``temperature`` is 0).
 
         Prompts are sorted by length into batches of ``batch_size`` to limit padding; results come
-        back in the caller's order, and per-row steering vectors follow their rows.
+        back in the caller's order, and per-row steering vectors follow their rows. ``ignore_eos``
+        always generates ``max_new_tokens`` tokens (for speed measurements).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -211,14 +216,15 @@ class LanguageModel:
 
             bar = tqdm(total=len(texts), desc="generating", unit="prompt")
         for start in range(0, len(order), max(1, batch_size)):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             batch = self.encode([texts[i] for i in rows], add_special_tokens=special)
             self.tracker.row_index = torch.tensor(rows, device=self.device)
             self.tracker.prompt_lengths = batch.lengths
             try:
                 began = time.perf_counter()
-                tokens, hit_limit = self._generate_batch(batch, max_new_tokens, temperature, top_p, generator,
-                                                         use_cache)
+                tokens, hit_limit = self._generate_batch(
+                    batch, max_new_tokens, temperature, top_p, generator, use_cache
+                )
                 elapsed = time.perf_counter() - began
             finally:
                 self.tracker.row_index = None
@@ -242,10 +248,18 @@ class LanguageModel:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: Batch, max_new_tokens: int, temperature: float, top_p: float,
-                        generator: torch.Generator | None, use_cache: bool) -> tuple[list[list[int]], list[bool]]:
+    def _generate_batch(
+        self,
+        batch: Batch,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+        use_cache: bool,
+        ignore_eos: bool = False,
+    ) -> tuple[list[list[int]], list[bool]]:
         rows = batch.input_ids.shape[0]
-        eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        eos = torch.tensor([] if ignore_eos else self.eos_token_ids or [-1], dtype=torch.long, device=self.device)
         ids, mask = batch.input_ids, batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache: Any = None if use_cache else False
@@ -280,8 +294,9 @@ class LanguageModel:
         return token_lists, hit_limit
 
     # -- interventions ------------------------------------------------------------------------
-    def record(self, layers: Iterable[int], positions: PositionRule = "last",
-               sites: Sequence[str] = ("block",)) -> Recording:
+    def record(
+        self, layers: Iterable[int], positions: PositionRule = "last", sites: Sequence[str] = ("block",)
+    ) -> Recording:
         """Record activations at ``layers`` while the ``with`` block runs (see :class:`Recording`)."""
         return Recording(self, layers, positions, sites)
 
@@ -326,8 +341,10 @@ class LanguageModel:
         return Steering(self, deltas, positions)
 
     def __repr__(self) -> str:
-        return (f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.num_layers}, "
-                f"d_model={self.hidden_size}, dtype={self.dtype})")
+        return (
+            f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.num_layers}, "
+            f"d_model={self.hidden_size}, dtype={self.dtype})"
+        )
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -22,8 +22,14 @@ from residlab.models.lm import LanguageModel
 from residlab.models.registry import PackagedModel, packaged_model
 
 _MARKER = "residlab.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -64,8 +70,12 @@ def convert_gguf(gguf: Path, target: Path, source_note: str) -> Path:
             model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        marker = {"format": 1, "source": source_note, "source_file": str(gguf),
-                  "conversion_seconds": round(time.perf_counter() - started, 1)}
+        marker = {
+            "format": 1,
+            "source": source_note,
+            "source_file": str(gguf),
+            "conversion_seconds": round(time.perf_counter() - started, 1),
+        }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
     return target
 

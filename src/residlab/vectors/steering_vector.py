@@ -66,8 +66,9 @@ class SteeringVector:
         return cls.from_layers({model.check_layer(layer): tensor}, model=model, **kwargs)
 
     @classmethod
-    def from_layers(cls, directions: Mapping[int, torch.Tensor], *, model: LanguageModel, **kwargs: Any
-                    ) -> SteeringVector:
+    def from_layers(
+        cls, directions: Mapping[int, torch.Tensor], *, model: LanguageModel, **kwargs: Any
+    ) -> SteeringVector:
         """A vector with one direction per layer, for ``model``."""
         return cls(
             directions={model.check_layer(k): v for k, v in directions.items()},
@@ -119,10 +120,14 @@ class SteeringVector:
         if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
             raise ModelMismatchError("cannot combine vectors made for models of different shapes.")
         if set(other.layers) != set(self.layers):
-            raise ResidlabError(f"layers differ: {self.layers} vs {other.layers}.",
-                                hint="use .select(layers) on both first.")
-        return replace(self, directions={k: op(v, other.directions[k]) for k, v in self.directions.items()},
-                       source=f"combination of ({self.source}) and ({other.source})")
+            raise ResidlabError(
+                f"layers differ: {self.layers} vs {other.layers}.", hint="use .select(layers) on both first."
+            )
+        return replace(
+            self,
+            directions={k: op(v, other.directions[k]) for k, v in self.directions.items()},
+            source=f"combination of ({self.source}) and ({other.source})",
+        )
 
     def __add__(self, other: SteeringVector) -> SteeringVector:
         return self._combine(other, torch.add)
@@ -143,8 +148,11 @@ class SteeringVector:
         for layer, norm in self.norms.items():
             if norm == 0:
                 raise ResidlabError(f"the direction at layer {layer} is zero and cannot be normalised.")
-        return replace(self, directions={k: v / v.norm() for k, v in self.directions.items()},
-                       info={**self.info, "normalized": True})
+        return replace(
+            self,
+            directions={k: v / v.norm() for k, v in self.directions.items()},
+            info={**self.info, "normalized": True},
+        )
 
     def select(self, layers: list[int]) -> SteeringVector:
         """The same vector restricted to ``layers``."""
@@ -183,8 +191,9 @@ class SteeringVector:
 
         path = Path(path)
         with atomic_path(path) as tmp:
-            save_file({f"layer.{k}": v.contiguous() for k, v in self.directions.items()}, str(tmp),
-                      metadata=self.metadata())
+            save_file(
+                {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}, str(tmp), metadata=self.metadata()
+            )
         return path
 
     @classmethod

@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (main job on the default model) and `make test`.
+PYTHON ?= python3
+# torch is pinned: an open-ended requirement would pull a multi-GB CUDA build.
+INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev]"
+
+.PHONY: install demo test lint bench
+
+install:
+	$(INSTALL)
+
+demo: install
+	residlab models
+	residlab generate --prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" --max-new-tokens 200
+
+test: install
+	$(PYTHON) -m pytest
+
+lint:
+	ruff check src tests benchmarks
+
+bench: install
+	$(PYTHON) benchmarks/generation_speed.py
