@@ -40,8 +40,10 @@ def timed_load(model: str, dtype: str, cache: str | None) -> float:
     env = dict(os.environ)
     if cache:
         env["RESIDLAB_CACHE"] = cache
-    code = f"import time; t=time.perf_counter(); import residlab; residlab.load({model!r}, dtype={dtype!r}); " \
-           "print(time.perf_counter()-t)"
+    code = (
+        f"import time; t=time.perf_counter(); import residlab; residlab.load({model!r}, dtype={dtype!r}); "
+        "print(time.perf_counter()-t)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -60,19 +62,27 @@ def main() -> None:
 
     import residlab as rl
 
-    result: dict = {"model": args.model, "dtype": args.dtype, "tokens_per_row": args.tokens,
-                    "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    result: dict = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "tokens_per_row": args.tokens,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     try:
-        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent).stdout.strip()
+        result["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         result["commit"] = None
     if args.cold:
         with tempfile.TemporaryDirectory() as tmp:
             result["load_seconds_cold"] = round(timed_load(args.model, args.dtype, tmp), 1)
     rl.load(args.model, dtype=args.dtype)  # make sure the cache is warm
-    result["load_seconds_warm"] = round(statistics.median(timed_load(args.model, args.dtype, None)
-                                                          for _ in range(3)), 2)
+    result["load_seconds_warm"] = round(
+        statistics.median(timed_load(args.model, args.dtype, None) for _ in range(3)), 2
+    )
 
     lm = rl.load(args.model, dtype=args.dtype)
     # A realistic steering vector: random direction, ~10% of the residual norm at the layer.
@@ -80,10 +90,13 @@ def main() -> None:
         lm.forward([lm.format_prompt(p) for p in PROMPTS], add_special_tokens=False)
     residual_norm = float(rec[args.layer].float().norm(dim=-1).mean())
     direction = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
-    vec = rl.SteeringVector.from_tensor(direction / direction.norm() * residual_norm * 0.1, model=lm,
-                                        layer=args.layer)
-    result["steering"] = {"layer": args.layer, "positions": "prompt_last+generated",
-                          "vector_norm": round(vec.norm(), 3), "residual_norm": round(residual_norm, 3)}
+    vec = rl.SteeringVector.from_tensor(direction / direction.norm() * residual_norm * 0.1, model=lm, layer=args.layer)
+    result["steering"] = {
+        "layer": args.layer,
+        "positions": "prompt_last+generated",
+        "vector_norm": round(vec.norm(), 3),
+        "residual_norm": round(residual_norm, 3),
+    }
 
     def run(batch: int, steered: bool) -> float:
         prompts = (PROMPTS * batch)[:batch]
@@ -104,9 +117,13 @@ def main() -> None:
         for _ in range(args.repeats):
             plain.append(run(batch, False))
             steered.append(run(batch, True))
-        row = {"batch": batch, "tokens_per_s_unsteered": round(statistics.median(plain), 2),
-               "tokens_per_s_steered": round(statistics.median(steered), 2),
-               "raw_unsteered": [round(x, 2) for x in plain], "raw_steered": [round(x, 2) for x in steered]}
+        row = {
+            "batch": batch,
+            "tokens_per_s_unsteered": round(statistics.median(plain), 2),
+            "tokens_per_s_steered": round(statistics.median(steered), 2),
+            "raw_unsteered": [round(x, 2) for x in plain],
+            "raw_steered": [round(x, 2) for x in steered],
+        }
         # unsteered / steered time per token, from the same run: > 1 means steering is slower
         row["steering_overhead"] = round(row["tokens_per_s_unsteered"] / row["tokens_per_s_steered"], 3)
         rows.append(row)
@@ -116,14 +133,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Generation speed: {args.model} ({args.dtype}, torch engine, {result['threads']} threads)", "",
-             f"commit {result['commit']}; {args.tokens} tokens per row, EOS ignored; median of {args.repeats}.",
-             "", f"- load, warm cache: {result['load_seconds_warm']} s"]
+    lines = [
+        f"# Generation speed: {args.model} ({args.dtype}, torch engine, {result['threads']} threads)",
+        "",
+        f"commit {result['commit']}; {args.tokens} tokens per row, EOS ignored; median of {args.repeats}.",
+        "",
+        f"- load, warm cache: {result['load_seconds_warm']} s",
+    ]
     if "load_seconds_cold" in result:
         lines.append(f"- load, cold (download + join + convert): {result['load_seconds_cold']} s")
     lines += ["", "| batch | tokens/s unsteered | tokens/s steered | unsteered/steered |", "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['tokens_per_s_unsteered']} | {r['tokens_per_s_steered']} | "
-              f"{r['steering_overhead']} |" for r in rows]
+    lines += [
+        f"| {r['batch']} | {r['tokens_per_s_unsteered']} | {r['tokens_per_s_steered']} | {r['steering_overhead']} |"
+        for r in rows
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())
 

@@ -1,0 +1,255 @@
+"""Activation-Steered Compression end to end: pairs -> vector -> strength -> evaluation -> report.
+
+Every stage caches what it computed under ``work_dir`` (generation records are append-only and
+keyed by a fingerprint of what produced them), so a second run, a killed run or a larger run reuses
+all finished work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from residlab import prompts
+from residlab.datasets import load_problems
+from residlab.errors import ResidlabError
+from residlab.evaluation.report import (
+    compare,
+    comparison_dict,
+    markdown_table,
+    plot_accuracy_vs_tokens,
+    plot_token_histograms,
+    summarize,
+    write_json,
+)
+from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.fileio import atomic_write_text
+from residlab.models.lm import LanguageModel
+from residlab.models.loading import load
+from residlab.models.registry import DEFAULT_MODEL
+from residlab.vectors.calibration import calibrate
+from residlab.vectors.extraction import ExtractionResult, extract_vector
+from residlab.vectors.pairs import TeacherClient, build_pairs
+from residlab.vectors.steering_vector import SteeringVector
+
+
+@dataclass
+class CompressConfig:
+    """Everything ``residlab compress`` decides. Defaults fit ~20 minutes on a 2-core CPU."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
+    pairs: int = 32
+    pair_source: str = "reference"
+    keep: str = "both_correct"
+    teacher_url: str | None = None
+    teacher_model: str = "default"
+    pairs_file: str | None = None
+    read: str = "mean"
+    method: str = "mean_diff"
+    layer: int | None = None  # None: the middle layer with the best cross-validated separation
+    strength: float | str = 8.0  # on the unit vector; "auto" = the KL bound
+    eps: float = 1e-3
+    positions: str = "prompt_last+generated"
+    eval_dataset: str = "gsm8k"
+    eval_split: str = "test"
+    limit: int = 40
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    data_dir: str | None = None
+    work_dir: str = "residlab-out"
+    conditions: tuple[str, ...] = ("baseline", "asc", "concise_prompt", "asc+concise_prompt")
+    calibration_states: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run_dir(self) -> Path:
+        return Path(self.work_dir) / self.model.replace("/", "_")
+
+
+def choose_layer(extraction: ExtractionResult, num_layers: int) -> int:
+    """The best-separated layer among the middle half of the network (early layers carry token
+    identity, the last ones are close to the output and steer poorly)."""
+    middle = [k for k in extraction.separation if num_layers // 4 <= k < 3 * num_layers // 4]
+    return max(middle, key=lambda k: extraction.separation[k])
+
+
+def build_vector(
+    lm: LanguageModel, cfg: CompressConfig, run_dir: Path, log=print
+) -> tuple[SteeringVector, ExtractionResult, dict[str, Any]]:
+    """Pairs from the calibration split, the concise-minus-verbose vector and the pair statistics."""
+    calibration = load_problems(cfg.pairs_dataset, "train", data_dir=cfg.data_dir, limit=cfg.pairs)
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    teacher = TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None
+    log(f"[1/4] traces for {len(calibration)} {cfg.pairs_dataset} train problems (concise: {cfg.pair_source})")
+    pairs, dropped = build_pairs(
+        lm,
+        calibration,
+        source=cfg.pair_source,
+        work_dir=run_dir / "pairs",
+        decoding=decoding,
+        keep=cfg.keep,
+        teacher=teacher,
+        pairs_file=cfg.pairs_file,
+    )
+    if len(pairs) < 2:
+        raise ResidlabError(
+            f"only {len(pairs)} usable pair(s) out of {len(calibration)} ({dropped}).",
+            hint="raise --pairs, or use --keep concise_correct / --keep all.",
+        )
+    pair_stats = {
+        "n_problems": len(calibration),
+        "n_pairs": len(pairs),
+        "dropped": dropped,
+        "mean_verbose_tokens": sum(p.verbose_tokens for p in pairs) / len(pairs),
+        "mean_concise_tokens": sum(p.concise_tokens for p in pairs) / len(pairs),
+    }
+    log(
+        f"      {len(pairs)} pairs kept; verbose {pair_stats['mean_verbose_tokens']:.0f} tokens, "
+        f"concise {pair_stats['mean_concise_tokens']:.0f} tokens on average"
+    )
+    log(f"[2/4] extracting the vector ({cfg.method}, read={cfg.read}) at all {lm.num_layers} layers")
+    extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=max(1, cfg.batch_size // 2))
+    return extraction.vector, extraction, pair_stats
+
+
+def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
+    """The whole ASC pipeline; writes vector, records, report.md/json and plots into the run dir."""
+    started = time.perf_counter()
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lm = load(cfg.model, dtype=cfg.dtype)
+    raw, extraction, pair_stats = build_vector(lm, cfg, run_dir, log)
+    layer = lm.check_layer(cfg.layer) if cfg.layer is not None else choose_layer(extraction, lm.num_layers)
+    unit = raw.select([layer]).normalized()
+    log(
+        f"      layer {layer}: separation {extraction.separation[layer]:.2f}, raw norm {raw.norm(layer):.2f} "
+        f"= {extraction.relative_norm(layer):.1%} of the residual norm {extraction.residual_norm[layer]:.1f}"
+    )
+
+    log(f"[3/4] calibrating the strength (KL bound, eps={cfg.eps})")
+    calib_problems = load_problems(
+        cfg.pairs_dataset, "train", data_dir=cfg.data_dir, offset=cfg.pairs, limit=2 * cfg.calibration_states
+    )
+    texts = [lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in calib_problems]
+    # Calibration differentiates through the model: float32 for stable second derivatives.
+    calib_lm = lm if cfg.dtype in ("float32", "fp32") else load(cfg.model, dtype="float32")
+    calibration = calibrate(
+        calib_lm,
+        texts[: cfg.calibration_states],
+        texts[cfg.calibration_states :],
+        layer,
+        unit.directions[layer],
+        eps=cfg.eps,
+    )
+    del calib_lm
+    strength = calibration.strength if cfg.strength == "auto" else float(cfg.strength)
+    log(
+        f"      a={calibration.a:.3g}, L={calibration.lipschitz:.3g}: bound strength {calibration.strength:.4g} "
+        f"(measured KL median {calibration.measured_kl_median:.2e}); using strength {strength:.4g}"
+    )
+    vector = SteeringVector(
+        **{
+            **unit.__dict__,
+            "position_rule": cfg.positions,
+            "info": {
+                **unit.info,
+                "strength": strength,
+                "layer": layer,
+                "raw_norm": raw.norm(layer),
+                "residual_norm": extraction.residual_norm[layer],
+                "kl_bound_strength": calibration.strength,
+            },
+        }
+    )
+    vector_path = vector.save(run_dir / "concise.safetensors")
+
+    problems = load_problems(cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit)
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    templates = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}
+    conditions = []
+    for name in cfg.conditions:
+        template = templates["concise_prompt" if "concise_prompt" in name else "baseline"]
+        steered = name.startswith("asc")
+        conditions.append(
+            Condition(
+                name,
+                template,
+                vector=vector if steered else None,
+                strength=strength if steered else 0.0,
+                positions=cfg.positions,
+            )
+        )
+    log(
+        f"[4/4] evaluating {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems x {len(conditions)} conditions "
+        f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
+    )
+    records = {c.name: evaluate(lm, problems, c, decoding, run_dir / "runs") for c in conditions}
+
+    summaries = {name: summarize(name, recs) for name, recs in records.items()}
+    base = summaries[cfg.conditions[0]]
+    comparisons = {
+        name: comparison_dict(base, summaries[name], compare(records[cfg.conditions[0]], records[name]))
+        for name in cfg.conditions[1:]
+    }
+    report = {
+        "model": lm.name,
+        "engine": "torch",
+        "dtype": cfg.dtype,
+        "config": asdict(cfg),
+        "n_pairs": pair_stats["n_pairs"],
+        "n_eval": len(problems),
+        "layer": layer,
+        "strength": strength,
+        "strength_applies_to": "unit vector",
+        "positions": cfg.positions,
+        "pairs": pair_stats,
+        "separation": extraction.separation,
+        "residual_norm": extraction.residual_norm,
+        "calibration": calibration.as_dict(),
+        "conditions": {name: asdict(s) for name, s in summaries.items()},
+        "comparisons": comparisons,
+        "vector": str(vector_path),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(run_dir / "report.json", report)
+    plot_accuracy_vs_tokens(
+        [(n, s) for n, s in summaries.items()],
+        run_dir / "accuracy_vs_tokens.png",
+        f"{lm.name}: {cfg.eval_dataset} {cfg.eval_split}, n={len(problems)}",
+    )
+    plot_token_histograms(
+        {n: [r["tokens"] for r in records[n]] for n in cfg.conditions[:2]},
+        run_dir / "token_histogram.png",
+        f"{lm.name}: generated tokens",
+    )
+    lines = [
+        f"# ASC report: {lm.name}",
+        "",
+        f"Vector: {pair_stats['n_pairs']} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces), "
+        f"{cfg.method} read={cfg.read}, layer {layer}, strength {strength:.4g} on the unit vector "
+        f"(KL-bound strength for eps={cfg.eps}: {calibration.strength:.4g}), positions {cfg.positions}.",
+        f"Evaluation: {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
+        f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, {cfg.dtype}.",
+        "",
+        markdown_table(list(summaries.values()), cfg.conditions[0]),
+        "",
+        "Paired against the baseline (bootstrap 95% CI of the accuracy difference; exact McNemar):",
+        "",
+    ]
+    for name, c in comparisons.items():
+        low, high = c["accuracy_difference_ci95"]
+        lines.append(
+            f"- {name}: accuracy {c['accuracy_difference']:+.1%} ({low:+.1%} to {high:+.1%}), "
+            f"McNemar p={c['mcnemar_p']:.3f}, tokens {c['token_reduction']:+.1%} fewer, "
+            f"speedup {c['speedup']:.2f}x"
+        )
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    log(markdown_table(list(summaries.values()), cfg.conditions[0]))
+    log(
+        f"vector: {vector_path}\nreport: {run_dir / 'report.md'} (+ report.json, accuracy_vs_tokens.png, "
+        f"token_histogram.png)"
+    )
+    return report

@@ -1,0 +1,27 @@
+"""Problem sets: GSM8K, MATH-500, JSONL files and built-in synthetic word problems."""
+
+from __future__ import annotations
+
+from residlab.datasets.problems import (
+    DATA_DIR_ENV,
+    KNOWN_DATASETS,
+    Problem,
+    find_data_dir,
+    load_jsonl,
+    load_problems,
+    split_gsm8k_answer,
+    strip_calculator_marks,
+    synthetic_problems,
+)
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "KNOWN_DATASETS",
+    "Problem",
+    "find_data_dir",
+    "load_jsonl",
+    "load_problems",
+    "split_gsm8k_answer",
+    "strip_calculator_marks",
+    "synthetic_problems",
+]

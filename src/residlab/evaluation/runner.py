@@ -1,0 +1,147 @@
+"""Run a dataset under a generation condition into append-only records; resumable after a kill."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from residlab.datasets import Problem
+from residlab.evaluation.grading import grade
+from residlab.models.lm import LanguageModel
+from residlab.records import JsonlStore
+from residlab.vectors.steering_vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode (identical across the conditions being compared)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A prompt template (with ``{question}``), an optional system message and optional steering.
+
+    ``strength`` multiplies ``vector`` as stored.
+    """
+
+    name: str
+    template: str = "{question}"
+    system: str | None = None
+    vector: SteeringVector | None = None
+    strength: float = 0.0
+    positions: str = "prompt_last+generated"
+
+    @property
+    def steered(self) -> bool:
+        return self.vector is not None and self.strength != 0
+
+    def fingerprint(self, decoding: Decoding, model_name: str) -> str:
+        """A short hash of everything that changes the outputs: records are only reused when it matches."""
+        vector_hash = None
+        if self.steered:
+            digest = hashlib.sha256()
+            for layer, tensor in self.vector.directions.items():  # type: ignore[union-attr]
+                digest.update(str(layer).encode())
+                digest.update(tensor.numpy().tobytes())
+            vector_hash = digest.hexdigest()
+        payload = {
+            "model": model_name,
+            "template": self.template,
+            "system": self.system,
+            "vector": vector_hash,
+            "strength": self.strength if self.steered else 0,
+            "positions": self.positions if self.steered else None,
+            "decoding": asdict(decoding),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def records_path(out_dir: Path, condition: Condition, decoding: Decoding, model_name: str) -> Path:
+    return out_dir / f"{condition.name}-{condition.fingerprint(decoding, model_name)}.jsonl"
+
+
+def evaluate(
+    lm: LanguageModel,
+    problems: Sequence[Problem],
+    condition: Condition,
+    decoding: Decoding,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate and grade every problem under ``condition``; return one record per problem, in order.
+
+    Records already in the condition's file (same fingerprint) are reused, so a killed or smaller
+    earlier run is continued, never redone; new records are appended after every batch.
+    """
+    store = JsonlStore(records_path(Path(out_dir), condition, decoding, lm.name))
+    done = {r["id"]: r for r in store.read()}
+    todo = [p for p in problems if p.id not in done]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(problems), initial=len(problems) - len(todo), desc=condition.name, unit="problem", file=sys.stderr
+        )
+    use_chat = lm.has_chat_template
+    for start in range(0, len(todo), decoding.batch_size):
+        chunk = todo[start : start + decoding.batch_size]
+        prompts = [condition.template.format(question=p.question) for p in chunk]
+        steering = (
+            lm.steer(condition.vector, strength=condition.strength, positions=condition.positions)  # type: ignore[arg-type]
+            if condition.steered
+            else contextlib.nullcontext()
+        )
+        seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
+        with steering:
+            generations = lm.generate(
+                prompts,
+                max_new_tokens=decoding.max_new_tokens,
+                chat=use_chat if use_chat else False,
+                system=condition.system if use_chat else None,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                seed=seed,
+                batch_size=decoding.batch_size,
+            )
+        fresh = []
+        for problem, gen in zip(chunk, generations, strict=True):
+            extraction, correct = grade(gen.text, problem.answer, dataset=problem.dataset)
+            fresh.append(
+                {
+                    "id": problem.id,
+                    "condition": condition.name,
+                    "output": gen.text,
+                    "tokens": gen.num_tokens,
+                    "hit_limit": gen.hit_limit,
+                    "seconds": round(gen.seconds, 4),
+                    "batch_seconds": round(gen.batch_seconds, 4),
+                    "batch_size": gen.batch_size,
+                    "extracted": extraction.value,
+                    "rule": extraction.rule,
+                    "gold": problem.answer,
+                    "correct": bool(correct),
+                    "time": round(time.time(), 1),
+                }
+            )
+        store.append(fresh)
+        done.update((r["id"], r) for r in fresh)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return [done[p.id] for p in problems]

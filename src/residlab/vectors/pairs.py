@@ -1,0 +1,174 @@
+"""Paired reasoning traces for one calibration problem each: the model's own verbose chain of thought
+and a concise, math-centric one from a chosen source."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from residlab import prompts
+from residlab.datasets import Problem
+from residlab.errors import ResidlabError
+from residlab.evaluation.grading import grade
+from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.models.lm import LanguageModel
+
+CONCISE_SOURCES = ("reference", "self", "teacher", "file")
+
+
+@dataclass(frozen=True)
+class TracePair:
+    id: str
+    question: str
+    verbose: str
+    concise: str
+    verbose_tokens: int
+    concise_tokens: int
+    verbose_correct: bool
+    concise_correct: bool
+    concise_source: str
+
+
+def reference_trace(problem: Problem) -> str:
+    """The dataset's solution (calculator marks already removed), ending in ``\\boxed{answer}`` like the
+    model's own traces do."""
+    solution = problem.solution.strip()
+    if "\\boxed" not in solution:
+        solution = f"{solution}\n\\boxed{{{problem.answer}}}"
+    return solution
+
+
+class TeacherClient:
+    """Concise traces from any OpenAI-compatible chat-completions endpoint (``--teacher-url``)."""
+
+    def __init__(self, url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def complete(self, question: str, max_tokens: int) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompts.CONCISE.format(question=question)}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = json.loads(response.read())
+            return payload["choices"][0]["message"]["content"]
+        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as err:
+            raise ResidlabError(
+                f"the teacher endpoint {self.url} failed: {err}",
+                hint="check --teacher-url (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1) and --teacher-model.",
+            ) from None
+
+
+def _read_pairs_file(path: Path) -> dict[str, str]:
+    from residlab.records import JsonlStore
+
+    if not path.is_file():
+        raise ResidlabError(f"no pairs file at {path}.", hint="give a JSONL file with fields id and concise.")
+    traces = {}
+    for number, record in enumerate(JsonlStore(path).read(), start=1):
+        if "id" not in record or "concise" not in record:
+            raise ResidlabError(f"{path}, record {number}: needs fields 'id' and 'concise'.")
+        traces[str(record["id"])] = str(record["concise"])
+    return traces
+
+
+def build_pairs(
+    lm: LanguageModel,
+    problems: Sequence[Problem],
+    *,
+    source: str = "reference",
+    work_dir: str | Path,
+    decoding: Decoding,
+    keep: str = "both_correct",
+    teacher: TeacherClient | None = None,
+    pairs_file: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[list[TracePair], dict[str, int]]:
+    """Build one pair per problem and filter them; return (kept pairs, counts of what was dropped).
+
+    Generation records are cached under ``work_dir`` (append-only), so a rerun or a larger ``problems``
+    list reuses every trace already generated. ``keep``: ``both_correct`` (default), ``concise_correct``
+    or ``all``.
+    """
+    if source not in CONCISE_SOURCES:
+        raise ResidlabError(f"unknown concise source {source!r}.", hint=f"use one of {', '.join(CONCISE_SOURCES)}.")
+    if keep not in ("both_correct", "concise_correct", "all"):
+        raise ResidlabError(f"unknown filter {keep!r}.", hint="use both_correct, concise_correct or all.")
+    work_dir = Path(work_dir)
+    verbose = evaluate(lm, problems, Condition("verbose", prompts.VERBOSE), decoding, work_dir, progress=progress)
+    if source == "self":
+        concise_records = evaluate(
+            lm, problems, Condition("concise_self", prompts.CONCISE), decoding, work_dir, progress=progress
+        )
+        concise = [(r["output"], bool(r["correct"])) for r in concise_records]
+    elif source == "reference":
+        concise = [(reference_trace(p), True) for p in problems]
+    elif source == "teacher":
+        if teacher is None:
+            raise ResidlabError("the teacher source needs a teacher endpoint.", hint="pass --teacher-url.")
+        concise = _teacher_traces(teacher, problems, work_dir, decoding.max_new_tokens)
+    else:
+        if pairs_file is None:
+            raise ResidlabError("the file source needs a pairs file.", hint="pass --pairs-file FILE.jsonl.")
+        traces = _read_pairs_file(Path(pairs_file))
+        missing = [p.id for p in problems if p.id not in traces]
+        if missing:
+            raise ResidlabError(
+                f"the pairs file has no concise trace for {len(missing)} problem(s), e.g. {missing[:3]}."
+            )
+        concise = [(traces[p.id], grade(traces[p.id], p.answer, dataset=p.dataset)[1]) for p in problems]
+
+    pairs, dropped = [], {"verbose_wrong": 0, "concise_wrong": 0, "concise_not_shorter": 0}
+    for problem, v, (c_text, c_correct) in zip(problems, verbose, concise, strict=True):
+        pair = TracePair(
+            id=problem.id,
+            question=problem.question,
+            verbose=v["output"],
+            concise=c_text,
+            verbose_tokens=int(v["tokens"]),
+            concise_tokens=len(lm.tokenizer(c_text)["input_ids"]),
+            verbose_correct=bool(v["correct"]),
+            concise_correct=c_correct,
+            concise_source=source,
+        )
+        if keep != "all" and not pair.concise_correct:
+            dropped["concise_wrong"] += 1
+            continue
+        if keep == "both_correct" and not pair.verbose_correct:
+            dropped["verbose_wrong"] += 1
+            continue
+        pairs.append(pair)
+    return pairs, dropped
+
+
+def _teacher_traces(
+    teacher: TeacherClient, problems: Sequence[Problem], work_dir: Path, max_tokens: int
+) -> list[tuple[str, bool]]:
+    from residlab.records import JsonlStore
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher.url}-{teacher.model}")[-80:]
+    store = JsonlStore(work_dir / f"teacher-{safe}.jsonl")
+    done = {r["id"]: r["concise"] for r in store.read()}
+    for problem in problems:
+        if problem.id not in done:
+            text = teacher.complete(problem.question, max_tokens)
+            store.append([{"id": problem.id, "concise": text}])
+            done[problem.id] = text
+    return [(done[p.id], grade(done[p.id], p.answer, dataset=p.dataset)[1]) for p in problems]
