@@ -188,6 +188,11 @@ def generate(
     )
 
 
+from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
+
+_register_asc(app)
+
+
 def main() -> None:
     app()
 

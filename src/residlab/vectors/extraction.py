@@ -145,6 +145,8 @@ def extract_vector(
             "method": method,
             "sign": "concise - verbose",
             "concise_source": pairs[0].concise_source,
+            "residual_norm": {str(k): round(v, 4) for k, v in residual.items()},
+            "separation": {str(k): round(v, 4) for k, v in separation.items()},
             "mean_concise_tokens": sum(p.concise_tokens for p in pairs) / len(pairs),
             "mean_verbose_tokens": sum(p.verbose_tokens for p in pairs) / len(pairs),
         },

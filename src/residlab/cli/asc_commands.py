@@ -1,0 +1,199 @@
+"""``residlab compress``, ``eval`` and ``sweep``: the ASC commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from residlab.cli.errors import handle_errors
+from residlab.models.registry import DEFAULT_MODEL
+
+console = Console(highlight=False, soft_wrap=True, stderr=True)
+Model = Annotated[str, typer.Option("--model", "-m", help="Packaged name, model dir, .gguf file or HF id.")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(help="Folder with gsm8k/ and math500/ (else $RESIDLAB_DATA_DIR or ../shared/data is searched)."),
+]
+WorkDir = Annotated[Path, typer.Option(help="Where vectors, records, reports and plots go (reused by later runs).")]
+
+
+def _log(message: str) -> None:
+    console.print(message, markup=False)
+
+
+def compress(
+    model: Model = DEFAULT_MODEL,
+    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 32,
+    pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
+    calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
+    pair_source: Annotated[str, typer.Option(help="Concise traces: reference, self, teacher or file.")] = "reference",
+    keep: Annotated[str, typer.Option(help="Pair filter: both_correct, concise_correct or all.")] = "both_correct",
+    teacher_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint for --pair-source teacher.")
+    ] = None,
+    teacher_model: str = "default",
+    pairs_file: Annotated[Path | None, typer.Option(help="JSONL with id and concise (--pair-source file).")] = None,
+    read: Annotated[str, typer.Option(help="Read residuals at the trace's 'mean' or 'last' token.")] = "mean",
+    method: Annotated[str, typer.Option(help="mean_diff or pca.")] = "mean_diff",
+    layer: Annotated[int | None, typer.Option(help="Steering layer (default: best separation, middle half).")] = None,
+    strength: Annotated[
+        str, typer.Option(help="x residual norm at the layer (unit vector), or 'auto' (KL bound).")
+    ] = "0.25",
+    eps: Annotated[float, typer.Option(help="KL budget for the bound.")] = 1e-3,
+    positions: str = "prompt_last+generated",
+    eval_dataset: Annotated[str, typer.Option("--eval", help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
+    limit: Annotated[int, typer.Option(help="Evaluation problems (from the start of the test split).")] = 40,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    dtype: str = "bfloat16",
+    data_dir: DataDir = None,
+    work_dir: WorkDir = Path("residlab-out"),
+) -> None:
+    """Build a concise-reasoning steering vector and prove its effect (the ASC pipeline)."""
+    from residlab.asc import CompressConfig, run_compress
+
+    cfg = CompressConfig(
+        model=model,
+        dtype=dtype,
+        pairs=pairs,
+        pairs_dataset=pairs_dataset,
+        calibration_states=calibration_states,
+        pair_source=pair_source,
+        keep=keep,
+        teacher_url=teacher_url,
+        teacher_model=teacher_model,
+        pairs_file=str(pairs_file) if pairs_file else None,
+        read=read,
+        method=method,
+        layer=layer,
+        strength=strength if strength == "auto" else float(strength),
+        eps=eps,
+        positions=positions,
+        eval_dataset=eval_dataset,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        work_dir=str(work_dir),
+    )
+    run_compress(cfg, log=_log)
+    _log(
+        f"Full-size evaluation: residlab compress --limit 1319 (all of GSM8K test; reuses everything above), "
+        f"or --eval math500 --limit 500."
+    )
+
+
+def evaluate_command(
+    model: Model = DEFAULT_MODEL,
+    dataset: Annotated[str, typer.Option(help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
+    split: str = "test",
+    limit: int | None = 40,
+    offset: int = 0,
+    vector: Annotated[Path | None, typer.Option(help="Steering vector file (.safetensors).")] = None,
+    strength: Annotated[
+        str, typer.Option(help="Multiplies the vector as stored, or 'auto': KL bound on the unit vector.")
+    ] = "1.0",
+    eps: float = 1e-3,
+    positions: str = "prompt_last+generated",
+    template: Annotated[str, typer.Option(help="baseline (step by step) or concise_prompt.")] = "baseline",
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    data_dir: DataDir = None,
+    work_dir: WorkDir = Path("residlab-out"),
+) -> None:
+    """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
+    from residlab import prompts
+    from residlab.datasets import load_problems
+    from residlab.errors import ResidlabError
+    from residlab.evaluation.report import markdown_table, summarize
+    from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.models.loading import load
+    from residlab.vectors.steering_vector import SteeringVector
+
+    templates = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}
+    if template not in templates:
+        raise ResidlabError(f"unknown template {template!r}.", hint="use baseline or concise_prompt.")
+    lm = load(model, dtype=dtype)
+    problems = load_problems(dataset, split, data_dir=str(data_dir) if data_dir else None, limit=limit, offset=offset)
+    vec, value = None, 0.0
+    if vector is not None:
+        vec = SteeringVector.load(vector, model=lm)
+        if strength == "auto":
+            from residlab.vectors.calibration import calibrate
+
+            train = load_problems("gsm8k", "train", data_dir=str(data_dir) if data_dir else None, limit=32)
+            texts = [lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in train]
+            layer = vec.layers[0]
+            calib_lm = lm if lm.dtype.is_floating_point and lm.dtype.itemsize == 4 else load(model, dtype="float32")
+            cal = calibrate(calib_lm, texts[:16], texts[16:], layer, vec.directions[layer], eps=eps)
+            vec, value = vec.select([layer]).normalized(), cal.strength
+            _log(
+                f"auto strength at layer {layer}: {value:.4g} on the unit vector (a={cal.a:.3g}, L={cal.lipschitz:.3g},"
+                f" measured KL median {cal.measured_kl_median:.2e})"
+            )
+        else:
+            value = float(strength)
+    name = template if vec is None else f"{template}+vector"
+    condition = Condition(name, templates[template], vector=vec, strength=value, positions=positions)
+    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    from residlab.asc import run_dir_for
+
+    runs = run_dir_for(work_dir, model) / "runs"
+    records = evaluate(lm, problems, condition, decoding, runs)
+    print(markdown_table([summarize(name, records)], name))
+    print(f"records: {runs}", file=sys.stderr)
+
+
+def sweep(
+    vector: Annotated[Path, typer.Option(help="Multi-layer vector (compress writes vector_all_layers.safetensors).")],
+    model: Model = DEFAULT_MODEL,
+    layers: Annotated[str, typer.Option(help="8:20:2, 8,12,16 or 12.")] = "12",
+    strengths: Annotated[str, typer.Option(help="Comma list, x residual norm at the layer.")] = "0,0.1,0.2,0.3",
+    positions: Annotated[str, typer.Option(help="Comma list of position rules.")] = "prompt_last+generated",
+    template: str = "baseline",
+    dataset: str = "gsm8k",
+    split: Annotated[str, typer.Option(help="Tune on train, never on test.")] = "train",
+    offset: int = 1000,
+    limit: int = 24,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    dtype: str = "bfloat16",
+    data_dir: DataDir = None,
+    work_dir: WorkDir = Path("residlab-out"),
+) -> None:
+    """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
+    from residlab.asc import SweepConfig, parse_layers, run_sweep
+    from residlab.interventions.positions import STEERING_RULES, validate_rule
+
+    rules = tuple(str(validate_rule(p, STEERING_RULES)) for p in positions.split(","))
+    cfg = SweepConfig(
+        model=model,
+        dtype=dtype,
+        vector=str(vector),
+        layers=parse_layers(layers),
+        strengths=tuple(float(s) for s in strengths.split(",")),
+        positions=rules,
+        template=template,
+        dataset=dataset,
+        split=split,
+        offset=offset,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        work_dir=str(work_dir),
+    )
+    run_sweep(cfg, log=_log)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(handle_errors(compress))
+    app.command(name="eval")(handle_errors(evaluate_command))
+    app.command()(handle_errors(sweep))

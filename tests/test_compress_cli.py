@@ -1,0 +1,139 @@
+"""The whole ASC pipeline through the CLI on a tiny model and the synthetic problems (seconds)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from residlab.cli.main import app
+from residlab.testing import save_tiny_model
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_compress_sweep_and_eval_smoke(tmp_path):
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    work = tmp_path / "out"
+    common = [
+        "--model",
+        model,
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "4",
+        "--work-dir",
+        str(work),
+    ]
+    result = runner.invoke(
+        app,
+        [
+            "compress",
+            *common,
+            "--pairs",
+            "6",
+            "--pairs-dataset",
+            "synthetic",
+            "--keep",
+            "all",
+            "--eval",
+            "synthetic",
+            "--limit",
+            "4",
+            "--calibration-states",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    run_dir = work / "tiny"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["conditions"]) == {"baseline", "asc", "concise_prompt", "asc+concise_prompt"}
+    assert report["n_pairs"] == 6 and report["n_eval"] == 4
+    assert report["strength"] > 0 and report["strength_applies_to"] == "unit vector"
+    assert 0 < report["calibration"]["strength"] < float("inf")
+    for name in (
+        "report.md",
+        "accuracy_vs_tokens.png",
+        "token_histogram.png",
+        "concise.safetensors",
+        "vector_all_layers.safetensors",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert "accuracy (95% CI)" in (run_dir / "report.md").read_text()
+
+    # A second run reuses every record: no new lines anywhere.
+    sizes = {p: p.stat().st_size for p in run_dir.rglob("*.jsonl")}
+    again = runner.invoke(
+        app,
+        [
+            "compress",
+            *common,
+            "--pairs",
+            "6",
+            "--pairs-dataset",
+            "synthetic",
+            "--keep",
+            "all",
+            "--eval",
+            "synthetic",
+            "--limit",
+            "4",
+            "--calibration-states",
+            "2",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_size for p in run_dir.rglob("*.jsonl")} == sizes
+
+    sweep = runner.invoke(
+        app,
+        [
+            "sweep",
+            *common,
+            "--vector",
+            str(run_dir / "vector_all_layers.safetensors"),
+            "--layers",
+            "0:3",
+            "--strengths",
+            "0,0.5",
+            "--dataset",
+            "synthetic",
+            "--limit",
+            "2",
+            "--offset",
+            "0",
+            "--positions",
+            "generated,all",
+        ],
+    )
+    assert sweep.exit_code == 0, sweep.output
+    rows = json.loads((run_dir / "sweep.json").read_text())["rows"]
+    assert len(rows) == 3 * 2 * 2
+    assert (run_dir / "sweep.png").is_file()
+
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            *common,
+            "--dataset",
+            "synthetic",
+            "--limit",
+            "2",
+            "--vector",
+            str(run_dir / "concise.safetensors"),
+            "--strength",
+            "auto",
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "baseline+vector" in evaluated.output
+
+
+def test_compress_with_missing_data_dir_is_a_clear_error(tmp_path):
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    result = runner.invoke(
+        app, ["compress", "--model", model, "--data-dir", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "hint:" in result.output and "Traceback" not in result.output
