@@ -82,8 +82,8 @@ def compress(
     )
     run_compress(cfg, log=_log)
     _log(
-        f"Full-size evaluation: residlab compress --limit 1319 (all of GSM8K test; reuses everything above), "
-        f"or --eval math500 --limit 500."
+        "Full-size evaluation: residlab compress --limit 1319 (all of GSM8K test; reuses everything above), "
+        "or --eval math500 --limit 500."
     )
 
 

@@ -65,7 +65,8 @@ def comparison_dict(base: ConditionSummary, other: ConditionSummary, paired: Pai
 def markdown_table(summaries: Sequence[ConditionSummary], baseline: str = "baseline") -> str:
     base = next((s for s in summaries if s.name == baseline), summaries[0])
     lines = [
-        "| condition | n | accuracy (95% CI) | mean tokens | median tokens | reduction | cut off | s/problem | speedup |",
+        "| condition | n | accuracy (95% CI) | mean tokens | median tokens | reduction | cut off | s/problem "
+        "| speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:

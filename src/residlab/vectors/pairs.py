@@ -72,7 +72,8 @@ class TeacherClient:
         except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as err:
             raise ResidlabError(
                 f"the teacher endpoint {self.url} failed: {err}",
-                hint="check --teacher-url (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1) and --teacher-model.",
+                hint="check --teacher-url (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1) and "
+                "--teacher-model.",
             ) from None
 
 
