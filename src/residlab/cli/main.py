@@ -188,6 +188,32 @@ def generate(
     )
 
 
+@app.command()
+@handle_errors
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    vector: Annotated[Path | None, typer.Option(help="Serve with this steering vector applied.")] = None,
+    strength: float = 1.0,
+    positions: str = "prompt_last+generated",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
+    from residlab.models.loading import load
+    from residlab.serving import ModelServer
+    from residlab.vectors.steering_vector import SteeringVector
+
+    lm = load(model, dtype=dtype)
+    vec = SteeringVector.load(vector, model=lm) if vector is not None else None
+    server = ModelServer(lm, host, port, vector=vec, strength=strength, positions=positions)
+    print(f"serving {lm.name} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
 
 _register_asc(app)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+
+from residlab import ResidlabError, prompts
+from residlab.datasets import synthetic_problems
+from residlab.evaluation.runner import Decoding
+from residlab.vectors.extraction import extract_vector, trace_states
+from residlab.vectors.pairs import TracePair, build_pairs, reference_trace
+
+DECODING = Decoding(max_new_tokens=6, batch_size=4)
+
+
+def test_reference_trace_ends_boxed():
+    problem = synthetic_problems(1, seed=2)[0]
+    trace = reference_trace(problem)
+    assert trace.endswith(f"\\boxed{{{problem.answer}}}")
+    assert "<<" not in trace
+
+
+def test_pair_filtering(qwen, tmp_path):
+    problems = synthetic_problems(4, seed=7)
+    # A random tiny model never solves these: its verbose traces are wrong, the references right.
+    kept, dropped = build_pairs(
+        qwen, problems, source="reference", work_dir=tmp_path, decoding=DECODING, progress=False
+    )
+    assert kept == [] and dropped["verbose_wrong"] == 4
+    kept, dropped = build_pairs(
+        qwen, problems, source="reference", work_dir=tmp_path, decoding=DECODING, keep="concise_correct", progress=False
+    )
+    assert len(kept) == 4 and all(p.concise_correct and not p.verbose_correct for p in kept)
+    pairs_file = tmp_path / "mine.jsonl"
+    pairs_file.write_text(
+        "".join(
+            json.dumps({"id": p.id, "concise": f"\\boxed{{{p.answer if i % 2 else 'wrong'}}}"}) + "\n"
+            for i, p in enumerate(problems)
+        )
+    )
+    kept, dropped = build_pairs(
+        qwen,
+        problems,
+        source="file",
+        pairs_file=pairs_file,
+        work_dir=tmp_path,
+        decoding=DECODING,
+        keep="concise_correct",
+        progress=False,
+    )
+    assert [p.id for p in kept] == [problems[1].id, problems[3].id] and dropped["concise_wrong"] == 2
+    with pytest.raises(ResidlabError, match="unknown concise source"):
+        build_pairs(qwen, problems, source="oracle", work_dir=tmp_path, decoding=DECODING)
+
+
+def _pairs(n=6):
+    problems = synthetic_problems(n, seed=11)
+    return [
+        TracePair(
+            p.id,
+            p.question,
+            f"Let us think. First we read the problem. {p.solution} So the answer is \\boxed{{{p.answer}}}.",
+            reference_trace(p),
+            30,
+            10,
+            True,
+            True,
+            "reference",
+        )
+        for p in problems
+    ]
+
+
+def _manual_states(lm, pair_list, trace_of, layer):
+    """Independent of residlab's recorder: HF hidden_states[layer + 1], averaged over the trace tokens."""
+    states = []
+    for pair in pair_list:
+        head = lm.format_prompt(prompts.VERBOSE.format(question=pair.question))
+        ids = lm.tokenizer(head + trace_of(pair), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n_head = len(lm.tokenizer(head, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]
+        states.append(hidden[n_head:].mean(0))
+    return torch.stack(states)
+
+
+def test_vector_sign_and_layer_convention(qwen):
+    pairs = _pairs()
+    result = extract_vector(qwen, pairs, read="mean", batch_size=4)
+    layer = 1  # not the last block: HF applies the final norm to its last hidden state
+    expected = (
+        _manual_states(qwen, pairs, lambda p: p.concise, layer)
+        - _manual_states(qwen, pairs, lambda p: p.verbose, layer)
+    ).mean(0)
+    torch.testing.assert_close(result.vector.directions[layer], expected, rtol=1e-4, atol=1e-4)
+    assert result.vector.info["sign"] == "concise - verbose"
+    assert set(result.separation) == set(range(qwen.num_layers))
+    # the direction separates the two sides: concise projects higher than verbose on held-out folds
+    assert result.separation[layer] > 0
+
+
+def test_last_token_reading_and_pca(qwen):
+    pairs = _pairs()
+    states = trace_states(qwen, [p.question for p in pairs], [p.concise for p in pairs], read="last")
+    head = qwen.format_prompt(prompts.VERBOSE.format(question=pairs[0].question))
+    ids = qwen.tokenizer(head + pairs[0].concise, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = qwen.model(input_ids=ids, output_hidden_states=True).hidden_states[2][0, -1]
+    torch.testing.assert_close(states[0, 1], hidden, rtol=1e-4, atol=1e-4)
+    pca = extract_vector(qwen, pairs, method="pca")
+    mean = extract_vector(qwen, pairs, method="mean_diff")
+    assert pca.vector.cosine(mean.vector, layer=1) > 0  # oriented like the mean difference
+    with pytest.raises(ResidlabError, match="no pairs"):
+        extract_vector(qwen, [])
