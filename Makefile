@@ -9,8 +9,7 @@ install:
 	$(INSTALL)
 
 demo: install
-	residlab models
-	residlab generate --prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" --max-new-tokens 200
+	residlab compress
 
 test: install
 	$(PYTHON) -m pytest

@@ -13,37 +13,13 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def test_compress_sweep_and_eval_smoke(tmp_path):
     model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
     work = tmp_path / "out"
-    common = [
-        "--model",
-        model,
-        "--dtype",
-        "float32",
-        "--max-new-tokens",
-        "12",
-        "--batch-size",
-        "4",
-        "--work-dir",
-        str(work),
+    common = "--dtype float32 --max-new-tokens 12 --batch-size 4".split() + ["--model", model, "--work-dir", str(work)]
+    compress_args = [
+        "compress",
+        *common,
+        *"--pairs 6 --pairs-dataset synthetic --keep all --eval synthetic --limit 4 --calibration-states 2".split(),
     ]
-    result = runner.invoke(
-        app,
-        [
-            "compress",
-            *common,
-            "--pairs",
-            "6",
-            "--pairs-dataset",
-            "synthetic",
-            "--keep",
-            "all",
-            "--eval",
-            "synthetic",
-            "--limit",
-            "4",
-            "--calibration-states",
-            "2",
-        ],
-    )
+    result = runner.invoke(app, compress_args)
     assert result.exit_code == 0, result.output
     run_dir = work / "tiny"
     report = json.loads((run_dir / "report.json").read_text())
@@ -63,69 +39,20 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
 
     # A second run reuses every record: no new lines anywhere.
     sizes = {p: p.stat().st_size for p in run_dir.rglob("*.jsonl")}
-    again = runner.invoke(
-        app,
-        [
-            "compress",
-            *common,
-            "--pairs",
-            "6",
-            "--pairs-dataset",
-            "synthetic",
-            "--keep",
-            "all",
-            "--eval",
-            "synthetic",
-            "--limit",
-            "4",
-            "--calibration-states",
-            "2",
-        ],
-    )
+    again = runner.invoke(app, compress_args)
     assert again.exit_code == 0, again.output
     assert {p: p.stat().st_size for p in run_dir.rglob("*.jsonl")} == sizes
 
-    sweep = runner.invoke(
-        app,
-        [
-            "sweep",
-            *common,
-            "--vector",
-            str(run_dir / "vector_all_layers.safetensors"),
-            "--layers",
-            "0:3",
-            "--strengths",
-            "0,0.5",
-            "--dataset",
-            "synthetic",
-            "--limit",
-            "2",
-            "--offset",
-            "0",
-            "--positions",
-            "generated,all",
-        ],
-    )
+    vector_file = str(run_dir / "vector_all_layers.safetensors")
+    sweep_args = "--layers 0:3 --strengths 0,0.5 --dataset synthetic --limit 2 --offset 0 --positions generated,all"
+    sweep = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.split()])
     assert sweep.exit_code == 0, sweep.output
     rows = json.loads((run_dir / "sweep.json").read_text())["rows"]
     assert len(rows) == 3 * 2 * 2
     assert (run_dir / "sweep.png").is_file()
 
-    evaluated = runner.invoke(
-        app,
-        [
-            "eval",
-            *common,
-            "--dataset",
-            "synthetic",
-            "--limit",
-            "2",
-            "--vector",
-            str(run_dir / "concise.safetensors"),
-            "--strength",
-            "auto",
-        ],
-    )
+    eval_args = ["--dataset", "synthetic", "--limit", "2", "--strength", "auto"]
+    evaluated = runner.invoke(app, ["eval", *common, *eval_args, "--vector", str(run_dir / "concise.safetensors")])
     assert evaluated.exit_code == 0, evaluated.output
     assert "baseline+vector" in evaluated.output
 

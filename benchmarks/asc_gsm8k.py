@@ -1,0 +1,82 @@
+"""ASC on GSM8K with the default model: baseline vs ASC vs concise prompt (and ASC + concise prompt).
+
+Vector from >= 64 GSM8K *train* pairs, evaluation on >= 200 GSM8K *test* problems, greedy, batched,
+same decoding for every condition. Everything is cached under --work-dir, so an interrupted run
+resumes. Writes benchmarks/results/asc_gsm8k.json and .md.
+
+    python benchmarks/asc_gsm8k.py [--pairs 64] [--limit 200] [--layer L] [--strength S] [--work-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--strength", default="0.25", help="x residual norm at the layer, or 'auto'")
+    parser.add_argument("--positions", default="prompt_last+generated")
+    parser.add_argument("--pair-source", default="reference")
+    parser.add_argument("--read", default="mean")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--work-dir", default="residlab-out/benchmark")
+    args = parser.parse_args()
+
+    from residlab.asc import CompressConfig, run_compress
+
+    cfg = CompressConfig(
+        model=args.model, dtype=args.dtype, pairs=args.pairs, pair_source=args.pair_source, read=args.read,
+        layer=args.layer, strength=args.strength if args.strength == "auto" else float(args.strength),
+        positions=args.positions, eval_dataset="gsm8k", limit=args.limit, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, work_dir=args.work_dir,
+    )
+    report = run_compress(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    conditions = {
+        name: {k: c[k] for k in ("accuracy", "accuracy_ci95", "mean_tokens", "median_tokens", "seconds_per_problem",
+                                 "cut_off_share", "n")}
+        for name, c in report["conditions"].items()
+    }
+    result = {
+        "model": report["model"], "engine": report["engine"], "dtype": args.dtype, "commit": commit,
+        "n_pairs": report["n_pairs"], "n_eval": report["n_eval"], "layer": report["layer"],
+        "strength": report["strength"], "strength_applies_to": "unit vector",
+        "strength_relative_to_residual_norm": args.strength, "positions": args.positions,
+        "pair_source": args.pair_source, "read": args.read, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "kl_bound_strength": report["calibration"]["strength"],
+        "calibration": {k: report["calibration"][k] for k in ("a", "lipschitz", "eps", "strength",
+                                                              "measured_kl_median", "measured_kl_p95")},
+        **conditions,
+        "token_reduction": report["comparisons"]["asc"]["token_reduction"],
+        "speedup": report["comparisons"]["asc"]["speedup"],
+        "comparisons_vs_baseline": report["comparisons"],
+        "seconds_total": report["seconds"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "asc_gsm8k.json").write_text(json.dumps(result, indent=2) + "\n")
+    run_dir = Path(cfg.run_dir())
+    md = (run_dir / "report.md").read_text()
+    (RESULTS / "asc_gsm8k.md").write_text(
+        f"# ASC on GSM8K ({report['model']}, commit {commit})\n\n"
+        f"Reproduce: `python benchmarks/asc_gsm8k.py --pairs {args.pairs} --limit {args.limit} "
+        f"--strength {args.strength}" + (f" --layer {args.layer}" if args.layer is not None else "") + "`\n\n"
+        + md.split("\n", 1)[1]
+    )
+    print(json.dumps({k: result[k] for k in ("token_reduction", "speedup")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
