@@ -198,3 +198,21 @@ def test_record_sites_and_positions(qwen):
     with pytest.raises(ResidlabError, match="does not exist"):
         with qwen.record(layers=[1], positions=[40]):
             qwen.forward(PROMPTS)
+
+
+def test_rows_that_finish_early_leave_the_batch_correctly(lm, monkeypatch):
+    """Make one row's 3rd token the end-of-sequence token: that row stops early and is pruned from the
+    batch and the KV cache, while the others go on exactly as they would alone (per-row steering too)."""
+    free = lm.generate(PROMPTS, max_new_tokens=8, chat=False, ignore_eos=True)
+    stop = free[0].token_ids[2]
+    monkeypatch.setattr(type(lm), "eos_token_ids", property(lambda self: [stop]))
+    v1, v2 = random_vector(lm, [1], seed=1), random_vector(lm, [1], seed=2)
+    with lm.steer([v1, v2, v1], strength=[0.0, 1.0, 0.5], positions="all"):
+        batched = lm.generate(PROMPTS, max_new_tokens=8, chat=False, batch_size=3)
+    alone = []
+    for prompt, vec, s in zip(PROMPTS, [v1, v2, v1], [0.0, 1.0, 0.5], strict=True):
+        with lm.steer(vec, strength=s, positions="all"):
+            alone.append(lm.generate([prompt], max_new_tokens=8, chat=False)[0])
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert batched[0].num_tokens <= 3 and not batched[0].hit_limit
+    assert any(g.num_tokens > 3 for g in batched)  # someone went on after row 0 left

@@ -218,17 +218,18 @@ class LanguageModel:
         for start in range(0, len(order), max(1, batch_size)):
             rows = order[start : start + batch_size]
             batch = self.encode([texts[i] for i in rows], add_special_tokens=special)
-            self.tracker.row_index = torch.tensor(rows, device=self.device)
-            self.tracker.prompt_lengths = batch.lengths
-            try:
-                began = time.perf_counter()
-                tokens, hit_limit = self._generate_batch(
-                    batch, max_new_tokens, temperature, top_p, generator, use_cache
-                )
-                elapsed = time.perf_counter() - began
-            finally:
-                self.tracker.row_index = None
-                self.tracker.prompt_lengths = None
+            began = time.perf_counter()
+            tokens, hit_limit = self._generate_batch(
+                batch,
+                torch.tensor(rows, device=self.device),
+                max_new_tokens,
+                temperature,
+                top_p,
+                generator,
+                use_cache,
+                ignore_eos,
+            )
+            elapsed = time.perf_counter() - began
             for j, i in enumerate(rows):
                 ids = tokens[j]
                 results[i] = Generation(
@@ -251,6 +252,7 @@ class LanguageModel:
     def _generate_batch(
         self,
         batch: Batch,
+        caller_rows: torch.Tensor,
         max_new_tokens: int,
         temperature: float,
         top_p: float,
@@ -258,40 +260,50 @@ class LanguageModel:
         use_cache: bool,
         ignore_eos: bool = False,
     ) -> tuple[list[list[int]], list[bool]]:
-        rows = batch.input_ids.shape[0]
+        """Decode one left-padded batch. Rows that finish are dropped from the batch (and the KV cache),
+        so a long straggler does not make every finished row keep paying for forward passes."""
         eos = torch.tensor([] if ignore_eos else self.eos_token_ids or [-1], dtype=torch.long, device=self.device)
         ids, mask = batch.input_ids, batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_lengths = batch.lengths
+        active = torch.arange(ids.shape[0], device=self.device)  # batch rows still generating
+        generated: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        finished_by_eos = [False] * ids.shape[0]
         cache: Any = None if use_cache else False
         step_ids, step_mask, step_pos = ids, mask, positions
-        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        out_tokens: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
-            logits = out.logits[:, -1, :].float()
-            next_token = _pick(logits, temperature, top_p, generator)
-            next_token = torch.where(finished, torch.full_like(next_token, self.pad_token_id), next_token)
-            out_tokens.append(next_token)
-            finished |= torch.isin(next_token, eos)
-            if bool(finished.all()):
-                break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            next_pos = positions[:, -1:] + 1
-            positions = torch.cat([positions, next_pos], dim=1)
-            ids = torch.cat([ids, next_token.unsqueeze(1)], dim=1)
-            if use_cache:
-                cache = _returned_cache(out)
-                step_ids, step_mask, step_pos = next_token.unsqueeze(1), mask, next_pos
-            else:
-                step_ids, step_mask, step_pos = ids, mask, positions
-        generated = torch.stack(out_tokens, dim=1).tolist()
-        eos_set = set(eos.tolist())
-        token_lists, hit_limit = [], []
-        for row in generated:
-            end = next((k for k, t in enumerate(row) if t in eos_set), None)
-            token_lists.append(row if end is None else row[: end + 1])
-            hit_limit.append(end is None)
-        return token_lists, hit_limit
+        tracker = self.tracker
+        try:
+            for _ in range(max_new_tokens):
+                tracker.row_index, tracker.prompt_lengths = caller_rows[active], prompt_lengths
+                out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
+                next_token = _pick(out.logits[:, -1, :].float(), temperature, top_p, generator)
+                for row, token in zip(active.tolist(), next_token.tolist(), strict=True):
+                    generated[row].append(token)
+                done = torch.isin(next_token, eos)
+                if use_cache:
+                    cache = _returned_cache(out)
+                if bool(done.any()):
+                    for row in active[done].tolist():
+                        finished_by_eos[row] = True
+                    keep = (~done).nonzero().squeeze(1)
+                    if keep.numel() == 0:
+                        break
+                    active, next_token = active[keep], next_token[keep]
+                    ids, mask, positions, prompt_lengths = ids[keep], mask[keep], positions[keep], prompt_lengths[keep]
+                    if use_cache:
+                        cache.batch_select_indices(keep)
+                ones = torch.ones((active.shape[0], 1), dtype=mask.dtype, device=mask.device)
+                mask = torch.cat([mask, ones], dim=1)
+                next_pos = positions[:, -1:] + 1
+                positions = torch.cat([positions, next_pos], dim=1)
+                ids = torch.cat([ids, next_token.unsqueeze(1)], dim=1)
+                if use_cache:
+                    step_ids, step_mask, step_pos = next_token.unsqueeze(1), mask, next_pos
+                else:
+                    step_ids, step_mask, step_pos = ids, mask, positions
+        finally:
+            tracker.row_index = tracker.prompt_lengths = None
+        return generated, [not f for f in finished_by_eos]
 
     # -- interventions ------------------------------------------------------------------------
     def record(
