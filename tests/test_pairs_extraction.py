@@ -111,3 +111,16 @@ def test_last_token_reading_and_pca(qwen):
     assert pca.vector.cosine(mean.vector, layer=1) > 0  # oriented like the mean difference
     with pytest.raises(ResidlabError, match="no pairs"):
         extract_vector(qwen, [])
+
+
+def test_first_n_reading(qwen):
+    pairs = _pairs(2)
+    first = trace_states(qwen, [p.question for p in pairs], [p.verbose for p in pairs], read="first:3")
+    head = qwen.format_prompt(prompts.VERBOSE.format(question=pairs[0].question))
+    ids = qwen.tokenizer(head + pairs[0].verbose, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n_head = len(qwen.tokenizer(head, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        hidden = qwen.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+    torch.testing.assert_close(first[0, 0], hidden[n_head : n_head + 3].mean(0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ResidlabError, match="unknown read mode"):
+        trace_states(qwen, ["q"], ["t"], read="first:x")

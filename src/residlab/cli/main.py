@@ -218,6 +218,10 @@ from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
 
 _register_asc(app)
 
+from residlab.cli.analyze_commands import analyze_app  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze")
+
 
 def main() -> None:
     app()

@@ -25,8 +25,9 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def forward(self, module: torch.nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_hook(fn))
+    def forward(self, module: torch.nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
+        """``fn(module, args, output)``, or ``fn(module, args, kwargs, output)`` with ``with_kwargs``."""
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
 
     def pre_forward(self, module: torch.nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from residlab.errors import ResidlabError
+from residlab.interventions.edit import Edit, EditFn, skip_blocks
 from residlab.interventions.positions import PositionRule
 from residlab.interventions.record import Recording
 from residlab.interventions.steer import Steering
@@ -351,6 +352,25 @@ class LanguageModel:
                 )
             deltas[layer] = stacked * scale.unsqueeze(1)
         return Steering(self, deltas, positions)
+
+    def edit(
+        self,
+        layers: int | Iterable[int],
+        site: str,
+        fn: EditFn | dict[int, EditFn],
+        *,
+        with_input: bool = False,
+    ) -> Edit:
+        """Replace ``site``'s value at ``layers`` with ``fn(value, ctx)`` while the ``with`` block runs.
+
+        Sites: ``block``, ``attn``, ``mlp`` (outputs) and ``block_input``, ``mlp_act`` (inputs); see
+        :class:`~residlab.interventions.edit.Edit`.
+        """
+        return Edit(self, layers, site, fn, with_input=with_input)
+
+    def skip(self, layers: int | Iterable[int], from_position: int = 1) -> Edit:
+        """Skip blocks (output := input) at real positions >= ``from_position`` while the ``with`` block runs."""
+        return skip_blocks(self, layers, from_position)
 
     def __repr__(self) -> str:
         return (

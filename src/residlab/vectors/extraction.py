@@ -18,7 +18,7 @@ from residlab.models.lm import LanguageModel
 from residlab.vectors.pairs import TracePair
 from residlab.vectors.steering_vector import SteeringVector
 
-READ_MODES = ("mean", "last")
+READ_MODES = ("mean", "last", "first:N")
 METHODS = ("mean_diff", "pca")
 
 
@@ -49,9 +49,9 @@ def trace_states(
     template: str = prompts.VERBOSE,
 ) -> torch.Tensor:
     """[texts, layers, d] float32: each question+trace's residual after every block, at the trace's
-    last token (``last``) or averaged over the trace's tokens (``mean``)."""
-    if read not in READ_MODES:
-        raise ResidlabError(f"unknown read mode {read!r}.", hint=f"use one of {', '.join(READ_MODES)}.")
+    last token (``last``), averaged over the trace's tokens (``mean``) or over its first N tokens
+    (``first:N``: the style of the opening, without the "about to end" signal of short traces)."""
+    first_n = _parse_read(read)
     use_chat = lm.has_chat_template
     heads = [lm.format_prompt(template.format(question=q), chat=use_chat) for q in questions]
     special = not use_chat
@@ -71,8 +71,18 @@ def trace_states(
             if first >= width:
                 raise ResidlabError("a trace is empty after tokenisation.", hint="drop empty traces.")
             states = stacked[row, :, first:, :]
-            out.append(states.mean(dim=1) if read == "mean" else states[:, -1, :])
+            if first_n is not None:
+                states = states[:, :first_n, :]
+            out.append(states[:, -1, :] if read == "last" else states.mean(dim=1))
     return torch.stack(out)
+
+
+def _parse_read(read: str) -> int | None:
+    if read in ("mean", "last"):
+        return None
+    if read.startswith("first:") and read[6:].isdigit() and int(read[6:]) > 0:
+        return int(read[6:])
+    raise ResidlabError(f"unknown read mode {read!r}.", hint="use mean, last or first:N (e.g. first:32).")
 
 
 def _cv_separation(concise: torch.Tensor, verbose: torch.Tensor, method: str) -> float:

@@ -1,0 +1,198 @@
+"""Shared pieces of the analyses: token batches, a logits-free forward pass, masks, weights, output files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from residlab.errors import ResidlabError
+from residlab.fileio import atomic_path, atomic_write_text
+from residlab.models.architectures import get_module
+from residlab.models.lm import Batch
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+RELU_LIKE = ("relu", "relu2", "relu6", "reglu", "leaky_relu")  # exact zeros are possible
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A left-padded batch of (truncated) texts and which of the caller's texts its rows are."""
+
+    rows: tuple[int, ...]
+    batch: Batch
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[batch, tokens] real positions, -1 for padding."""
+        mask = self.batch.attention_mask
+        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
+
+    def valid(self, first_position: int = 1) -> torch.Tensor:
+        """[batch, tokens] bool: real tokens at position >= ``first_position``."""
+        return self.positions >= max(first_position, 0)
+
+
+def tokenize(lm: LanguageModel, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each text (special tokens as the tokenizer adds them), cut to ``max_tokens``."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise ResidlabError("no texts were given.", hint="pass at least one text.")
+    if max_tokens is not None and max_tokens < 2:
+        raise ResidlabError(f"max_tokens must be at least 2, got {max_tokens}.", hint="pass --max-tokens 2 or more.")
+    rows = [list(lm.tokenizer(t)["input_ids"]) for t in texts]
+    if max_tokens is not None:
+        rows = [r[:max_tokens] for r in rows]
+    if not any(rows):
+        raise ResidlabError("every text tokenised to nothing.", hint="pass non-empty texts.")
+    return rows
+
+
+def token_batches(lm: LanguageModel, rows: Sequence[Sequence[int]], batch_size: int = 8) -> Iterator[TokenBatch]:
+    """Left-padded batches of ``rows``, sorted by length to limit padding."""
+    if batch_size < 1:
+        raise ResidlabError(f"batch_size must be at least 1, got {batch_size}.", hint="pass --batch-size 1 or more.")
+    order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        width = max(len(rows[i]) for i in chosen)
+        ids = torch.full((len(chosen), width), lm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for j, i in enumerate(chosen):
+            n = len(rows[i])
+            ids[j, width - n :] = torch.tensor(list(rows[i]))
+            mask[j, width - n :] = 1
+        yield TokenBatch(tuple(chosen), Batch(ids.to(lm.device), mask.to(lm.device)))
+
+
+@torch.inference_mode()
+def run_decoder(lm: LanguageModel, tb: TokenBatch) -> torch.Tensor:
+    """Run the decoder stack (not the unembedding) without a cache; return its last hidden state.
+
+    The decoder stack of every mapped family applies the final norm itself, so the result is
+    ``final_norm(layer L-1)``, ready for :func:`unembed`. Skipping the vocabulary-sized logits of
+    every token keeps memory small; hooks (records, edits, steering) see the pass as usual.
+    """
+    batch = tb.batch
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm.decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+    )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden
+
+
+@torch.inference_mode()
+def unembed(lm: LanguageModel, normed: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) from hidden states that already went through the final norm."""
+    head = get_module(lm.model, lm.arch.unembed)
+    logits = head(normed.to(lm.dtype)).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def final_norm(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
+    return get_module(lm.model, lm.arch.final_norm)(hidden.to(lm.dtype))
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.inference_mode()
+def next_token_nll(lm: LanguageModel, tb: TokenBatch, normed: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Negative log-likelihood of each real next token (position >= 1), flattened, float64."""
+    real = tb.batch.attention_mask.bool()
+    pairs = real[:, :-1] & real[:, 1:]  # predicting token t+1 from t, both real
+    source = normed[:, :-1][pairs]
+    target = tb.batch.input_ids[:, 1:][pairs]
+    losses = []
+    for part in chunks(source.shape[0], chunk):
+        logp = torch.log_softmax(unembed(lm, source[part]), dim=-1)
+        losses.append(-logp.gather(1, target[part].unsqueeze(1)).squeeze(1).double())
+    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def down_matrix(lm: LanguageModel, layer: int) -> torch.Tensor:
+    """The MLP down-projection of ``layer`` as a float32 [d_model, d_mlp] matrix (column i = neuron i's
+    output direction), whatever the module type (``nn.Linear`` or GPT-2's transposed ``Conv1D``)."""
+    module = get_module(lm.blocks[layer], lm.arch.mlp_down)
+    weight = module.weight.detach().float()
+    if isinstance(module, torch.nn.Linear):
+        return weight
+    return weight.T  # transformers' Conv1D stores [in, out]
+
+
+def activation_name(lm: LanguageModel) -> str:
+    config = lm.model.config
+    for key in ("hidden_act", "hidden_activation", "activation_function"):
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            return value
+    return "unknown"
+
+
+def is_relu_like(lm: LanguageModel) -> bool:
+    return activation_name(lm).lower() in RELU_LIKE
+
+
+def safe_name(name: str) -> str:
+    """A model name usable as a folder name (a local path gives its last part)."""
+    base = Path(name).name if ("/" in name or "\\" in name) and Path(name).name else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
+
+
+def finite(values: Any) -> Any:
+    """Replace NaN/inf by None, recursively, so the JSON stays standard."""
+    if isinstance(values, float):
+        return values if math.isfinite(values) else None
+    if isinstance(values, dict):
+        return {k: finite(v) for k, v in values.items()}
+    if isinstance(values, list | tuple):
+        return [finite(v) for v in values]
+    return values
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    atomic_write_text(path, json.dumps(finite(data), indent=2) + "\n")
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    plt = pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def halves(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of the first and the second half of a per-layer curve (NaNs ignored)."""
+    n = len(values)
+    first = [v for v in values[: n // 2] if v is not None and math.isfinite(v)]
+    second = [v for v in values[n // 2 :] if v is not None and math.isfinite(v)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return mean(first), mean(second)
