@@ -98,14 +98,24 @@ class DepthResult:
         return out
 
     def summary(self) -> dict[str, Any]:
+        """Headline numbers. Half means split the layers at ``num_layers // 2`` and leave out layer 0,
+        whose input is the bare token embedding (its relative contribution is huge in every model)."""
         n = self.num_layers
-        first, second = halves(self.block_rel)
+
+        def split(values: list[float] | None) -> tuple[float, float]:
+            values = list(values or [])
+            return halves([float("nan")] + values[1:]) if len(values) > 1 else (float("nan"), float("nan"))
+
+        first, second = split(self.block_rel)
         drops = [self.lens_kl[i - 1] - self.lens_kl[i] for i in range(1, n)]
         peak = max(self.lens_kl) if self.lens_kl else float("nan")
         summary: dict[str, Any] = {
+            "halves": f"layers 1..{n // 2 - 1} vs {n // 2}..{n - 1}",
             "block_rel_first_half": first,
             "block_rel_second_half": second,
             "block_rel_second_over_first": second / first if first else float("nan"),
+            "block_cos_first_half": split(self.block_cos)[0],
+            "block_cos_second_half": split(self.block_cos)[1],
             "lens_kl_steepest_drop_layer": 1 + max(range(len(drops)), key=drops.__getitem__) if drops else None,
             "lens_kl_below_half_of_peak_layer": next((i for i, v in enumerate(self.lens_kl) if v <= peak / 2), None)
             if math.isfinite(peak)
@@ -114,14 +124,17 @@ class DepthResult:
         }
         future = self.future_effect()
         if future is not None:
-            f1, f2 = halves(future)  # the last layer has no later layer (NaN, ignored)
+            f1, f2 = split(future)  # the last layer has no later layer (NaN, ignored)
             summary.update(
                 future_effect_first_half=f1,
                 future_effect_second_half=f2,
                 future_effect_second_over_first=f2 / f1 if f1 else float("nan"),
             )
-            o1, o2 = halves(self.skip_output_l2 or [])
-            summary.update(output_l2_first_half=o1, output_l2_second_half=o2)
+            o1, o2 = split(self.skip_output_l2)
+            k1, k2 = split(self.skip_output_kl)
+            summary.update(
+                output_l2_first_half=o1, output_l2_second_half=o2, output_kl_first_half=k1, output_kl_second_half=k2
+            )
         return summary
 
     def to_dict(self) -> dict[str, Any]:

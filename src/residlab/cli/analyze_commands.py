@@ -132,14 +132,15 @@ def depth(
     console.print(table)
     s = result.summary()
     console.print(
-        f"block contribution, mean of 1st / 2nd half: {_fmt(s['block_rel_first_half'])} / "
+        f"block contribution, mean of {s['halves']}: {_fmt(s['block_rel_first_half'])} / "
         f"{_fmt(s['block_rel_second_half'])}; logit-lens KL drops most at layer {s['lens_kl_steepest_drop_layer']}, "
         f"falls below half its peak at layer {s['lens_kl_below_half_of_peak_layer']}"
     )
     if "future_effect_first_half" in s:
         console.print(
-            f"skip effect on later layers, mean of 1st / 2nd half: {_fmt(s['future_effect_first_half'])} / "
-            f"{_fmt(s['future_effect_second_half'])}"
+            f"skipping a layer: mean effect on later layers {_fmt(s['future_effect_first_half'])} / "
+            f"{_fmt(s['future_effect_second_half'])}, output KL {_fmt(s['output_kl_first_half'])} / "
+            f"{_fmt(s['output_kl_second_half'])} (same halves)"
         )
     for note in result.notes:
         console.print(f"note: {note}")
