@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--strength", default="0.25", help="x residual norm at the layer, or 'auto'")
+    parser.add_argument("--strength", default=None, help="x residual norm at the layer, or 'auto' (default: tuned)")
     parser.add_argument("--positions", default="prompt_last+generated")
     parser.add_argument("--pair-source", default="reference")
     parser.add_argument("--read", default="mean")
@@ -38,7 +38,7 @@ def main() -> None:
 
     cfg = CompressConfig(
         model=args.model, dtype=args.dtype, pairs=args.pairs, pair_source=args.pair_source, read=args.read,
-        layer=args.layer, strength=args.strength if args.strength == "auto" else float(args.strength),
+        layer=args.layer, strength=args.strength if args.strength in (None, "auto") else float(args.strength),
         positions=args.positions, eval_dataset="gsm8k", limit=args.limit, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, work_dir=args.work_dir,
     )
@@ -54,7 +54,7 @@ def main() -> None:
         "model": report["model"], "engine": report["engine"], "dtype": args.dtype, "commit": commit,
         "n_pairs": report["n_pairs"], "n_eval": report["n_eval"], "layer": report["layer"],
         "strength": report["strength"], "strength_applies_to": "unit vector",
-        "strength_relative_to_residual_norm": args.strength, "positions": args.positions,
+        "strength_relative_to_residual_norm": report["config"]["strength"], "positions": args.positions,
         "pair_source": args.pair_source, "read": args.read, "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "kl_bound_strength": report["calibration"]["strength"],
         "calibration": {k: report["calibration"][k] for k in ("a", "lipschitz", "eps", "strength",
@@ -71,8 +71,9 @@ def main() -> None:
     md = (run_dir / "report.md").read_text()
     (RESULTS / "asc_gsm8k.md").write_text(
         f"# ASC on GSM8K ({report['model']}, commit {commit})\n\n"
-        f"Reproduce: `python benchmarks/asc_gsm8k.py --pairs {args.pairs} --limit {args.limit} "
-        f"--strength {args.strength}" + (f" --layer {args.layer}" if args.layer is not None else "") + "`\n\n"
+        f"Reproduce: `python benchmarks/asc_gsm8k.py --pairs {args.pairs} --limit {args.limit}"
+        + (f" --strength {args.strength}" if args.strength is not None else "")
+        + (f" --layer {args.layer}" if args.layer is not None else "") + "`\n\n"
         + md.split("\n", 1)[1]
     )
     print(json.dumps({k: result[k] for k in ("token_reduction", "speedup")}, indent=2))

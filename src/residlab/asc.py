@@ -28,7 +28,7 @@ from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.fileio import atomic_write_text
 from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
-from residlab.models.registry import DEFAULT_MODEL
+from residlab.models.registry import DEFAULT_MODEL, packaged_model
 from residlab.vectors.calibration import calibrate
 from residlab.vectors.extraction import ExtractionResult, extract_vector
 from residlab.vectors.pairs import TeacherClient, build_pairs
@@ -50,8 +50,9 @@ class CompressConfig:
     pairs_file: str | None = None
     read: str = "mean"
     method: str = "mean_diff"
-    layer: int | None = None  # None: the middle layer with the best cross-validated separation
-    strength: float | str = 0.25  # x the mean residual norm at the layer, on the unit vector; "auto" = KL bound
+    layer: int | None = None  # None: the model's tuned layer (registry), else the best separated middle layer
+    strength: float | str | None = None  # x residual norm at the layer (unit vector); "auto" = KL bound;
+    # None: the model's tuned strength (registry), else 0.25
     eps: float = 1e-3
     positions: str = "prompt_last+generated"
     eval_dataset: str = "gsm8k"
@@ -128,7 +129,15 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     lm = load(cfg.model, dtype=cfg.dtype)
     raw, extraction, pair_stats = build_vector(lm, cfg, run_dir, log)
-    layer = lm.check_layer(cfg.layer) if cfg.layer is not None else choose_layer(extraction, lm.num_layers)
+    tuned = packaged_model(cfg.model)
+    if cfg.layer is not None:
+        layer = lm.check_layer(cfg.layer)
+    elif tuned is not None and tuned.asc_layer is not None:
+        layer = tuned.asc_layer
+    else:
+        layer = choose_layer(extraction, lm.num_layers)
+    if cfg.strength is None:
+        cfg.strength = tuned.asc_strength if tuned is not None and tuned.asc_strength is not None else 0.25
     raw.save(run_dir / "vector_all_layers.safetensors")
     unit = raw.select([layer]).normalized()
     log(
@@ -173,6 +182,11 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         }
     )
     vector_path = vector.save(run_dir / "concise.safetensors")
+    from residlab.analyses.lens import top_tokens
+
+    promoted = [t for t, _ in top_tokens(lm, vector, k=12)]
+    suppressed = [t for t, _ in top_tokens(lm, vector, k=12, largest=False)]
+    log(f"      logit lens of the vector: promotes {promoted[:8]}, suppresses {suppressed[:8]}")
 
     problems = load_problems(cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit)
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
@@ -216,7 +230,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         "pairs": pair_stats,
         "separation": extraction.separation,
         "residual_norm": extraction.residual_norm,
-        "calibration": calibration.as_dict(),
+        "calibration": calibration.as_dict(), "vector_promotes": promoted, "vector_suppresses": suppressed,
         "conditions": {name: asdict(s) for name, s in summaries.items()},
         "comparisons": comparisons,
         "vector": str(vector_path),
@@ -239,6 +253,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         f"Vector: {pair_stats['n_pairs']} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces), "
         f"{cfg.method} read={cfg.read}, layer {layer}, strength {strength:.4g} on the unit vector "
         f"(KL-bound strength for eps={cfg.eps}: {calibration.strength:.4g}), positions {cfg.positions}.",
+        f"Logit lens of the vector: promotes {promoted}, suppresses {suppressed}.",
         f"Evaluation: {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
         f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, {cfg.dtype}.",
         "",

@@ -39,10 +39,13 @@ def compress(
     pairs_file: Annotated[Path | None, typer.Option(help="JSONL with id and concise (--pair-source file).")] = None,
     read: Annotated[str, typer.Option(help="Read residuals at the trace's 'mean' or 'last' token.")] = "mean",
     method: Annotated[str, typer.Option(help="mean_diff or pca.")] = "mean_diff",
-    layer: Annotated[int | None, typer.Option(help="Steering layer (default: best separation, middle half).")] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Steering layer (default: the model's tuned layer, else best separation).")
+    ] = None,
     strength: Annotated[
-        str, typer.Option(help="x residual norm at the layer (unit vector), or 'auto' (KL bound).")
-    ] = "0.25",
+        str | None,
+        typer.Option(help="x residual norm at the layer (unit vector), or 'auto' (KL bound); default: tuned."),
+    ] = None,
     eps: Annotated[float, typer.Option(help="KL budget for the bound.")] = 1e-3,
     positions: str = "prompt_last+generated",
     eval_dataset: Annotated[str, typer.Option("--eval", help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
@@ -70,7 +73,7 @@ def compress(
         read=read,
         method=method,
         layer=layer,
-        strength=strength if strength == "auto" else float(strength),
+        strength=strength if strength in (None, "auto") else float(strength),
         eps=eps,
         positions=positions,
         eval_dataset=eval_dataset,

@@ -25,6 +25,9 @@ class PackagedModel:
     hidden_size: int
     quantization: str
     notes: str
+    # ASC settings found by `residlab sweep` on GSM8K *train* problems (never test); None = not tuned.
+    asc_layer: int | None = None
+    asc_strength: float | None = None  # x the mean residual norm at asc_layer, on the unit vector
 
     @property
     def gguf_name(self) -> str:
@@ -49,6 +52,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             hidden_size=896,
             quantization="Q4 GGUF",
             notes="the default; verbose chain of thought, ~2/3 on easy word problems",
+            asc_layer=10,
+            asc_strength=0.35,
         ),
         PackagedModel(
             name="qwen2.5-coder-1.5b-instruct",
