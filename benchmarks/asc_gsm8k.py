@@ -37,28 +37,60 @@ def main() -> None:
     from residlab.asc import CompressConfig, run_compress
 
     cfg = CompressConfig(
-        model=args.model, dtype=args.dtype, pairs=args.pairs, pair_source=args.pair_source, read=args.read,
-        layer=args.layer, strength=args.strength if args.strength in (None, "auto") else float(args.strength),
-        positions=args.positions, eval_dataset="gsm8k", limit=args.limit, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, work_dir=args.work_dir,
+        model=args.model,
+        dtype=args.dtype,
+        pairs=args.pairs,
+        pair_source=args.pair_source,
+        read=args.read,
+        layer=args.layer,
+        strength=args.strength if args.strength in (None, "auto") else float(args.strength),
+        positions=args.positions,
+        eval_dataset="gsm8k",
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        work_dir=args.work_dir,
     )
     report = run_compress(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     conditions = {
-        name: {k: c[k] for k in ("accuracy", "accuracy_ci95", "mean_tokens", "median_tokens", "seconds_per_problem",
-                                 "cut_off_share", "n")}
+        name: {
+            k: c[k]
+            for k in (
+                "accuracy",
+                "accuracy_ci95",
+                "mean_tokens",
+                "median_tokens",
+                "seconds_per_problem",
+                "cut_off_share",
+                "n",
+            )
+        }
         for name, c in report["conditions"].items()
     }
     result = {
-        "model": report["model"], "engine": report["engine"], "dtype": args.dtype, "commit": commit,
-        "n_pairs": report["n_pairs"], "n_eval": report["n_eval"], "layer": report["layer"],
-        "strength": report["strength"], "strength_applies_to": "unit vector",
-        "strength_relative_to_residual_norm": report["config"]["strength"], "positions": args.positions,
-        "pair_source": args.pair_source, "read": args.read, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "kl_bound_strength": report["calibration"]["strength"],
-        "calibration": {k: report["calibration"][k] for k in ("a", "lipschitz", "eps", "strength",
-                                                              "measured_kl_median", "measured_kl_p95")},
+        "model": report["model"],
+        "engine": report["engine"],
+        "dtype": args.dtype,
+        "commit": commit,
+        "n_pairs": report["n_pairs"],
+        "n_eval": report["n_eval"],
+        "layer": report["layer"],
+        "strength": report["strength"],
+        "strength_applies_to": "unit vector",
+        "strength_relative_to_residual_norm": report["config"]["strength"],
+        "positions": args.positions,
+        "pair_source": args.pair_source,
+        "read": args.read,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "kl_bound_strength": report["calibration"]["strength"],
+        "calibration": {
+            k: report["calibration"][k]
+            for k in ("a", "lipschitz", "eps", "strength", "measured_kl_median", "measured_kl_p95")
+        },
         **conditions,
         "token_reduction": report["comparisons"]["asc"]["token_reduction"],
         "speedup": report["comparisons"]["asc"]["speedup"],
@@ -73,7 +105,8 @@ def main() -> None:
         f"# ASC on GSM8K ({report['model']}, commit {commit})\n\n"
         f"Reproduce: `python benchmarks/asc_gsm8k.py --pairs {args.pairs} --limit {args.limit}"
         + (f" --strength {args.strength}" if args.strength is not None else "")
-        + (f" --layer {args.layer}" if args.layer is not None else "") + "`\n\n"
+        + (f" --layer {args.layer}" if args.layer is not None else "")
+        + "`\n\n"
         + md.split("\n", 1)[1]
     )
     print(json.dumps({k: result[k] for k in ("token_reduction", "speedup")}, indent=2))

@@ -172,8 +172,8 @@ def sweep(
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
     """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
-    from residlab.asc import SweepConfig, parse_layers, run_sweep
     from residlab.interventions.positions import STEERING_RULES, validate_rule
+    from residlab.sweep import SweepConfig, parse_layers, run_sweep
 
     rules = tuple(str(validate_rule(p, STEERING_RULES)) for p in positions.split(","))
     cfg = SweepConfig(

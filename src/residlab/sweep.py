@@ -1,0 +1,132 @@
+"""``residlab sweep``: accuracy vs tokens over layers x strengths x position rules, on a tuning split.
+
+Tune on train problems (the default split, past the calibration pairs), never on the test split
+that results are reported on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from residlab import prompts
+from residlab.asc import run_dir_for
+from residlab.datasets import load_problems
+from residlab.errors import ResidlabError
+from residlab.evaluation.report import summarize, write_json
+from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.models.loading import load
+from residlab.models.registry import DEFAULT_MODEL
+from residlab.vectors.steering_vector import SteeringVector
+
+
+@dataclass
+class SweepConfig:
+    """A grid of layers x strengths x position rules, evaluated on a tuning split (train by default)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    vector: str = ""  # a multi-layer vector file (compress writes vector_all_layers.safetensors)
+    layers: tuple[int, ...] = (12,)
+    strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # x the residual norm at the layer (unit vector)
+    positions: tuple[str, ...] = ("prompt_last+generated",)
+    template: str = "baseline"
+    dataset: str = "gsm8k"
+    split: str = "train"
+    offset: int = 1000  # past the calibration pairs: tune on train, never on test
+    limit: int = 24
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    data_dir: str | None = None
+    work_dir: str = "residlab-out"
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...]:
+    """``8:20:2`` (start:stop:step), ``8,12,16`` or ``12``."""
+    try:
+        if ":" in text:
+            parts = [int(x) for x in text.split(":")]
+            return tuple(range(*parts))
+        return tuple(int(x) for x in text.split(","))
+    except (TypeError, ValueError):
+        raise ResidlabError(f"cannot read layers {text!r}.", hint="use 8:20:2, 8,12,16 or 12.") from None
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
+    """Accuracy and tokens for every grid point; results in ``<run dir>/sweep.json`` and a plot."""
+    lm = load(cfg.model, dtype=cfg.dtype)
+    raw = SteeringVector.load(cfg.vector, model=lm)
+    residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
+    problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    template = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}[cfg.template]
+    run_dir = run_dir_for(cfg.work_dir, cfg.model)
+    rows = []
+    for layer in cfg.layers:
+        unit = raw.select([lm.check_layer(layer)]).normalized()
+        scale = residual.get(layer, 1.0)
+        for positions in cfg.positions:
+            for rel in cfg.strengths:
+                strength = rel * scale
+                name = "baseline" if rel == 0 else f"L{layer}-s{rel:g}-{positions}"
+                condition = Condition(
+                    name, template, vector=unit if rel else None, strength=strength, positions=positions
+                )
+                summary = summarize(name, evaluate(lm, problems, condition, decoding, run_dir / "runs"))
+                row = {
+                    "layer": layer,
+                    "relative_strength": rel,
+                    "strength": strength,
+                    "positions": positions,
+                    **asdict(summary),
+                }
+                rows.append(row)
+                log(
+                    f"layer {layer:>2} strength {rel:<5g} ({strength:6.2f}) {positions:<22} acc {summary.accuracy:6.1%}"
+                    f"  tokens {summary.mean_tokens:6.1f}  cut {summary.cut_off_share:5.1%}"
+                )
+    payload = {
+        "model": lm.name,
+        "vector": cfg.vector,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "offset": cfg.offset,
+        "n": len(problems),
+        "rows": rows,
+    }
+    write_json(run_dir / "sweep.json", payload)
+    _plot_sweep(rows, run_dir / "sweep.png", f"{lm.name}: {cfg.dataset} {cfg.split} n={len(problems)}")
+    log(f"sweep: {run_dir / 'sweep.json'} and {run_dir / 'sweep.png'}")
+    return payload
+
+
+def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(f"layer {row['layer']}, {row['positions']}", []).append(row)
+    for label, items in groups.items():
+        items = sorted(items, key=lambda r: r["relative_strength"])
+        ax.plot([r["mean_tokens"] for r in items], [r["accuracy"] for r in items], "o-", label=label)
+        for r in items:
+            ax.annotate(
+                f"{r['relative_strength']:g}",
+                (r["mean_tokens"], r["accuracy"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
+    ax.set_xlabel("mean generated tokens")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title + " (labels: strength / residual norm)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
