@@ -7,6 +7,7 @@ all finished work.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from residlab.fileio import atomic_write_text
 from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL, packaged_model
-from residlab.vectors.calibration import calibrate
+from residlab.vectors.calibration import calibrate, kl_bound, measured_kl
 from residlab.vectors.extraction import ExtractionResult, extract_vector
 from residlab.vectors.pairs import TeacherClient, build_pairs
 from residlab.vectors.steering_vector import SteeringVector
@@ -42,7 +43,7 @@ class CompressConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "bfloat16"
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
-    pairs: int = 32
+    pairs: int = 48
     pair_source: str = "reference"
     keep: str = "both_correct"
     teacher_url: str | None = None
@@ -160,12 +161,17 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         unit.directions[layer],
         eps=cfg.eps,
     )
-    del calib_lm
     relative = cfg.strength != "auto"
     strength = float(cfg.strength) * extraction.residual_norm[layer] if relative else calibration.strength
+    # The KL the chosen strength actually causes on the held-out next-token distributions.
+    kl_used = measured_kl(calib_lm, texts[cfg.calibration_states :], layer, unit.directions[layer], strength)
+    del calib_lm
+    kl_used_median = statistics.median(kl_used) if kl_used else float("nan")
+    bound_used = kl_bound(calibration.a, calibration.lipschitz, strength)
     log(
         f"      a={calibration.a:.3g}, L={calibration.lipschitz:.3g}: bound strength {calibration.strength:.4g} "
-        f"(measured KL median {calibration.measured_kl_median:.2e}); using strength {strength:.4g}"
+        f"(measured KL median {calibration.measured_kl_median:.2e}); using strength {strength:.4g} "
+        f"(measured KL median {kl_used_median:.3g}, bound {bound_used:.3g})"
     )
     vector = SteeringVector(
         **{
@@ -230,7 +236,11 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         "pairs": pair_stats,
         "separation": extraction.separation,
         "residual_norm": extraction.residual_norm,
-        "calibration": calibration.as_dict(),
+        "calibration": {
+            **calibration.as_dict(),
+            "measured_kl_at_used_strength_median": kl_used_median,
+            "bound_at_used_strength": bound_used,
+        },
         "vector_promotes": promoted,
         "vector_suppresses": suppressed,
         "conditions": {name: asdict(s) for name, s in summaries.items()},

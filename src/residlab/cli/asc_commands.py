@@ -27,7 +27,7 @@ def _log(message: str) -> None:
 
 def compress(
     model: Model = DEFAULT_MODEL,
-    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 32,
+    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 48,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
     pair_source: Annotated[str, typer.Option(help="Concise traces: reference, self, teacher or file.")] = "reference",
