@@ -77,3 +77,14 @@ def test_calibrate_measures_kl_near_the_bound(qwen):
     assert cal.bound_at_strength <= 1e-3 * 1.001
     # the bound holds in practice too (softmax Fisher <= 1/2): measured KL stays below eps
     assert 0 <= cal.measured_kl_median <= 1e-3
+
+
+def test_centred_bound_is_valid_and_tighter(qwen):
+    texts = ["Natalia sold clips to 48 of her friends.", "How many clips did Natalia sell?"]
+    direction = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(2))
+    cal = calibrate(qwen, texts, texts, 1, direction, eps=1e-3, add_special_tokens=True)
+    assert cal.a_centred <= cal.a + 1e-6 and cal.strength_centred >= cal.strength
+    # still a valid bound: the KL measured at the centred strength stays within eps
+    from residlab.vectors.calibration import measured_kl
+
+    assert max(measured_kl(qwen, texts, 1, direction, cal.strength_centred, add_special_tokens=True)) <= 1.2e-3

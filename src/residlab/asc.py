@@ -52,7 +52,8 @@ class CompressConfig:
     read: str = "mean"
     method: str = "mean_diff"
     layer: int | None = None  # None: the model's tuned layer (registry), else the best separated middle layer
-    strength: float | str | None = None  # x residual norm at the layer (unit vector); "auto" = KL bound;
+    strength: float | str | None = None  # x residual norm at the layer (unit vector); "auto" = KL bound,
+    # "auto-centred" = the same bound on mean-free logit changes (tighter, still valid);
     # None: the model's tuned strength (registry), else 0.25
     eps: float = 1e-3
     positions: str = "prompt_last+generated"
@@ -161,8 +162,12 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         unit.directions[layer],
         eps=cfg.eps,
     )
-    relative = cfg.strength != "auto"
-    strength = float(cfg.strength) * extraction.residual_norm[layer] if relative else calibration.strength
+    if cfg.strength == "auto":
+        strength = calibration.strength
+    elif cfg.strength == "auto-centred":
+        strength = calibration.strength_centred
+    else:
+        strength = float(cfg.strength) * extraction.residual_norm[layer]
     # The KL the chosen strength actually causes on the held-out next-token distributions.
     kl_used = measured_kl(calib_lm, texts[cfg.calibration_states :], layer, unit.directions[layer], strength)
     del calib_lm
@@ -170,7 +175,8 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     bound_used = kl_bound(calibration.a, calibration.lipschitz, strength)
     log(
         f"      a={calibration.a:.3g}, L={calibration.lipschitz:.3g}: bound strength {calibration.strength:.4g} "
-        f"(measured KL median {calibration.measured_kl_median:.2e}); using strength {strength:.4g} "
+        f"(measured KL median {calibration.measured_kl_median:.2e}; centred-logit bound: "
+        f"{calibration.strength_centred:.4g}); using strength {strength:.4g} "
         f"(measured KL median {kl_used_median:.3g}, bound {bound_used:.3g})"
     )
     vector = SteeringVector(

@@ -44,7 +44,7 @@ def compress(
     ] = None,
     strength: Annotated[
         str | None,
-        typer.Option(help="x residual norm at the layer (unit vector), or 'auto' (KL bound); default: tuned."),
+        typer.Option(help="x residual norm at the layer (unit vector), 'auto' (KL bound) or 'auto-centred'."),
     ] = None,
     eps: Annotated[float, typer.Option(help="KL budget for the bound.")] = 1e-3,
     positions: str = "prompt_last+generated",
@@ -73,7 +73,7 @@ def compress(
         read=read,
         method=method,
         layer=layer,
-        strength=strength if strength in (None, "auto") else float(strength),
+        strength=strength if strength in (None, "auto", "auto-centred") else float(strength),
         eps=eps,
         positions=positions,
         eval_dataset=eval_dataset,

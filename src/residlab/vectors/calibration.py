@@ -116,6 +116,11 @@ class Calibration:
     measured_kl_median: float | None = None
     measured_kl_p95: float | None = None
     bound_at_strength: float | None = None
+    # The same bound on mean-free (centred) logit changes: softmax is shift-invariant, so it is valid
+    # and tighter (the paper's a counts the uniform logit shift that changes no probability).
+    a_centred: float | None = None
+    lipschitz_centred: float | None = None
+    strength_centred: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -153,13 +158,17 @@ def calibrate(
     add_special_tokens: bool = False,
 ) -> Calibration:
     """a, L over ``texts``, the bound's strength, and the KL measured at that strength on ``held_out``."""
-    a_values, l_values = [], []
+    a_values, l_values, a_centred, l_centred = [], [], [], []
     for text in texts:
         jv, hv = directional_derivatives(lm, text, layer, direction, add_special_tokens=add_special_tokens)
         a_values.append(float(jv.norm()))
         l_values.append(float(hv.norm()))
+        # Softmax ignores a shift of all logits by one constant (the Fisher matrix has the all-ones
+        # vector in its null space), so the bound also holds with the mean-free parts, and is tighter.
+        a_centred.append(float((jv - jv.mean()).norm()))
+        l_centred.append(float((hv - hv.mean()).norm()))
     a = statistics.median(a_values)
-    lipschitz = float(torch.quantile(torch.tensor(l_values), 0.95)) if len(l_values) > 1 else l_values[0]
+    lipschitz = _p95(l_values)
     strength = strength_from_bound(a, lipschitz, eps)
     kls = (
         measured_kl(lm, held_out, layer, direction, strength, add_special_tokens=add_special_tokens) if held_out else []
@@ -175,4 +184,11 @@ def calibrate(
         measured_kl_median=statistics.median(kls) if kls else None,
         measured_kl_p95=float(torch.quantile(torch.tensor(kls), 0.95)) if len(kls) > 1 else (kls[0] if kls else None),
         bound_at_strength=kl_bound(a, lipschitz, strength),
+        a_centred=statistics.median(a_centred),
+        lipschitz_centred=_p95(l_centred),
+        strength_centred=strength_from_bound(statistics.median(a_centred), _p95(l_centred), eps),
     )
+
+
+def _p95(values: list[float]) -> float:
+    return float(torch.quantile(torch.tensor(values), 0.95)) if len(values) > 1 else values[0]
