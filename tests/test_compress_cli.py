@@ -50,6 +50,9 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     rows = json.loads((run_dir / "sweep.json").read_text())["rows"]
     assert len(rows) == 3 * 2 * 2
     assert (run_dir / "sweep.png").is_file()
+    more = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.replace("0,0.5", "1").split()])
+    assert more.exit_code == 0, more.output
+    assert len(json.loads((run_dir / "sweep.json").read_text())["rows"]) == 3 * 2 * 3  # results accumulate
 
     eval_args = ["--dataset", "synthetic", "--limit", "2", "--strength", "auto"]
     evaluated = runner.invoke(app, ["eval", *common, *eval_args, "--vector", str(run_dir / "concise.safetensors")])

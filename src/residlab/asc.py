@@ -284,7 +284,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         low, high = c["accuracy_difference_ci95"]
         lines.append(
             f"- {name}: accuracy {c['accuracy_difference']:+.1%} ({low:+.1%} to {high:+.1%}), "
-            f"McNemar p={c['mcnemar_p']:.3f}, tokens {c['token_reduction']:+.1%} fewer, "
+            f"McNemar p={c['mcnemar_p']:.3f}, token reduction {c['token_reduction']:+.1%}, "
             f"speedup {c['speedup']:.2f}x"
         )
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

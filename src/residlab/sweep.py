@@ -75,6 +75,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
                 )
                 summary = summarize(name, evaluate(lm, problems, condition, decoding, run_dir / "runs"))
                 row = {
+                    "vector": cfg.vector,
+                    "template": cfg.template,
+                    "dataset": cfg.dataset,
+                    "split": cfg.split,
+                    "offset": cfg.offset,
                     "layer": layer,
                     "relative_strength": rel,
                     "strength": strength,
@@ -86,19 +91,29 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
                     f"layer {layer:>2} strength {rel:<5g} ({strength:6.2f}) {positions:<22} acc {summary.accuracy:6.1%}"
                     f"  tokens {summary.mean_tokens:6.1f}  cut {summary.cut_off_share:5.1%}"
                 )
-    payload = {
-        "model": lm.name,
-        "vector": cfg.vector,
-        "dataset": cfg.dataset,
-        "split": cfg.split,
-        "offset": cfg.offset,
-        "n": len(problems),
-        "rows": rows,
-    }
+    # sweep.json accumulates across sweeps (a later run of the same grid point replaces it)
+    rows = _merge_rows(run_dir / "sweep.json", rows)
+    payload = {"model": lm.name, "rows": rows}
     write_json(run_dir / "sweep.json", payload)
     _plot_sweep(rows, run_dir / "sweep.png", f"{lm.name}: {cfg.dataset} {cfg.split} n={len(problems)}")
     log(f"sweep: {run_dir / 'sweep.json'} and {run_dir / 'sweep.png'}")
     return payload
+
+
+_ROW_KEY = ("vector", "template", "dataset", "split", "offset", "n", "layer", "relative_strength", "positions")
+
+
+def _merge_rows(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import json
+
+    old: list[dict[str, Any]] = []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("rows", [])
+        except (ValueError, AttributeError):
+            old = []
+    fresh = {tuple(r.get(k) for k in _ROW_KEY) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in _ROW_KEY) not in fresh] + new
 
 
 def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -110,7 +125,7 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(f"layer {row['layer']}, {row['positions']}", []).append(row)
+        groups.setdefault(f"{Path(row.get('vector', '')).stem} L{row['layer']} {row['positions']}", []).append(row)
     for label, items in groups.items():
         items = sorted(items, key=lambda r: r["relative_strength"])
         ax.plot([r["mean_tokens"] for r in items], [r["accuracy"] for r in items], "o-", label=label)
