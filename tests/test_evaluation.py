@@ -48,7 +48,7 @@ def test_runner_resumes_after_a_kill_without_loss_or_duplicates(qwen, tmp_path, 
     monkeypatch.setattr(qwen, "generate", dying_generate)
     with pytest.raises(SimulatedKill):
         evaluate(qwen, problems, condition, decoding, tmp_path, progress=False)
-    path = records_path(tmp_path, condition, decoding, qwen.name)
+    path = records_path(tmp_path, condition, decoding, qwen)
     first = JsonlStore(path).read()
     assert [r["id"] for r in first] == [p.id for p in problems[:2]]
     with open(path, "ab") as fh:

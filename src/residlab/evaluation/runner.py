@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.datasets import Problem
+from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
 from residlab.models.lm import LanguageModel
 from residlab.records import JsonlStore
@@ -48,7 +48,7 @@ class Condition:
     def steered(self) -> bool:
         return self.vector is not None and self.strength != 0
 
-    def fingerprint(self, decoding: Decoding, model_name: str) -> str:
+    def fingerprint(self, decoding: Decoding, model_name: str, engine: str = "torch") -> str:
         """A short hash of everything that changes the outputs: records are only reused when it matches."""
         vector_hash = None
         if self.steered:
@@ -59,6 +59,7 @@ class Condition:
             vector_hash = digest.hexdigest()
         payload = {
             "model": model_name,
+            "engine": engine,
             "template": self.template,
             "system": self.system,
             "vector": vector_hash,
@@ -69,12 +70,15 @@ class Condition:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def records_path(out_dir: Path, condition: Condition, decoding: Decoding, model_name: str) -> Path:
-    return out_dir / f"{condition.name}-{condition.fingerprint(decoding, model_name)}.jsonl"
+def records_path(out_dir: Path, condition: Condition, decoding: Decoding, model: LanguageModel | Engine) -> Path:
+    """Where a condition's records live: the file name carries the fingerprint of what produced them,
+    the engine's identity (kind, weights, dtype) included."""
+    engine = as_engine(model)
+    return out_dir / f"{condition.name}-{condition.fingerprint(decoding, engine.name, engine.identity)}.jsonl"
 
 
 def evaluate(
-    lm: LanguageModel,
+    model: LanguageModel | Engine,
     problems: Sequence[Problem],
     condition: Condition,
     decoding: Decoding,
@@ -87,7 +91,8 @@ def evaluate(
     Records already in the condition's file (same fingerprint) are reused, so a killed or smaller
     earlier run is continued, never redone; new records are appended after every batch.
     """
-    store = JsonlStore(records_path(Path(out_dir), condition, decoding, lm.name))
+    engine = as_engine(model)
+    store = JsonlStore(records_path(Path(out_dir), condition, decoding, engine))
     done = {r["id"]: r for r in store.read()}
     todo = [p for p in problems if p.id not in done]
     bar = None
@@ -97,27 +102,27 @@ def evaluate(
         bar = tqdm(
             total=len(problems), initial=len(problems) - len(todo), desc=condition.name, unit="problem", file=sys.stderr
         )
-    use_chat = lm.has_chat_template
+    use_chat = engine.has_chat_template
+    steering = (
+        SteeringSpec(condition.vector, condition.strength, condition.positions)  # type: ignore[arg-type]
+        if condition.steered
+        else None
+    )
     for start in range(0, len(todo), decoding.batch_size):
         chunk = todo[start : start + decoding.batch_size]
         prompts = [condition.template.format(question=p.question) for p in chunk]
-        steering = (
-            lm.steer(condition.vector, strength=condition.strength, positions=condition.positions)  # type: ignore[arg-type]
-            if condition.steered
-            else contextlib.nullcontext()
-        )
         seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
-        with steering:
-            generations = lm.generate(
-                prompts,
-                max_new_tokens=decoding.max_new_tokens,
-                chat=use_chat if use_chat else False,
-                system=condition.system if use_chat else None,
-                temperature=decoding.temperature,
-                top_p=decoding.top_p,
-                seed=seed,
-                batch_size=decoding.batch_size,
-            )
+        generations = engine.generate(
+            prompts,
+            steering=steering,
+            max_new_tokens=decoding.max_new_tokens,
+            chat=use_chat if use_chat else False,
+            system=condition.system if use_chat else None,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=seed,
+            batch_size=decoding.batch_size,
+        )
         fresh = []
         for problem, gen in zip(chunk, generations, strict=True):
             extraction, correct = grade(gen.text, problem.answer, dataset=problem.dataset)

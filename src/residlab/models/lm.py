@@ -57,6 +57,34 @@ class Generation:
         return self.text
 
 
+def render_prompt(
+    tokenizer: Any, prompt: Prompt, *, chat: bool | None = None, system: str | None = None, model_name: str = "model"
+) -> str:
+    """Render a prompt as a model sees it: through ``tokenizer``'s chat template if ``chat`` (default:
+    when it has one), else as plain text. Shared by every engine, so they all see the same text."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_chat = has_template if chat is None else chat
+    if isinstance(prompt, str) and not use_chat:
+        return prompt
+    if use_chat and not has_template:
+        raise ResidlabError(f"{model_name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text.")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:
+    """Every end-of-sequence id named by the tokenizer or any of ``configs`` (model/generation config)."""
+    ids: set[int] = set()
+    for source in (*configs, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return sorted(ids)
+
+
 class LanguageModel:
     """A causal LM ready to record and steer. Build one with :func:`residlab.load` or directly
     from a transformers model and tokenizer (which are then used as they are, never modified)."""
@@ -114,13 +142,7 @@ class LanguageModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if value is None:
-                continue
-            ids.update([value] if isinstance(value, int) else list(value))
-        return sorted(ids)
+        return eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None), self.model.config)
 
     @property
     def has_chat_template(self) -> bool:
@@ -130,17 +152,7 @@ class LanguageModel:
     def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
         """Render a prompt as the model sees it: through the chat template if ``chat`` (default: when
         the tokenizer has one), else as plain text."""
-        use_chat = self.has_chat_template if chat is None else chat
-        if isinstance(prompt, str) and not use_chat:
-            return prompt
-        if use_chat and not self.has_chat_template:
-            raise ResidlabError(
-                f"{self.name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text."
-            )
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_prompt(self.tokenizer, prompt, chat=chat, system=system, model_name=self.name)
 
     def encode(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> Batch:
         """Tokenise already-formatted texts and pad them on the left."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,6 +130,44 @@ def load(spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cp
             f"could not provide it ({str(err).splitlines()[0]}).",
             hint="run `residlab models` for the packaged models, or check the hub id and your network.",
         ) from None
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """A model as a GGUF file plus its Hugging Face tokenizer (what the llama.cpp engine runs)."""
+
+    name: str
+    gguf: Path
+    tokenizer: Any
+    config_dir: Path | None  # the converted safetensors dir when there is one (its configs name the EOS ids)
+
+
+def load_gguf(spec: str) -> GgufModel:
+    """Resolve a packaged model name or a .gguf path to its GGUF file and tokenizer, without loading
+    the weights into torch. The tokenizer comes from the converted cache when present (fast), else
+    from the GGUF itself."""
+    from transformers import AutoTokenizer
+
+    packaged: PackagedModel | None = packaged_model(spec)
+    if packaged is not None:
+        gguf, name, converted = ensure_gguf(packaged), packaged.name, converted_dir(packaged.name)
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser().resolve()
+        if not gguf.is_file():
+            raise ResidlabError(f"no GGUF file at {gguf}.", hint="check the path, or use a packaged model name.")
+        stat = gguf.stat()
+        name = gguf.stem
+        converted = cache_dir() / "models" / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    else:
+        raise ResidlabError(
+            f"the llama.cpp engine needs a GGUF model, and {spec!r} is neither a packaged model nor a .gguf file.",
+            hint="use a packaged model (`residlab models`) or a .gguf path; convert a transformers model with "
+            "llama.cpp's convert_hf_to_gguf.py, or use --engine torch.",
+        )
+    if (converted / _MARKER).exists():
+        return GgufModel(name, gguf, AutoTokenizer.from_pretrained(str(converted)), converted)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return GgufModel(name, gguf, tokenizer, None)
 
 
 def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:

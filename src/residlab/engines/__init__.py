@@ -1,0 +1,58 @@
+"""Inference engines behind one interface: ``torch`` (transformers + hooks) and ``llamacpp``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from residlab.engines.base import ENGINES, Engine, SteeringSpec
+from residlab.errors import ResidlabError
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+__all__ = ["ENGINES", "Engine", "SteeringSpec", "as_engine", "open_engine"]
+
+
+def open_engine(
+    model: str,
+    engine: str = "torch",
+    *,
+    dtype: str | None = None,
+    lm: LanguageModel | None = None,
+    threads: int | None = None,
+) -> Engine:
+    """An engine for ``model`` (packaged name, .gguf path, model dir or hub id; llama.cpp needs a GGUF).
+
+    ``lm``: an already loaded model to reuse for the torch engine. ``dtype`` applies to torch only
+    (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only.
+    """
+    if engine == "torch":
+        from residlab.engines.torch_engine import TorchEngine
+        from residlab.models.loading import load
+
+        return TorchEngine(lm if lm is not None else load(model, dtype=dtype))
+    if engine == "llamacpp":
+        from residlab.engines.llamacpp import LlamaCppEngine, engine_eos_ids, import_llama_cpp
+        from residlab.models.loading import load_gguf
+
+        import_llama_cpp()  # fail early, before any download, if the bindings are missing
+        resolved = load_gguf(model)
+        return LlamaCppEngine(
+            resolved.gguf,
+            resolved.tokenizer,
+            name=resolved.name,
+            eos_ids=engine_eos_ids(resolved.tokenizer, resolved.config_dir),
+            threads=threads,
+        )
+    raise ResidlabError(f"unknown engine {engine!r}.", hint=f"use one of {', '.join(ENGINES)}.")
+
+
+def as_engine(model: LanguageModel | Engine) -> Engine:
+    """Accept a :class:`LanguageModel` wherever an engine is expected (wrapped in the torch engine)."""
+    from residlab.models.lm import LanguageModel
+
+    if isinstance(model, LanguageModel):
+        from residlab.engines.torch_engine import TorchEngine
+
+        return TorchEngine(model)
+    return model

@@ -1,0 +1,433 @@
+"""The llama.cpp engine: the quantised GGUF through llama-cpp-python, steered by llama.cpp's own
+control-vector adapter.
+
+Layers: llama.cpp adds control vector layer ``il`` to the output of decoder block ``il`` (0-based;
+its buffer starts at layer 1 and layer 0 cannot be steered). That is residlab's convention, so a
+residlab layer is passed through unchanged (tested against the torch engine).
+
+Positions: a control vector is a context-wide setting, so the engine switches it between the
+phases of a generation: the prompt minus its last token, the last prompt token, and the generated
+tokens. That gives exactly residlab's rules ``all``, ``prompt``, ``generated`` and
+``prompt_last+generated``; token-index rules and per-row vectors are torch-engine only.
+
+Batching: up to ``batch_size`` prompts run as parallel llama.cpp sequences in one context, all of
+them decoded in one ``llama_decode`` call per step; finished sequences leave the batch. Token ids
+come from the same Hugging Face tokenizer as the torch engine, so both engines see the same input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from residlab.engines.base import SteeringSpec, sample_next
+from residlab.errors import ModelMismatchError, ResidlabError
+from residlab.models.lm import Generation, Prompt, eos_token_ids, render_prompt
+
+# Control vector on/off for (prompt minus last token, last prompt token, generated tokens).
+_PHASES = {
+    "all": (True, True, True),
+    "prompt_last+generated": (False, True, True),
+    "generated": (False, False, True),
+    "prompt": (True, True, False),
+}
+_quiet_callback: Any = None  # kept alive: llama.cpp holds the pointer
+
+
+def import_llama_cpp() -> Any:
+    """The low-level ``llama_cpp`` bindings, or a clear error saying how to install them."""
+    try:
+        from llama_cpp import llama_cpp
+    except ImportError:
+        raise ResidlabError(
+            "the llama.cpp engine needs llama-cpp-python, which is not installed.",
+            hint="`make install-llamacpp` (builds it from source once, a few minutes; the wheel is cached), "
+            "or `pip install 'residlab[llamacpp]'`.",
+        ) from None
+    return llama_cpp
+
+
+def _silence(lib: Any) -> None:
+    global _quiet_callback
+    if _quiet_callback is None and not os.environ.get("RESIDLAB_DEBUG"):
+        _quiet_callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(
+            lambda level, text, user: None
+        )
+        lib.llama_log_set(_quiet_callback, ctypes.c_void_p())
+
+
+class LlamaCppEngine:
+    """Generate and score with llama.cpp. Build one with :func:`residlab.engines.open_engine`."""
+
+    kind = "llamacpp"
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        tokenizer: Any,
+        *,
+        name: str,
+        eos_ids: Sequence[int] = (),
+        threads: int | None = None,
+        kv_unified: bool = True,
+    ) -> None:
+        self._lib = lib = import_llama_cpp()
+        _silence(lib)
+        self.gguf_path = Path(gguf_path)
+        if not self.gguf_path.is_file():
+            raise ResidlabError(f"no GGUF file at {self.gguf_path}.", hint="check the path.")
+        self.tokenizer = tokenizer
+        self.name = name
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.kv_unified = kv_unified
+        lib.llama_backend_init()
+        params = lib.llama_model_default_params()
+        self._model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), params)
+        if not self._model:
+            raise ResidlabError(
+                f"llama.cpp could not load {self.gguf_path}.",
+                hint="the file may be truncated or of an architecture this llama-cpp-python does not know "
+                "(RESIDLAB_DEBUG=1 shows llama.cpp's log).",
+            )
+        self._num_layers = int(lib.llama_model_n_layer(self._model))
+        self._hidden_size = int(lib.llama_model_n_embd(self._model))
+        self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self._ctx: Any = None
+        self._ctx_shape = (0, 0)  # (sequences, cells)
+        self._batch: Any = None
+        self._batch_capacity = 0
+        self._cvec_key: Any = None
+        self.n_batch = 2048
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def identity(self) -> str:
+        stat = self.gguf_path.stat()
+        return f"llamacpp:{self.gguf_path.name}:{stat.st_size}"
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
+        return render_prompt(self.tokenizer, prompt, chat=chat, system=system, model_name=self.name)
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # -- llama.cpp state ----------------------------------------------------------------------
+    def _context(self, sequences: int, cells: int) -> Any:
+        """A context with room for ``sequences`` parallel sequences and ``cells`` KV cells in all."""
+        lib = self._lib
+        have_seq, have_cells = self._ctx_shape
+        if self._ctx is not None and have_seq >= sequences and have_cells >= cells:
+            return self._ctx
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        sequences = max(sequences, have_seq)
+        cells = max(cells, have_cells)
+        cells = -(-cells // 256) * 256
+        if not self.kv_unified:
+            cells = sequences * -(-(cells // sequences) // 256) * 256
+        params = lib.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(512, self.n_batch)
+        params.n_seq_max = sequences
+        params.n_threads = params.n_threads_batch = self.threads
+        params.n_outputs_max_per_seq = 0  # teacher-forced scoring needs every position's logits
+        params.kv_unified = self.kv_unified
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ResidlabError(
+                f"llama.cpp could not create a context ({sequences} sequences, {cells} cells).",
+                hint="lower --batch-size or --max-new-tokens (the KV cache did not fit in memory).",
+            )
+        self._ctx, self._ctx_shape, self._cvec_key = ctx, (sequences, cells), None
+        return ctx
+
+    def _token_batch(self, capacity: int) -> Any:
+        if self._batch is None or self._batch_capacity < capacity:
+            if self._batch is not None:
+                self._lib.llama_batch_free(self._batch)
+            capacity = max(capacity, self.n_batch)
+            self._batch = self._lib.llama_batch_init(capacity, 0, 1)
+            self._batch_capacity = capacity
+        return self._batch
+
+    def set_control_vector(self, deltas: dict[int, np.ndarray] | None) -> None:
+        """Apply ``{layer: delta}`` through llama.cpp's adapter (``None`` switches it off)."""
+        data = None if deltas is None else self._cvec_buffer(deltas)
+        key = None if data is None else hash(data.tobytes())
+        if key == self._cvec_key:
+            return
+        lib, ctx = self._lib, self._ctx
+        if data is None:
+            status = lib.llama_set_adapter_cvec(ctx, None, 0, self.hidden_size, -1, -1)
+        else:
+            pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            status = lib.llama_set_adapter_cvec(
+                ctx, pointer, data.size, self.hidden_size, min(deltas), max(deltas)  # type: ignore[arg-type]
+            )
+        if status != 0:
+            raise ResidlabError("llama.cpp refused the control vector.", hint="RESIDLAB_DEBUG=1 shows its log.")
+        self._cvec_key = key
+
+    def _cvec_buffer(self, deltas: dict[int, np.ndarray]) -> np.ndarray:
+        """llama.cpp's layout: one row per layer 1..n_layer-1 (layer 0 has no slot), zeros elsewhere."""
+        for layer, delta in deltas.items():
+            if layer == 0:
+                raise ResidlabError(
+                    "llama.cpp cannot steer layer 0 (its control-vector buffer starts at layer 1).",
+                    hint="steer at a layer >= 1, or use --engine torch.",
+                )
+            if not 0 < layer < self.num_layers:
+                raise ModelMismatchError(f"layer {layer} is outside 1..{self.num_layers - 1} for {self.name}.")
+            if delta.shape[-1] != self.hidden_size:
+                raise ModelMismatchError(
+                    f"steering delta for layer {layer} has size {delta.shape[-1]}, the model's hidden size is "
+                    f"{self.hidden_size}.",
+                    hint="use a vector extracted from this model.",
+                )
+        data = np.zeros((self.num_layers - 1, self.hidden_size), dtype=np.float32)
+        for layer, delta in deltas.items():
+            data[layer - 1] = delta
+        return data.reshape(-1)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> int:
+        """Decode (token, position, sequence, wants_logits) items in order, in chunks of n_batch;
+        return how many logits rows the last chunk produced."""
+        lib, ctx = self._lib, self._ctx
+        outputs = 0
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start : start + self.n_batch]
+            batch = self._token_batch(len(chunk))
+            outputs = 0
+            for i, (token, pos, seq, logits) in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+                outputs += logits
+            batch.n_tokens = len(chunk)
+            status = lib.llama_decode(ctx, batch)
+            if status != 0:
+                raise ResidlabError(
+                    f"llama_decode failed with status {status}"
+                    + (" (no room left in the KV cache)." if status == 1 else "."),
+                    hint="lower the batch size or the token budget; RESIDLAB_DEBUG=1 shows llama.cpp's log.",
+                )
+        return outputs
+
+    def _logits(self, rows: int) -> np.ndarray:
+        pointer = self._lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(rows, self.vocab_size))
+
+    def _check_steering(self, steering: SteeringSpec | None) -> dict[int, np.ndarray] | None:
+        if steering is None or steering.strength == 0:
+            return None
+        if steering.positions not in _PHASES:
+            raise ResidlabError(
+                f"the llama.cpp engine supports the position rules {', '.join(_PHASES)}, not {steering.positions!r}.",
+                hint="use one of those rules, or --engine torch for token-index rules.",
+            )
+        if steering.vector.hidden_size != self.hidden_size or steering.vector.num_layers != self.num_layers:
+            raise ModelMismatchError(
+                f"this steering vector was made for {steering.vector.model_name} (hidden size "
+                f"{steering.vector.hidden_size}, {steering.vector.num_layers} layers), but {self.name} has hidden "
+                f"size {self.hidden_size} and {self.num_layers} layers.",
+                hint="extract a vector from this model, or load the model the vector was made for.",
+            )
+        deltas = steering.deltas()
+        self._cvec_buffer(deltas)  # validates layers before any work
+        return deltas
+
+    # -- the engine interface -----------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        steering: SteeringSpec | None = None,
+        max_new_tokens: int = 256,
+        chat: bool | None = None,
+        system: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+        ignore_eos: bool = False,
+        progress: bool = False,
+    ) -> list[Generation]:
+        """See :meth:`residlab.engines.base.Engine.generate`; prompts run as parallel sequences."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        deltas = self._check_steering(steering)
+        phases = _PHASES[steering.positions] if deltas is not None else (False, False, False)  # type: ignore[union-attr]
+        texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
+        special = not (self.has_chat_template if chat is None else chat)
+        encoded = [self.tokenize(t, add_special_tokens=special) for t in texts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ResidlabError(f"prompt {i} tokenised to nothing.", hint="pass non-empty prompts.")
+            if max(ids) >= self.vocab_size:
+                raise ModelMismatchError(
+                    f"the tokenizer produced id {max(ids)}, beyond the GGUF's vocabulary of {self.vocab_size}.",
+                    hint="the tokenizer does not belong to this GGUF.",
+                )
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        rng = np.random.default_rng(seed)
+        results: list[Generation | None] = [None] * len(texts)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="generating", unit="prompt")
+        step = max(1, batch_size)
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
+            began = time.perf_counter()
+            outputs, finished = self._generate_batch(
+                [encoded[i] for i in rows], deltas, phases, max_new_tokens, temperature, top_p, rng, ignore_eos
+            )
+            elapsed = time.perf_counter() - began
+            for j, i in enumerate(rows):
+                results[i] = Generation(
+                    prompt=texts[i],
+                    text=self.tokenizer.decode(outputs[j], skip_special_tokens=True),
+                    token_ids=tuple(outputs[j]),
+                    num_tokens=len(outputs[j]),
+                    hit_limit=not finished[j],
+                    seconds=elapsed / len(rows),
+                    batch_seconds=elapsed,
+                    batch_size=len(rows),
+                )
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self,
+        rows: list[list[int]],
+        deltas: dict[int, np.ndarray] | None,
+        phases: tuple[bool, bool, bool],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        rng: np.random.Generator,
+        ignore_eos: bool,
+    ) -> tuple[list[list[int]], list[bool]]:
+        count = len(rows)
+        self._context(count, sum(len(r) for r in rows) + count * (max_new_tokens + 1))
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        # Prompt minus its last token, then the last prompt tokens (whose logits give the first
+        # generated token), then one token per active sequence per step; the control vector is
+        # switched between these phases as the position rule says.
+        self.set_control_vector(deltas if phases[0] else None)
+        self._decode([(tok, pos, seq, False) for seq, r in enumerate(rows) for pos, tok in enumerate(r[:-1])])
+        self.set_control_vector(deltas if phases[1] else None)
+        self._decode([(r[-1], len(r) - 1, seq, True) for seq, r in enumerate(rows)])
+        self.set_control_vector(deltas if phases[2] else None)
+        active = list(range(count))
+        positions = [len(r) for r in rows]
+        outputs: list[list[int]] = [[] for _ in rows]
+        finished = [False] * count
+        eos = frozenset() if ignore_eos else self.eos_ids
+        memory = self._lib.llama_get_memory(self._ctx)
+        for step in range(max_new_tokens):
+            logits = self._logits(len(active))
+            still: list[int] = []
+            for j, seq in enumerate(active):
+                token = sample_next(logits[j], temperature, top_p, rng)
+                outputs[seq].append(token)
+                if token in eos:
+                    finished[seq] = True
+                    self._lib.llama_memory_seq_rm(memory, seq, -1, -1)  # frees its KV cells
+                else:
+                    still.append(seq)
+            active = still
+            if not active or step == max_new_tokens - 1:
+                break
+            self._decode([(outputs[seq][-1], positions[seq] + step, seq, True) for seq in active])
+        return outputs, finished
+
+    def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:
+        """Teacher-forced logits [tokens, vocab] for one sequence (steering at every position)."""
+        ids = list(token_ids)
+        if not ids:
+            raise ResidlabError("nothing to score.", hint="pass at least one token id.")
+        deltas = None
+        if steering is not None and steering.strength != 0:
+            deltas = self._check_steering(SteeringSpec(steering.vector, steering.strength, "all", steering.layers))
+        self._context(1, len(ids) + 1)
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        self.set_control_vector(deltas)
+        rows = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = [(tok, start + i, 0, True) for i, tok in enumerate(ids[start : start + self.n_batch])]
+            produced = self._decode(chunk)
+            rows.append(self._logits(produced).copy())
+        return np.concatenate(rows, axis=0)
+
+    def close(self) -> None:
+        """Free llama.cpp's context, batch and model (also done when the engine is collected)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing sensible left to do
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"LlamaCppEngine({self.name!r}, gguf={self.gguf_path.name}, layers={self.num_layers}, "
+            f"d_model={self.hidden_size}, threads={self.threads})"
+        )
+
+
+def engine_eos_ids(tokenizer: Any, model_dir: Path | None) -> list[int]:
+    """End-of-sequence ids as the torch engine sees them (tokenizer + generation/model config)."""
+    configs: list[Any] = []
+    if model_dir is not None:
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            configs.append(GenerationConfig.from_pretrained(str(model_dir)))
+        except OSError:
+            pass
+        try:
+            configs.append(AutoConfig.from_pretrained(str(model_dir)))
+        except (OSError, ValueError):
+            pass
+    return eos_token_ids(tokenizer, *configs)

@@ -1,0 +1,187 @@
+"""llama.cpp control-vector GGUF files: export residlab vectors, import llama.cpp's and repeng's.
+
+The format (llama.cpp ``common_control_vector_load_one``, ``cvector-generator``, repeng's
+``export_gguf``): ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the
+model's architecture), ``controlvector.layer_count``, and one float32 1-D tensor ``direction.<N>``
+per layer. llama.cpp adds ``direction.N`` (times the scale given on its command line) to the output
+of decoder block N, counted from 0; N = 0 is rejected by llama.cpp. That is residlab's layer
+convention exactly (layer i = output of block i), so the layer numbers are written unchanged and a
+residlab vector at layer 0 cannot be exported.
+
+llama.cpp applies a file at scale 1 unless told otherwise (``--control-vector-scaled FILE S``), so
+:func:`export_control_vector` writes ``scale * direction`` (by default the strength recorded in the
+vector's ``info``) and records the scale and residlab's metadata under ``residlab.*`` keys;
+:func:`import_control_vector` divides the scale back out, so a round trip returns the same vector.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from residlab.errors import ModelMismatchError, ResidlabError
+from residlab.fileio import atomic_path
+from residlab.vectors.steering_vector import SteeringVector
+
+ARCH = "controlvector"
+_PREFIX = "residlab."
+
+
+class ModelShape(Protocol):
+    """What an importer needs to know of the model: a LanguageModel or an engine satisfies it."""
+
+    name: str
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+
+def export_control_vector(
+    vector: SteeringVector, path: str | Path, *, scale: float | None = None, model_hint: str = ""
+) -> Path:
+    """Write ``vector`` as a llama.cpp control-vector GGUF (atomically).
+
+    ``scale`` multiplies every direction; default: ``vector.info["strength"]`` if recorded, else 1,
+    so that ``llama-cli --control-vector FILE`` steers as residlab would. ``model_hint`` is
+    llama.cpp's architecture name (``qwen2``, ``llama``...); informational only.
+    """
+    from gguf import GGUFWriter
+
+    if 0 in vector.directions:
+        raise ResidlabError(
+            "llama.cpp cannot apply a control vector at layer 0 (it reads direction.0 as invalid).",
+            hint="use layers >= 1: vec.select([layer for layer in vec.layers if layer > 0]).",
+        )
+    if scale is None:
+        scale = float(vector.info.get("strength", 1.0))
+    path = Path(path)
+    meta: dict[str, str] = {**vector.metadata(), "scale": repr(float(scale))}
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(str(tmp), ARCH)
+        writer.add_string(f"{ARCH}.model_hint", model_hint or vector.model_name)
+        writer.add_int32(f"{ARCH}.layer_count", len(vector.directions))
+        for key, value in meta.items():
+            writer.add_string(_PREFIX + key, value)
+        for layer, direction in vector.directions.items():
+            writer.add_tensor(f"direction.{layer}", (direction * scale).numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def import_control_vector(
+    path: str | Path, model: ModelShape | None = None, *, strict: bool = True
+) -> SteeringVector:
+    """Read a control-vector GGUF (residlab's, llama.cpp's ``cvector-generator``'s or repeng's).
+
+    Files written by residlab carry their model and scale; others need ``model`` (for its name,
+    layer count and hidden size). A file whose directions do not match ``model``'s hidden size,
+    or that names layers the model lacks, is a :class:`ModelMismatchError`.
+    """
+    path = Path(path)
+    fields, tensors = _read(path)
+    if fields.get("general.architecture") != ARCH:
+        raise ResidlabError(
+            f"{path} is a GGUF file but not a control vector (architecture {fields.get('general.architecture')!r}).",
+            hint="model weights are loaded with `residlab.load`; control vectors have architecture 'controlvector'.",
+        )
+    ours = {k[len(_PREFIX) :]: v for k, v in fields.items() if k.startswith(_PREFIX)}
+    directions: dict[int, torch.Tensor] = {}
+    for name, data in tensors.items():
+        kind, _, index = name.partition(".")
+        if kind != "direction" or not index.isdigit():
+            raise ResidlabError(f"{path} has a tensor {name!r}; control vectors hold only direction.<layer>.")
+        layer = int(index)
+        vec = torch.from_numpy(np.array(data, dtype=np.float32).reshape(-1))
+        directions[layer] = directions[layer] + vec if layer in directions else vec  # llama.cpp sums repeats
+    if not directions:
+        raise ResidlabError(f"{path} holds no direction tensors.")
+    sizes = {t.numel() for t in directions.values()}
+    if len(sizes) != 1:
+        raise ResidlabError(f"{path} has directions of different sizes {sorted(sizes)}.")
+    size = sizes.pop()
+    scale = float(ours.get("scale", "1.0"))
+    if scale == 0:
+        raise ResidlabError(f"{path} records scale 0: its directions carry no information.")
+    directions = {k: v / scale for k, v in directions.items()}
+
+    if ours.get("format") == "residlab.steering_vector":
+        vector = SteeringVector(
+            directions=directions,
+            model_name=ours["model_name"],
+            hidden_size=int(ours["hidden_size"]),
+            num_layers=int(ours["num_layers"]),
+            position_rule=ours.get("position_rule", "prompt_last+generated"),
+            source=ours.get("source", ""),
+            created=ours.get("created", ""),
+            info=json.loads(ours.get("info", "{}")),
+        )
+        if model is not None:
+            _check_shape(path, size, max(directions), model)
+            vector.check_compatible(model, strict_name=strict)  # type: ignore[arg-type]
+        return vector
+    if model is None:
+        raise ResidlabError(
+            f"{path} is a control vector from another tool ({fields.get(f'{ARCH}.model_hint', 'no model hint')}); "
+            "residlab needs the model it is for.",
+            hint="pass the model: import_control_vector(path, lm) / `--model NAME`.",
+        )
+    _check_shape(path, size, max(directions), model)
+    return SteeringVector(
+        directions=directions,
+        model_name=model.name,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        position_rule="all",  # llama.cpp applies control vectors at every position
+        source=f"control-vector GGUF {path.name} (model hint {fields.get(f'{ARCH}.model_hint', '?')})",
+        info={"imported_from": str(path)},
+    )
+
+
+def _check_shape(path: Path, size: int, top_layer: int, model: ModelShape) -> None:
+    if size != model.hidden_size:
+        raise ModelMismatchError(
+            f"{path} holds directions of size {size}, but {model.name} has hidden size {model.hidden_size}.",
+            hint="this control vector was made for another model; use one made for this model.",
+        )
+    if top_layer >= model.num_layers:
+        raise ModelMismatchError(
+            f"{path} has a direction for layer {top_layer}, but {model.name} has layers 0..{model.num_layers - 1}.",
+            hint="this control vector was made for a deeper model.",
+        )
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise ResidlabError(f"no control-vector file at {path}.", hint="check the path.")
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as err:
+        raise ResidlabError(
+            f"{path} is not a readable GGUF file ({err}).", hint="the file is corrupt or truncated; export it again."
+        ) from None
+    fields = {name: _field_value(f) for name, f in reader.fields.items()}
+    tensors = {}
+    for t in reader.tensors:
+        if t.tensor_type.name != "F32":
+            raise ResidlabError(f"{path}: tensor {t.name} is {t.tensor_type.name}; control vectors are F32.")
+        tensors[t.name] = np.asarray(t.data)
+    return fields, tensors
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except (AttributeError, ValueError, IndexError):  # older gguf releases
+        return None
