@@ -184,7 +184,12 @@ class LlamaCppEngine:
         else:
             pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             status = lib.llama_set_adapter_cvec(
-                ctx, pointer, data.size, self.hidden_size, min(deltas), max(deltas)  # type: ignore[arg-type]
+                ctx,
+                pointer,
+                data.size,
+                self.hidden_size,
+                min(deltas),
+                max(deltas),  # type: ignore[arg-type]
             )
         if status != 0:
             raise ResidlabError("llama.cpp refused the control vector.", hint="RESIDLAB_DEBUG=1 shows its log.")

@@ -67,7 +67,9 @@ def render_prompt(
     if isinstance(prompt, str) and not use_chat:
         return prompt
     if use_chat and not has_template:
-        raise ResidlabError(f"{model_name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text.")
+        raise ResidlabError(
+            f"{model_name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text."
+        )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]

@@ -78,9 +78,7 @@ def export_control_vector(
     return path
 
 
-def import_control_vector(
-    path: str | Path, model: ModelShape | None = None, *, strict: bool = True
-) -> SteeringVector:
+def import_control_vector(path: str | Path, model: ModelShape | None = None, *, strict: bool = True) -> SteeringVector:
     """Read a control-vector GGUF (residlab's, llama.cpp's ``cvector-generator``'s or repeng's).
 
     Files written by residlab carry their model and scale; others need ``model`` (for its name,
