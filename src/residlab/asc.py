@@ -15,6 +15,7 @@ from typing import Any
 
 from residlab import prompts
 from residlab.datasets import load_problems
+from residlab.engines import Engine, open_engine
 from residlab.errors import ResidlabError
 from residlab.evaluation.report import (
     compare,
@@ -42,6 +43,7 @@ class CompressConfig:
 
     model: str = DEFAULT_MODEL
     dtype: str = "bfloat16"
+    engine: str = "auto"  # generation engine for traces and evaluation (auto: llamacpp when installed)
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
     pairs: int = 48
     pair_source: str = "reference"
@@ -86,7 +88,7 @@ def choose_layer(extraction: ExtractionResult, num_layers: int) -> int:
 
 
 def build_vector(
-    lm: LanguageModel, cfg: CompressConfig, run_dir: Path, log=print
+    lm: LanguageModel, cfg: CompressConfig, run_dir: Path, log=print, engine: Engine | None = None
 ) -> tuple[SteeringVector, ExtractionResult, dict[str, Any]]:
     """Pairs from the calibration split, the concise-minus-verbose vector and the pair statistics."""
     calibration = load_problems(cfg.pairs_dataset, "train", data_dir=cfg.data_dir, limit=cfg.pairs)
@@ -102,6 +104,7 @@ def build_vector(
         keep=cfg.keep,
         teacher=teacher,
         pairs_file=cfg.pairs_file,
+        engine=engine,
     )
     if len(pairs) < 2:
         raise ResidlabError(
@@ -130,7 +133,9 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     lm = load(cfg.model, dtype=cfg.dtype)
-    raw, extraction, pair_stats = build_vector(lm, cfg, run_dir, log)
+    engine = open_engine(cfg.model, cfg.engine, lm=lm)
+    log(f"      generation engine: {engine.kind} ({engine.identity})")
+    raw, extraction, pair_stats = build_vector(lm, cfg, run_dir, log, engine)
     tuned = packaged_model(cfg.model)
     if cfg.layer is not None:
         layer = lm.check_layer(cfg.layer)
@@ -220,7 +225,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         f"[4/4] evaluating {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems x {len(conditions)} conditions "
         f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
     )
-    records = {c.name: evaluate(lm, problems, c, decoding, run_dir / "runs") for c in conditions}
+    records = {c.name: evaluate(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
 
     summaries = {name: summarize(name, recs) for name, recs in records.items()}
     base = summaries[cfg.conditions[0]]
@@ -230,8 +235,9 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     }
     report = {
         "model": lm.name,
-        "engine": "torch",
-        "dtype": cfg.dtype,
+        "engine": engine.kind,
+        "engine_identity": engine.identity,
+        "dtype": cfg.dtype if engine.kind == "torch" else "GGUF weights",
         "config": asdict(cfg),
         "n_pairs": pair_stats["n_pairs"],
         "n_eval": len(problems),
@@ -273,7 +279,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         f"(KL-bound strength for eps={cfg.eps}: {calibration.strength:.4g}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {promoted}, suppresses {suppressed}.",
         f"Evaluation: {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
-        f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, {cfg.dtype}.",
+        f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, engine {engine.identity}.",
         "",
         markdown_table(list(summaries.values()), cfg.conditions[0]),
         "",

@@ -13,12 +13,12 @@ from typing import Any
 from residlab import prompts
 from residlab.asc import run_dir_for
 from residlab.datasets import load_problems
+from residlab.engines import open_engine
 from residlab.errors import ResidlabError
 from residlab.evaluation.report import summarize, write_json
 from residlab.evaluation.runner import Condition, Decoding, evaluate
-from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL
-from residlab.vectors.steering_vector import SteeringVector
+from residlab.vectors.files import load_vector
 
 
 @dataclass
@@ -27,6 +27,7 @@ class SweepConfig:
 
     model: str = DEFAULT_MODEL
     dtype: str = "bfloat16"
+    engine: str = "auto"
     vector: str = ""  # a multi-layer vector file (compress writes vector_all_layers.safetensors)
     layers: tuple[int, ...] = (12,)
     strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # x the residual norm at the layer (unit vector)
@@ -55,8 +56,8 @@ def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...]:
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     """Accuracy and tokens for every grid point; results in ``<run dir>/sweep.json`` and a plot."""
-    lm = load(cfg.model, dtype=cfg.dtype)
-    raw = SteeringVector.load(cfg.vector, model=lm)
+    lm = open_engine(cfg.model, cfg.engine, dtype=cfg.dtype)
+    raw = load_vector(cfg.vector, lm)
     residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
     problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
@@ -64,7 +65,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     run_dir = run_dir_for(cfg.work_dir, cfg.model)
     rows = []
     for layer in cfg.layers:
-        unit = raw.select([lm.check_layer(layer)]).normalized()
+        if layer not in raw.directions:
+            raise ResidlabError(f"the vector has no direction for layer {layer}.", hint=f"it has {raw.layers}.")
+        unit = raw.select([layer]).normalized()
         scale = residual.get(layer, 1.0)
         for positions in cfg.positions:
             for rel in cfg.strengths:
@@ -75,6 +78,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
                 )
                 summary = summarize(name, evaluate(lm, problems, condition, decoding, run_dir / "runs"))
                 row = {
+                    "engine": lm.identity,
                     "vector": cfg.vector,
                     "template": cfg.template,
                     "dataset": cfg.dataset,
@@ -100,7 +104,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     return payload
 
 
-_ROW_KEY = ("vector", "template", "dataset", "split", "offset", "n", "layer", "relative_strength", "positions")
+_ROW_KEY = (
+    "engine",
+    "vector",
+    "template",
+    "dataset",
+    "split",
+    "offset",
+    "n",
+    "layer",
+    "relative_strength",
+    "positions",
+)
 
 
 def _merge_rows(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -19,6 +19,12 @@ DataDir = Annotated[
     typer.Option(help="Folder with gsm8k/ and math500/ (else $RESIDLAB_DATA_DIR or ../shared/data is searched)."),
 ]
 WorkDir = Annotated[Path, typer.Option(help="Where vectors, records, reports and plots go (reused by later runs).")]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="Generation engine: auto (llamacpp when installed and the model is a GGUF, else torch), torch or llamacpp."
+    ),
+]
 
 
 def _log(message: str) -> None:
@@ -53,6 +59,7 @@ def compress(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     dtype: str = "bfloat16",
+    engine: Engine = "auto",
     data_dir: DataDir = None,
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
@@ -62,6 +69,7 @@ def compress(
     cfg = CompressConfig(
         model=model,
         dtype=dtype,
+        engine=engine,
         pairs=pairs,
         pairs_dataset=pairs_dataset,
         calibration_states=calibration_states,
@@ -96,7 +104,9 @@ def evaluate_command(
     split: str = "test",
     limit: int | None = 40,
     offset: int = 0,
-    vector: Annotated[Path | None, typer.Option(help="Steering vector file (.safetensors).")] = None,
+    vector: Annotated[
+        Path | None, typer.Option(help="Steering vector file (.safetensors or control-vector .gguf).")
+    ] = None,
     strength: Annotated[
         str, typer.Option(help="Multiplies the vector as stored, or 'auto': KL bound on the unit vector.")
     ] = "1.0",
@@ -108,33 +118,36 @@ def evaluate_command(
     temperature: float = 0.0,
     seed: int = 0,
     dtype: str = "bfloat16",
+    engine: Engine = "auto",
     data_dir: DataDir = None,
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
     from residlab import prompts
     from residlab.datasets import load_problems
+    from residlab.engines import open_engine
     from residlab.errors import ResidlabError
     from residlab.evaluation.report import markdown_table, summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
     from residlab.models.loading import load
-    from residlab.vectors.steering_vector import SteeringVector
+    from residlab.vectors.files import load_vector
 
     templates = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}
     if template not in templates:
         raise ResidlabError(f"unknown template {template!r}.", hint="use baseline or concise_prompt.")
-    lm = load(model, dtype=dtype)
+    runner = open_engine(model, engine, dtype=dtype)
     problems = load_problems(dataset, split, data_dir=str(data_dir) if data_dir else None, limit=limit, offset=offset)
     vec, value = None, 0.0
     if vector is not None:
-        vec = SteeringVector.load(vector, model=lm)
+        vec = load_vector(vector, runner)
         if strength == "auto":
             from residlab.vectors.calibration import calibrate
 
             train = load_problems("gsm8k", "train", data_dir=str(data_dir) if data_dir else None, limit=32)
-            texts = [lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in train]
             layer = vec.layers[0]
-            calib_lm = lm if lm.dtype.is_floating_point and lm.dtype.itemsize == 4 else load(model, dtype="float32")
+            # Calibration differentiates through the torch model, in float32.
+            calib_lm = load(model, dtype="float32")
+            texts = [calib_lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in train]
             cal = calibrate(calib_lm, texts[:16], texts[16:], layer, vec.directions[layer], eps=eps)
             vec, value = vec.select([layer]).normalized(), cal.strength
             _log(
@@ -149,9 +162,9 @@ def evaluate_command(
     from residlab.asc import run_dir_for
 
     runs = run_dir_for(work_dir, model) / "runs"
-    records = evaluate(lm, problems, condition, decoding, runs)
+    records = evaluate(runner, problems, condition, decoding, runs)
     print(markdown_table([summarize(name, records)], name))
-    print(f"records: {runs}", file=sys.stderr)
+    print(f"records: {runs} ({runner.kind} engine)", file=sys.stderr)
 
 
 def sweep(
@@ -168,6 +181,7 @@ def sweep(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     dtype: str = "bfloat16",
+    engine: Engine = "auto",
     data_dir: DataDir = None,
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
@@ -179,6 +193,7 @@ def sweep(
     cfg = SweepConfig(
         model=model,
         dtype=dtype,
+        engine=engine,
         vector=str(vector),
         layers=parse_layers(layers),
         strengths=tuple(float(s) for s in strengths.split(",")),

@@ -29,7 +29,11 @@ ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", help="Packaged model name, local model dir, .gguf file or Hugging Face id."),
 ]
-DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (torch engine).")]
+EngineOption = Annotated[
+    str,
+    typer.Option(help="auto (llamacpp when installed and the model is a GGUF, else torch), torch or llamacpp."),
+]
 
 
 def _size(num_bytes: float) -> str:
@@ -125,7 +129,9 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int | None = None,
-    vector: Annotated[Path | None, typer.Option(help="A steering vector (.safetensors) to add.")] = None,
+    vector: Annotated[
+        Path | None, typer.Option(help="A steering vector to add (.safetensors, or a llama.cpp control-vector .gguf).")
+    ] = None,
     strength: Annotated[float, typer.Option(help="Multiplies the vector as stored.")] = 1.0,
     positions: Annotated[
         str, typer.Option(help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.")
@@ -136,14 +142,13 @@ def generate(
     system: Annotated[str | None, typer.Option(help="A system message (chat only).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     dtype: DtypeOption = "float32",
+    engine: EngineOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
 ) -> None:
     """Generate text, optionally with a steering vector added to the residual stream."""
-    import contextlib
-
+    from residlab.engines import SteeringSpec, open_engine
     from residlab.interventions.positions import STEERING_RULES, parse_rule
-    from residlab.models.loading import load
-    from residlab.vectors.steering_vector import SteeringVector
+    from residlab.vectors.files import load_vector
 
     prompts = list(prompt or [])
     if prompt_file is not None:
@@ -154,24 +159,24 @@ def generate(
         raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
     rule = parse_rule(positions, STEERING_RULES)
     layer_list = [int(x) for x in layers.split(",")] if layers else None
-    lm = load(model, dtype=dtype)
-    use_chat = chat and lm.has_chat_template
-    steering = contextlib.nullcontext()
+    runner = open_engine(model, engine, dtype=dtype)
+    use_chat = chat and runner.has_chat_template
+    steering = None
     if vector is not None:
-        vec = SteeringVector.load(vector, model=lm, strict=not allow_other_model)
-        steering = lm.steer(vec, strength=strength, positions=rule, layers=layer_list)
+        vec = load_vector(vector, runner, strict=not allow_other_model)
+        steering = SteeringSpec(vec, strength, rule, tuple(layer_list) if layer_list else None)  # type: ignore[arg-type]
     started = time.perf_counter()
-    with steering:
-        results = lm.generate(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            chat=use_chat,
-            system=system,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            batch_size=batch_size,
-        )
+    results = runner.generate(
+        prompts,
+        steering=steering,
+        max_new_tokens=max_new_tokens,
+        chat=use_chat,
+        system=system,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
     seconds = time.perf_counter() - started
     for i, (p, g) in enumerate(zip(prompts, results, strict=True)):
         if json_output:
@@ -182,7 +187,7 @@ def generate(
             print(g.text)
     total = sum(g.num_tokens for g in results)
     print(
-        f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s)"
+        f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s, {runner.kind} engine)"
         + (f", steered (strength {strength}, {positions})" if vector is not None else ""),
         file=sys.stderr,
     )

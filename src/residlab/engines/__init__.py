@@ -10,7 +10,27 @@ from residlab.errors import ResidlabError
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel
 
-__all__ = ["ENGINES", "Engine", "SteeringSpec", "as_engine", "open_engine"]
+__all__ = ["ENGINES", "Engine", "SteeringSpec", "as_engine", "llama_cpp_available", "open_engine", "resolve_engine"]
+
+
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python is installed (``make install-llamacpp`` / the ``llamacpp`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def resolve_engine(model: str, engine: str = "auto") -> str:
+    """``auto`` -> ``llamacpp`` when it is installed and ``model`` is a GGUF (packaged or a .gguf
+    path), else ``torch``; an explicit engine name is checked and returned."""
+    from residlab.models.registry import packaged_model
+
+    if engine == "auto":
+        gguf_backed = packaged_model(model) is not None or model.endswith(".gguf")
+        return "llamacpp" if gguf_backed and llama_cpp_available() else "torch"
+    if engine not in ENGINES:
+        raise ResidlabError(f"unknown engine {engine!r}.", hint=f"use auto or one of {', '.join(ENGINES)}.")
+    return engine
 
 
 def open_engine(
@@ -22,10 +42,12 @@ def open_engine(
     threads: int | None = None,
 ) -> Engine:
     """An engine for ``model`` (packaged name, .gguf path, model dir or hub id; llama.cpp needs a GGUF).
+    ``engine``: ``torch``, ``llamacpp`` or ``auto`` (see :func:`resolve_engine`).
 
     ``lm``: an already loaded model to reuse for the torch engine. ``dtype`` applies to torch only
     (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only.
     """
+    engine = resolve_engine(model, engine)
     if engine == "torch":
         from residlab.engines.torch_engine import TorchEngine
         from residlab.models.loading import load
@@ -44,7 +66,7 @@ def open_engine(
             eos_ids=engine_eos_ids(resolved.tokenizer, resolved.config_dir),
             threads=threads,
         )
-    raise ResidlabError(f"unknown engine {engine!r}.", hint=f"use one of {', '.join(ENGINES)}.")
+    raise AssertionError(engine)  # resolve_engine only returns known engines
 
 
 def as_engine(model: LanguageModel | Engine) -> Engine:

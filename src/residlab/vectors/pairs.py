@@ -13,6 +13,7 @@ from pathlib import Path
 
 from residlab import prompts
 from residlab.datasets import Problem
+from residlab.engines import Engine
 from residlab.errors import ResidlabError
 from residlab.evaluation.grading import grade
 from residlab.evaluation.runner import Condition, Decoding, evaluate
@@ -101,22 +102,24 @@ def build_pairs(
     teacher: TeacherClient | None = None,
     pairs_file: str | Path | None = None,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> tuple[list[TracePair], dict[str, int]]:
     """Build one pair per problem and filter them; return (kept pairs, counts of what was dropped).
 
     Generation records are cached under ``work_dir`` (append-only), so a rerun or a larger ``problems``
     list reuses every trace already generated. ``keep``: ``both_correct`` (default), ``concise_correct``
-    or ``all``.
+    or ``all``. ``engine`` generates the traces (default: the torch engine on ``lm``).
     """
+    runner = engine if engine is not None else lm
     if source not in CONCISE_SOURCES:
         raise ResidlabError(f"unknown concise source {source!r}.", hint=f"use one of {', '.join(CONCISE_SOURCES)}.")
     if keep not in ("both_correct", "concise_correct", "all"):
         raise ResidlabError(f"unknown filter {keep!r}.", hint="use both_correct, concise_correct or all.")
     work_dir = Path(work_dir)
-    verbose = evaluate(lm, problems, Condition("verbose", prompts.VERBOSE), decoding, work_dir, progress=progress)
+    verbose = evaluate(runner, problems, Condition("verbose", prompts.VERBOSE), decoding, work_dir, progress=progress)
     if source == "self":
         concise_records = evaluate(
-            lm, problems, Condition("concise_self", prompts.CONCISE), decoding, work_dir, progress=progress
+            runner, problems, Condition("concise_self", prompts.CONCISE), decoding, work_dir, progress=progress
         )
         concise = [(r["output"], bool(r["correct"])) for r in concise_records]
     elif source == "reference":
