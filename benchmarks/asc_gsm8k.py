@@ -4,7 +4,9 @@ Vector from >= 64 GSM8K *train* pairs, evaluation on >= 200 GSM8K *test* problem
 same decoding for every condition. Everything is cached under --work-dir, so an interrupted run
 resumes. Writes benchmarks/results/asc_gsm8k.json and .md.
 
-    python benchmarks/asc_gsm8k.py [--pairs 64] [--limit 200] [--layer L] [--strength S] [--work-dir DIR]
+    python benchmarks/asc_gsm8k.py [--pairs 64] [--limit 200] [--layer L] [--strength S] [--engine E]
+
+The torch engine writes asc_gsm8k.{json,md}; another engine writes asc_gsm8k_<engine>.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def main() -> None:
     parser.add_argument("--read", default="mean")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help="torch engine dtype (also used for extraction)")
+    parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
     parser.add_argument("--work-dir", default="residlab-out/benchmark")
     args = parser.parse_args()
 
@@ -39,6 +42,7 @@ def main() -> None:
     cfg = CompressConfig(
         model=args.model,
         dtype=args.dtype,
+        engine=args.engine,
         pairs=args.pairs,
         pair_source=args.pair_source,
         read=args.read,
@@ -73,7 +77,8 @@ def main() -> None:
     result = {
         "model": report["model"],
         "engine": report["engine"],
-        "dtype": args.dtype,
+        "engine_identity": report["engine_identity"],
+        "dtype": report["dtype"],
         "commit": commit,
         "n_pairs": report["n_pairs"],
         "n_eval": report["n_eval"],
@@ -98,12 +103,13 @@ def main() -> None:
         "seconds_total": report["seconds"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "asc_gsm8k.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "asc_gsm8k" if args.engine == "torch" else f"asc_gsm8k_{args.engine}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     run_dir = Path(cfg.run_dir())
     md = (run_dir / "report.md").read_text()
-    (RESULTS / "asc_gsm8k.md").write_text(
-        f"# ASC on GSM8K ({report['model']}, commit {commit})\n\n"
-        f"Reproduce: `python benchmarks/asc_gsm8k.py --pairs {args.pairs} --limit {args.limit}"
+    (RESULTS / f"{stem}.md").write_text(
+        f"# ASC on GSM8K ({report['model']}, {args.engine} engine, commit {commit})\n\n"
+        f"Reproduce: `python benchmarks/asc_gsm8k.py --engine {args.engine} --pairs {args.pairs} --limit {args.limit}"
         + (f" --strength {args.strength}" if args.strength is not None else "")
         + (f" --layer {args.layer}" if args.layer is not None else "")
         + "`\n\n"
