@@ -227,6 +227,10 @@ from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
+from residlab.cli.vector_commands import vector_app  # noqa: E402
+
+app.add_typer(vector_app, name="vector")
+
 
 def main() -> None:
     app()

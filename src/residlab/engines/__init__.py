@@ -16,7 +16,10 @@ __all__ = ["ENGINES", "Engine", "SteeringSpec", "as_engine", "llama_cpp_availabl
 def llama_cpp_available() -> bool:
     """Whether llama-cpp-python is installed (``make install-llamacpp`` / the ``llamacpp`` extra)."""
     import importlib.util
+    import sys
 
+    if "llama_cpp" in sys.modules:  # imported already (or blocked, as tests do with None)
+        return sys.modules["llama_cpp"] is not None
     return importlib.util.find_spec("llama_cpp") is not None
 
 

@@ -170,6 +170,37 @@ def load_gguf(spec: str) -> GgufModel:
     return GgufModel(name, gguf, tokenizer, None)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's name, depth and width: enough to check a vector against it without loading weights."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The shape of a packaged model, model dir or .gguf file, read from metadata only (a hub id is loaded)."""
+    packaged = packaged_model(spec)
+    if packaged is not None:
+        return ModelShape(packaged.name, packaged.num_layers, packaged.hidden_size)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        config = json.loads((path / "config.json").read_text())
+        config = config.get("text_config", config)
+        return ModelShape(path.name, int(config["num_hidden_layers"]), int(config["hidden_size"]))
+    if spec.endswith(".gguf") and path.is_file():
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        return ModelShape(
+            path.stem, int(fields[f"{arch}.block_count"].contents()), int(fields[f"{arch}.embedding_length"].contents())
+        )
+    lm = load(spec)
+    return ModelShape(lm.name, lm.num_layers, lm.hidden_size)
+
+
 def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

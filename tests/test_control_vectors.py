@@ -1,0 +1,137 @@
+"""llama.cpp control-vector GGUF files: export, import (residlab's, llama.cpp's, repeng's), errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_vector
+
+from residlab import ModelMismatchError, ResidlabError, SteeringVector
+from residlab.vectors.files import load_vector
+from residlab.vectors.gguf_control import export_control_vector, import_control_vector
+
+
+def _foreign_file(path, layers: dict[int, np.ndarray], hint="qwen2"):
+    """A file as llama.cpp's cvector-generator / repeng write it: no residlab keys, uint32 layer count."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", hint)
+    writer.add_uint32("controlvector.layer_count", len(layers))
+    for layer, direction in layers.items():
+        writer.add_tensor(f"direction.{layer}", direction.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_round_trip_keeps_directions_and_metadata(qwen, tmp_path):
+    vec = random_vector(qwen, [1, 2]).normalized()
+    vec = SteeringVector(**{**vec.__dict__, "info": {**vec.info, "strength": 2.5}, "position_rule": "generated"})
+    path = export_control_vector(vec, tmp_path / "v.gguf", model_hint="qwen2")
+    back = import_control_vector(path, qwen)
+    assert back.layers == vec.layers
+    for layer in vec.layers:
+        torch.testing.assert_close(back.directions[layer], vec.directions[layer])
+    assert (back.model_name, back.position_rule, back.info["strength"]) == (vec.model_name, "generated", 2.5)
+
+
+def test_export_writes_llama_cpp_layout_scaled_by_strength(qwen, tmp_path):
+    from gguf import GGUFReader
+
+    vec = random_vector(qwen, [1, 2])
+    vec = SteeringVector(**{**vec.__dict__, "info": {"strength": 4.0}})
+    reader = GGUFReader(str(export_control_vector(vec, tmp_path / "v.gguf")))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    assert reader.fields["controlvector.layer_count"].contents() == 2
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.2"]  # block-output numbering, unchanged
+    np.testing.assert_allclose(tensors["direction.2"], vec.directions[2].numpy() * 4.0, rtol=1e-6)
+    # An explicit scale wins over the recorded strength, and the importer divides it back out.
+    path = export_control_vector(vec, tmp_path / "s1.gguf", scale=1.0)
+    np.testing.assert_allclose(
+        {t.name: np.asarray(t.data) for t in GGUFReader(str(path)).tensors}["direction.2"], vec.directions[2].numpy()
+    )
+
+
+def test_layer_zero_cannot_be_exported(qwen, tmp_path):
+    with pytest.raises(ResidlabError, match="layer 0"):
+        export_control_vector(random_vector(qwen, [0, 1]), tmp_path / "v.gguf")
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_foreign_file_needs_the_model_and_loads_with_it(qwen, tmp_path):
+    d = qwen.hidden_size
+    path = _foreign_file(tmp_path / "repeng.gguf", {1: np.ones(d), 2: np.arange(d, dtype=np.float32)})
+    with pytest.raises(ResidlabError, match="needs the model"):
+        import_control_vector(path)
+    vec = import_control_vector(path, qwen)
+    assert vec.model_name == qwen.name and vec.layers == [1, 2] and vec.position_rule == "all"
+    np.testing.assert_allclose(vec.directions[2].numpy(), np.arange(d))
+
+
+def test_file_for_another_hidden_size_is_a_clear_error(qwen, tmp_path):
+    path = _foreign_file(tmp_path / "big.gguf", {1: np.ones(qwen.hidden_size * 2)})
+    with pytest.raises(ModelMismatchError, match="hidden size"):
+        import_control_vector(path, qwen)
+    deep = _foreign_file(tmp_path / "deep.gguf", {qwen.num_layers + 3: np.ones(qwen.hidden_size)})
+    with pytest.raises(ModelMismatchError, match="deeper model"):
+        import_control_vector(deep, qwen)
+    other = random_vector(qwen, [1])
+    other = SteeringVector(**{**other.__dict__, "model_name": "someone-else"})
+    with pytest.raises(ModelMismatchError, match="someone-else"):
+        import_control_vector(export_control_vector(other, tmp_path / "o.gguf"), qwen)
+
+
+def test_bad_files_are_reported(qwen, tmp_path):
+    with pytest.raises(ResidlabError, match="no control-vector file"):
+        import_control_vector(tmp_path / "missing.gguf", qwen)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(ResidlabError, match="not a readable GGUF"):
+        import_control_vector(junk, qwen)
+    from gguf import GGUFWriter
+
+    model_file = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(model_file), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ResidlabError, match="not a control vector"):
+        import_control_vector(model_file, qwen)
+
+
+def test_load_vector_dispatches_on_suffix(qwen, tmp_path):
+    vec = random_vector(qwen, [1])
+    a = load_vector(vec.save(tmp_path / "v.safetensors"), qwen)
+    b = load_vector(export_control_vector(vec, tmp_path / "v.gguf"), qwen)
+    torch.testing.assert_close(a.directions[1], b.directions[1])
+    (tmp_path / "v.txt").write_text("x")
+    with pytest.raises(ResidlabError, match="neither"):
+        load_vector(tmp_path / "v.txt", qwen)
+
+
+def test_cli_converts_both_ways(qwen, tmp_path):
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "qwen2")
+    vec = random_vector(qwen, [1, 2])
+    vec = SteeringVector(**{**vec.__dict__, "model_name": "tiny"})
+    src = vec.save(tmp_path / "v.safetensors")
+    runner = CliRunner()
+    out = runner.invoke(app, ["vector", "export", str(src), str(tmp_path / "v.gguf"), "--scale", "1"])
+    assert out.exit_code == 0, out.output
+    foreign = _foreign_file(tmp_path / "f.gguf", {2: np.ones(qwen.hidden_size)})
+    out = runner.invoke(app, ["vector", "import", str(foreign), str(tmp_path / "f.safetensors"), "-m", str(model_dir)])
+    assert out.exit_code == 0, out.output
+    assert SteeringVector.load(tmp_path / "f.safetensors").layers == [2]
+    out = runner.invoke(app, ["vector", "export", str(src), str(tmp_path / "x.gguf"), "--layers", "0"])
+    assert out.exit_code == 2 and "layer 0" in out.output
