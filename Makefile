@@ -1,12 +1,14 @@
 # The two commands of the README: `make demo` (main job on the default model) and `make test`.
+# `make install` includes llama-cpp-python (the fast engine), built from source once and cached.
 PYTHON ?= python3
 # torch is pinned: an open-ended requirement would pull a multi-GB CUDA build.
 INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev]"
 
-.PHONY: install demo test lint bench
+.PHONY: install install-llamacpp demo test lint bench
 
 install:
 	$(INSTALL)
+	PYTHON=$(PYTHON) bash scripts/install-llamacpp.sh
 
 demo: install
 	residlab compress
@@ -17,5 +19,10 @@ test: install
 lint:
 	ruff check src tests benchmarks
 
+# The llama.cpp engine alone (also part of `make install`): builds llama-cpp-python once, then reuses the wheel.
+install-llamacpp:
+	PYTHON=$(PYTHON) bash scripts/install-llamacpp.sh
+
 bench: install
 	$(PYTHON) benchmarks/generation_speed.py
+	$(PYTHON) benchmarks/engines.py
