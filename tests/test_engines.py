@@ -107,3 +107,17 @@ def test_generate_cli_runs_on_the_torch_engine_with_a_gguf_vector(qwen, tmp_path
     out = CliRunner().invoke(app, [*args, "--vector", str(path), "--engine", "auto"])
     assert out.exit_code == 0, out.output
     assert "torch engine" in out.output and '"num_tokens": 3' in out.output
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    import torch
+
+    from residlab.models import loading
+
+    assert loading.parse_dtype(None) == torch.float32  # analyses stay exact by default
+    monkeypatch.setattr(loading, "bf16_is_fast", lambda: True)
+    assert loading.parse_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(loading, "bf16_is_fast", lambda: False)
+    assert loading.parse_dtype("auto") == torch.float32
+    with pytest.raises(ResidlabError, match="unknown dtype"):
+        loading.parse_dtype("int3")

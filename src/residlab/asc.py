@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from residlab import prompts
 from residlab.datasets import load_problems
 from residlab.engines import Engine, open_engine
@@ -42,7 +44,7 @@ class CompressConfig:
     """Everything ``residlab compress`` decides. Defaults fit ~20 minutes on a 2-core CPU."""
 
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # torch: bfloat16 where the CPU runs it natively, else float32
     engine: str = "auto"  # generation engine for traces and evaluation (auto: llamacpp when installed)
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
     pairs: int = 48
@@ -158,7 +160,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     )
     texts = [lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in calib_problems]
     # Calibration differentiates through the model: float32 for stable second derivatives.
-    calib_lm = lm if cfg.dtype in ("float32", "fp32") else load(cfg.model, dtype="float32")
+    calib_lm = lm if lm.dtype == torch.float32 else load(cfg.model, dtype="float32")
     calibration = calibrate(
         calib_lm,
         texts[: cfg.calibration_states],
@@ -237,7 +239,7 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
         "model": lm.name,
         "engine": engine.kind,
         "engine_identity": engine.identity,
-        "dtype": cfg.dtype if engine.kind == "torch" else "GGUF weights",
+        "dtype": str(lm.dtype).removeprefix("torch.") if engine.kind == "torch" else "GGUF weights",
         "config": asdict(cfg),
         "n_pairs": pair_stats["n_pairs"],
         "n_eval": len(problems),

@@ -26,7 +26,7 @@ class SweepConfig:
     """A grid of layers x strengths x position rules, evaluated on a tuning split (train by default)."""
 
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # torch: bfloat16 where the CPU runs it natively, else float32
     engine: str = "auto"
     vector: str = ""  # a multi-layer vector file (compress writes vector_all_layers.safetensors)
     layers: tuple[int, ...] = (12,)

@@ -29,7 +29,12 @@ ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", help="Packaged model name, local model dir, .gguf file or Hugging Face id."),
 ]
-DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16 (torch engine).")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        help="Torch engine: auto (bfloat16 where the CPU runs it natively, else float32), float32, bfloat16 or float16."
+    ),
+]
 EngineOption = Annotated[
     str,
     typer.Option(help="auto (llamacpp when installed and the model is a GGUF, else torch), torch or llamacpp."),
@@ -141,7 +146,7 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
     system: Annotated[str | None, typer.Option(help="A system message (chat only).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
 ) -> None:
@@ -202,7 +207,7 @@ def serve(
     vector: Annotated[Path | None, typer.Option(help="Serve with this steering vector applied.")] = None,
     strength: float = 1.0,
     positions: str = "prompt_last+generated",
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
     from residlab.models.loading import load

@@ -34,13 +34,28 @@ _DTYPES = {
 }
 
 
+def bf16_is_fast() -> bool:
+    """Whether this CPU has native bfloat16 matrix kernels (AVX512-BF16 / AMX), where bf16 roughly
+    doubles torch's generation speed (measured: benchmarks/results/engines.md); on a GPU, always."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None or dtype == "auto":
+    """``None`` -> float32 (exact: the default for analyses); ``"auto"`` -> bfloat16 where the hardware
+    runs it natively, else float32 (the default for generation commands); or a dtype name."""
+    if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ResidlabError(f"unknown dtype {dtype!r}.", hint=f"use one of {', '.join(_DTYPES)}.")
+        raise ResidlabError(f"unknown dtype {dtype!r}.", hint=f"use auto or one of {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
 
 
