@@ -115,7 +115,7 @@ def test_same_layer_number_steers_the_same_block(engines, layer, strength):
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def test_position_rules_match_the_torch_engine(engines):
