@@ -1,8 +1,9 @@
 """A small OpenAI-compatible chat-completions server for a (possibly steered) residlab model.
 
 ``residlab serve`` exposes ``POST /v1/chat/completions`` and ``GET /v1/models`` on loopback by
-default. One request is served at a time (the model is not thread-safe); it is meant for local
-tools, such as another residlab run that uses it as the teacher for concise traces.
+default, on any engine (``--engine``). One request is served at a time (engines are not
+thread-safe); it is meant for local tools, such as another residlab run that uses it as the
+teacher for concise traces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.models.lm import LanguageModel
 from residlab.vectors.steering_vector import SteeringVector
 
@@ -38,7 +40,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         if self.path.rstrip("/") in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [{"id": self.server.lm.name, "object": "model"}]})
+            self._send(200, {"object": "list", "data": [{"id": self.server.engine.name, "object": "model"}]})
         else:
             self._error(404, f"no route {self.path}")
 
@@ -63,7 +65,7 @@ class ModelServer(ThreadingHTTPServer):
 
     def __init__(
         self,
-        lm: LanguageModel,
+        model: LanguageModel | Engine,
         host: str = "127.0.0.1",
         port: int = 8000,
         vector: SteeringVector | None = None,
@@ -71,33 +73,27 @@ class ModelServer(ThreadingHTTPServer):
         positions: str = "prompt_last+generated",
     ) -> None:
         super().__init__((host, port), _Handler)
-        self.lm = lm
-        self.vector = vector
-        self.strength = strength
-        self.positions = positions
+        self.engine = as_engine(model)
+        self.steering = SteeringSpec(vector, strength, positions) if vector is not None and strength else None
         self._lock = threading.Lock()
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        steering = (
-            self.lm.steer(self.vector, strength=self.strength, positions=self.positions)
-            if self.vector is not None and self.strength
-            else contextlib.nullcontext()
-        )
-        with self._lock, steering:
-            generation = self.lm.generate(
+        with self._lock:
+            generation = self.engine.generate(
                 [request["messages"]],
+                steering=self.steering,
                 max_new_tokens=int(request.get("max_tokens") or 256),
                 temperature=float(request.get("temperature") or 0.0),
                 top_p=float(request.get("top_p") or 1.0),
                 seed=request.get("seed"),
                 chat=True,
             )[0]
-        prompt_tokens = len(self.lm.tokenizer(generation.prompt, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(self.engine.tokenize(generation.prompt))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.lm.name,
+            "model": self.engine.name,
             "choices": [
                 {
                     "index": 0,

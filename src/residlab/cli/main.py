@@ -208,16 +208,18 @@ def serve(
     strength: float = 1.0,
     positions: str = "prompt_last+generated",
     dtype: DtypeOption = "auto",
+    engine: EngineOption = "auto",
 ) -> None:
     """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
-    from residlab.models.loading import load
+    from residlab.engines import open_engine
     from residlab.serving import ModelServer
-    from residlab.vectors.steering_vector import SteeringVector
+    from residlab.vectors.files import load_vector
 
-    lm = load(model, dtype=dtype)
-    vec = SteeringVector.load(vector, model=lm) if vector is not None else None
-    server = ModelServer(lm, host, port, vector=vec, strength=strength, positions=positions)
-    print(f"serving {lm.name} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)
+    runner = open_engine(model, engine, dtype=dtype)
+    vec = load_vector(vector, runner) if vector is not None else None
+    server = ModelServer(runner, host, port, vector=vec, strength=strength, positions=positions)
+    address = f"http://{host}:{server.server_address[1]}/v1"
+    print(f"serving {runner.name} ({runner.kind} engine) on {address} (Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()
     finally:
