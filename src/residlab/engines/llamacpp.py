@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 
 from residlab.engines.base import SteeringSpec, sample_next
 from residlab.errors import ModelMismatchError, ResidlabError
-from residlab.models.lm import Generation, Prompt, eos_token_ids, render_prompt
+from residlab.models.lm import Generation, Prompt, eos_token_ids, generate_in_sorted_batches, render_prompt
 
 # Control vector on/off for (prompt minus last token, last prompt token, generated tokens).
 _PHASES = {
@@ -297,38 +296,15 @@ class LlamaCppEngine:
                     f"the tokenizer produced id {max(ids)}, beyond the GGUF's vocabulary of {self.vocab_size}.",
                     hint="the tokenizer does not belong to this GGUF.",
                 )
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         rng = np.random.default_rng(seed)
-        results: list[Generation | None] = [None] * len(texts)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc="generating", unit="prompt")
-        step = max(1, batch_size)
-        for start in range(0, len(order), step):
-            rows = order[start : start + step]
-            began = time.perf_counter()
+        def decode(rows: list[int]) -> tuple[list[list[int]], list[bool]]:
             outputs, finished = self._generate_batch(
                 [encoded[i] for i in rows], deltas, phases, max_new_tokens, temperature, top_p, rng, ignore_eos
             )
-            elapsed = time.perf_counter() - began
-            for j, i in enumerate(rows):
-                results[i] = Generation(
-                    prompt=texts[i],
-                    text=self.tokenizer.decode(outputs[j], skip_special_tokens=True),
-                    token_ids=tuple(outputs[j]),
-                    num_tokens=len(outputs[j]),
-                    hit_limit=not finished[j],
-                    seconds=elapsed / len(rows),
-                    batch_seconds=elapsed,
-                    batch_size=len(rows),
-                )
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
-        return results  # type: ignore[return-value]
+            return outputs, [not f for f in finished]
+
+        return generate_in_sorted_batches(texts, encoded, batch_size, decode, self.tokenizer, progress)
 
     def _generate_batch(
         self,

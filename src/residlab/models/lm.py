@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,48 @@ def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:
     return sorted(ids)
 
 
+def generate_in_sorted_batches(
+    texts: Sequence[str],
+    encoded: Sequence[Sequence[int]],
+    batch_size: int,
+    decode: Callable[[list[int]], tuple[list[list[int]], list[bool]]],
+    tokenizer: Any,
+    progress: bool = False,
+) -> list[Generation]:
+    """Every engine's batching: prompts sorted by token length into batches of ``batch_size`` (less
+    padding, similar lengths), ``decode(rows)`` -> (generated ids, hit_limit) per batch, timed, and the
+    results returned as :class:`Generation` in the caller's order."""
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    results: list[Generation | None] = [None] * len(texts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="generating", unit="prompt")
+    step = max(1, batch_size)
+    for start in range(0, len(order), step):
+        rows = order[start : start + step]
+        began = time.perf_counter()
+        outputs, hit_limit = decode(rows)
+        elapsed = time.perf_counter() - began
+        for j, i in enumerate(rows):
+            results[i] = Generation(
+                prompt=texts[i],
+                text=tokenizer.decode(outputs[j], skip_special_tokens=True),
+                token_ids=tuple(outputs[j]),
+                num_tokens=len(outputs[j]),
+                hit_limit=hit_limit[j],
+                seconds=elapsed / len(rows),
+                batch_seconds=elapsed,
+                batch_size=len(rows),
+            )
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
 class LanguageModel:
     """A causal LM ready to record and steer. Build one with :func:`residlab.load` or directly
     from a transformers model and tokenizer (which are then used as they are, never modified)."""
@@ -163,6 +205,10 @@ class LanguageModel:
         if not texts:
             raise ResidlabError("no texts were given.", hint="pass at least one text.")
         rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        return self.pad(rows)
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> Batch:
+        """Left-pad token id lists into a :class:`Batch`."""
         width = max(len(r) for r in rows)
         if width == 0:
             raise ResidlabError("every text tokenised to nothing.", hint="pass non-empty texts.")
@@ -222,46 +268,16 @@ class LanguageModel:
         texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
         special = not (self.has_chat_template if chat is None else chat)
         encoded = [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        results: list[Generation | None] = [None] * len(texts)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc="generating", unit="prompt")
-        for start in range(0, len(order), max(1, batch_size)):
-            rows = order[start : start + batch_size]
-            batch = self.encode([texts[i] for i in rows], add_special_tokens=special)
-            began = time.perf_counter()
-            tokens, hit_limit = self._generate_batch(
-                batch,
-                torch.tensor(rows, device=self.device),
-                max_new_tokens,
-                temperature,
-                top_p,
-                generator,
-                use_cache,
-                ignore_eos,
+        def decode(rows: list[int]) -> tuple[list[list[int]], list[bool]]:
+            batch = self.pad([encoded[i] for i in rows])
+            caller_rows = torch.tensor(rows, device=self.device)
+            return self._generate_batch(
+                batch, caller_rows, max_new_tokens, temperature, top_p, generator, use_cache, ignore_eos
             )
-            elapsed = time.perf_counter() - began
-            for j, i in enumerate(rows):
-                ids = tokens[j]
-                results[i] = Generation(
-                    prompt=texts[i],
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    token_ids=tuple(ids),
-                    num_tokens=len(ids),
-                    hit_limit=hit_limit[j],
-                    seconds=elapsed / len(rows),
-                    batch_seconds=elapsed,
-                    batch_size=len(rows),
-                )
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
-        return results  # type: ignore[return-value]
+
+        return generate_in_sorted_batches(texts, encoded, batch_size, decode, self.tokenizer, progress)
 
     @torch.inference_mode()
     def _generate_batch(

@@ -16,7 +16,6 @@ vector's ``info``) and records the scale and residlab's metadata under ``residla
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,16 +112,10 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
     directions = {k: v / scale for k, v in directions.items()}
 
     if ours.get("format") == "residlab.steering_vector":
-        vector = SteeringVector(
-            directions=directions,
-            model_name=ours["model_name"],
-            hidden_size=int(ours["hidden_size"]),
-            num_layers=int(ours["num_layers"]),
-            position_rule=ours.get("position_rule", "prompt_last+generated"),
-            source=ours.get("source", ""),
-            created=ours.get("created", ""),
-            info=json.loads(ours.get("info", "{}")),
-        )
+        try:
+            vector = SteeringVector.from_metadata(directions, ours)
+        except (KeyError, ValueError) as err:
+            raise ResidlabError(f"{path} has malformed residlab metadata ({err}).") from None
         if model is not None:
             _check_shape(path, size, max(directions), model)
             vector.check_compatible(model, strict_name=strict)  # type: ignore[arg-type]

@@ -185,6 +185,21 @@ class SteeringVector:
             "info": json.dumps(self.info, default=str),
         }
 
+    @classmethod
+    def from_metadata(cls, directions: Mapping[int, torch.Tensor], meta: Mapping[str, str]) -> SteeringVector:
+        """Rebuild a vector from its directions and the string metadata :meth:`metadata` wrote
+        (in a safetensors header or, under ``residlab.*`` keys, a control-vector GGUF)."""
+        return cls(
+            directions=directions,
+            model_name=meta["model_name"],
+            hidden_size=int(meta["hidden_size"]),
+            num_layers=int(meta["num_layers"]),
+            position_rule=meta.get("position_rule", "prompt_last+generated"),
+            source=meta.get("source", ""),
+            created=meta.get("created", ""),
+            info=json.loads(meta.get("info", "{}")),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (atomically) with the metadata in its header."""
         from safetensors.torch import save_file
@@ -222,16 +237,7 @@ class SteeringVector:
             raise ResidlabError(f"{path} uses layer convention {meta.get('layer_convention')!r}.")
         try:
             directions = {int(name.split(".", 1)[1]): t for name, t in tensors.items()}
-            vector = cls(
-                directions=directions,
-                model_name=meta["model_name"],
-                hidden_size=int(meta["hidden_size"]),
-                num_layers=int(meta["num_layers"]),
-                position_rule=meta.get("position_rule", "prompt_last+generated"),
-                source=meta.get("source", ""),
-                created=meta.get("created", ""),
-                info=json.loads(meta.get("info", "{}")),
-            )
+            vector = cls.from_metadata(directions, meta)
         except (KeyError, ValueError, IndexError) as err:
             raise ResidlabError(f"{path} has malformed steering-vector metadata ({err}).") from None
         if model is not None:
