@@ -44,6 +44,7 @@ def main() -> None:
         return SteeringVector(**{**unit.__dict__, "directions": directions})
 
     rows = []
+
     def label(layers: tuple[int, ...], relative: float) -> str:
         span = f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
         return f"L{span}x{relative}"
