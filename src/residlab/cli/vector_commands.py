@@ -20,18 +20,12 @@ def show(path: Annotated[Path, typer.Argument(help="A .safetensors or control-ve
     """Print a vector's model, layers, norms, position rule and provenance."""
     from residlab.vectors.files import load_vector
 
-    vec = load_vector(path) if path.suffix != ".gguf" else _load_gguf_for_show(path)
+    vec = load_vector(path)
     console.print(f"model: {vec.model_name} (hidden size {vec.hidden_size}, {vec.num_layers} layers)")
     console.print("norms: " + ", ".join(f"layer {k}: {v:.4g}" for k, v in vec.norms.items()))
     console.print(f"position rule: {vec.position_rule}\nsource: {vec.source}\ncreated: {vec.created}")
     if vec.info:
         console.print(f"info: {dict(vec.info)}")
-
-
-def _load_gguf_for_show(path: Path):
-    from residlab.vectors.gguf_control import import_control_vector
-
-    return import_control_vector(path)
 
 
 @vector_app.command("export")

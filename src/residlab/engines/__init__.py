@@ -57,7 +57,7 @@ def open_engine(
 
         return TorchEngine(lm if lm is not None else load(model, dtype=dtype))
     if engine == "llamacpp":
-        from residlab.engines.llamacpp import LlamaCppEngine, engine_eos_ids, import_llama_cpp
+        from residlab.engines.llamacpp import LlamaCppEngine, import_llama_cpp
         from residlab.models.loading import load_gguf
 
         import_llama_cpp()  # fail early, before any download, if the bindings are missing
@@ -66,7 +66,7 @@ def open_engine(
             resolved.gguf,
             resolved.tokenizer,
             name=resolved.name,
-            eos_ids=engine_eos_ids(resolved.tokenizer, resolved.config_dir),
+            eos_ids=resolved.eos_ids,
             threads=threads,
         )
     raise AssertionError(engine)  # resolve_engine only returns known engines

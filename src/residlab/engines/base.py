@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -53,7 +53,6 @@ class SteeringSpec:
         }
 
 
-@runtime_checkable
 class Engine(Protocol):
     """What the evaluation runner, the CLI and the benchmarks need from an inference engine."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from residlab.engines.base import SteeringSpec, sample_next
 from residlab.errors import ModelMismatchError, ResidlabError
-from residlab.models.lm import Generation, Prompt, eos_token_ids, generate_in_sorted_batches, render_prompt
+from residlab.models.lm import Generation, Prompt, generate_in_sorted_batches, render_prompt
 
 # Control vector on/off for (prompt minus last token, last prompt token, generated tokens).
 _PHASES = {
@@ -37,6 +38,15 @@ _PHASES = {
     "prompt": (True, True, False),
 }
 _quiet_callback: Any = None  # kept alive: llama.cpp holds the pointer
+
+
+@dataclass(frozen=True)
+class _ControlVector:
+    """A steering delta in llama.cpp's buffer layout, built once per call."""
+
+    data: np.ndarray  # float32 [(n_layer - 1) * n_embd], row k = layer k + 1
+    first_layer: int
+    last_layer: int
 
 
 def import_llama_cpp() -> Any:
@@ -74,7 +84,6 @@ class LlamaCppEngine:
         name: str,
         eos_ids: Sequence[int] = (),
         threads: int | None = None,
-        kv_unified: bool = True,
     ) -> None:
         self._lib = lib = import_llama_cpp()
         _silence(lib)
@@ -84,7 +93,6 @@ class LlamaCppEngine:
         self.tokenizer = tokenizer
         self.name = name
         self.threads = threads or max(1, os.cpu_count() or 1)
-        self.kv_unified = kv_unified
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         self._model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), params)
@@ -102,7 +110,7 @@ class LlamaCppEngine:
         self._ctx_shape = (0, 0)  # (sequences, cells)
         self._batch: Any = None
         self._batch_capacity = 0
-        self._cvec_key: Any = None
+        self._cvec_applied: _ControlVector | None = None
         self.n_batch = 2048
 
     # -- facts ------------------------------------------------------------------------------
@@ -142,8 +150,6 @@ class LlamaCppEngine:
         sequences = max(sequences, have_seq)
         cells = max(cells, have_cells)
         cells = -(-cells // 256) * 256
-        if not self.kv_unified:
-            cells = sequences * -(-(cells // sequences) // 256) * 256
         params = lib.llama_context_default_params()
         params.n_ctx = cells
         params.n_batch = self.n_batch
@@ -151,7 +157,7 @@ class LlamaCppEngine:
         params.n_seq_max = sequences
         params.n_threads = params.n_threads_batch = self.threads
         params.n_outputs_max_per_seq = 0  # teacher-forced scoring needs every position's logits
-        params.kv_unified = self.kv_unified
+        params.kv_unified = True  # one pool of cells for all sequences (measured: as fast as split pools)
         params.no_perf = True
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
@@ -159,7 +165,7 @@ class LlamaCppEngine:
                 f"llama.cpp could not create a context ({sequences} sequences, {cells} cells).",
                 hint="lower --batch-size or --max-new-tokens (the KV cache did not fit in memory).",
             )
-        self._ctx, self._ctx_shape, self._cvec_key = ctx, (sequences, cells), None
+        self._ctx, self._ctx_shape, self._cvec_applied = ctx, (sequences, cells), None
         return ctx
 
     def _token_batch(self, capacity: int) -> Any:
@@ -171,49 +177,43 @@ class LlamaCppEngine:
             self._batch_capacity = capacity
         return self._batch
 
-    def set_control_vector(self, deltas: dict[int, np.ndarray] | None) -> None:
-        """Apply ``{layer: delta}`` through llama.cpp's adapter (``None`` switches it off)."""
-        data = None if deltas is None else self._cvec_buffer(deltas)
-        key = None if data is None else hash(data.tobytes())
-        if key == self._cvec_key:
+    def set_control_vector(self, cvec: _ControlVector | None) -> None:
+        """Apply a control vector through llama.cpp's adapter (``None`` switches it off); a no-op
+        when that very vector is already applied."""
+        if cvec is self._cvec_applied:
             return
-        lib, ctx = self._lib, self._ctx
-        if data is None:
-            status = lib.llama_set_adapter_cvec(ctx, None, 0, self.hidden_size, -1, -1)
+        if cvec is None:
+            status = self._lib.llama_set_adapter_cvec(self._ctx, None, 0, self.hidden_size, -1, -1)
         else:
-            pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            status = lib.llama_set_adapter_cvec(
-                ctx,
-                pointer,
-                data.size,
-                self.hidden_size,
-                min(deltas),
-                max(deltas),  # type: ignore[arg-type]
+            pointer = cvec.data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            status = self._lib.llama_set_adapter_cvec(
+                self._ctx, pointer, cvec.data.size, self.hidden_size, cvec.first_layer, cvec.last_layer
             )
         if status != 0:
             raise ResidlabError("llama.cpp refused the control vector.", hint="RESIDLAB_DEBUG=1 shows its log.")
-        self._cvec_key = key
+        self._cvec_applied = cvec
 
-    def _cvec_buffer(self, deltas: dict[int, np.ndarray]) -> np.ndarray:
-        """llama.cpp's layout: one row per layer 1..n_layer-1 (layer 0 has no slot), zeros elsewhere."""
-        for layer, delta in deltas.items():
-            if layer == 0:
-                raise ResidlabError(
-                    "llama.cpp cannot steer layer 0 (its control-vector buffer starts at layer 1).",
-                    hint="steer at a layer >= 1, or use --engine torch.",
-                )
-            if not 0 < layer < self.num_layers:
-                raise ModelMismatchError(f"layer {layer} is outside 1..{self.num_layers - 1} for {self.name}.")
-            if delta.shape[-1] != self.hidden_size:
-                raise ModelMismatchError(
-                    f"steering delta for layer {layer} has size {delta.shape[-1]}, the model's hidden size is "
-                    f"{self.hidden_size}.",
-                    hint="use a vector extracted from this model.",
-                )
+    def control_vector(self, steering: SteeringSpec | None) -> _ControlVector | None:
+        """Check ``steering`` against this model and lay it out as llama.cpp wants it: one row per
+        layer 1..n_layer-1 (layer 0 has no slot), zeros elsewhere. ``None`` when nothing steers."""
+        if steering is None or steering.strength == 0:
+            return None
+        if steering.positions not in _PHASES:
+            raise ResidlabError(
+                f"the llama.cpp engine supports the position rules {', '.join(_PHASES)}, not {steering.positions!r}.",
+                hint="use one of those rules, or --engine torch for token-index rules.",
+            )
+        steering.vector.check_compatible(self, strict_name=False)  # type: ignore[arg-type]
+        deltas = steering.deltas()
+        if 0 in deltas:
+            raise ResidlabError(
+                "llama.cpp cannot steer layer 0 (its control-vector buffer starts at layer 1).",
+                hint="steer at a layer >= 1, or use --engine torch.",
+            )
         data = np.zeros((self.num_layers - 1, self.hidden_size), dtype=np.float32)
         for layer, delta in deltas.items():
             data[layer - 1] = delta
-        return data.reshape(-1)
+        return _ControlVector(data.reshape(-1), min(deltas), max(deltas))
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> int:
         """Decode (token, position, sequence, wants_logits) items in order, in chunks of n_batch;
@@ -245,25 +245,6 @@ class LlamaCppEngine:
         pointer = self._lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self.vocab_size))
 
-    def _check_steering(self, steering: SteeringSpec | None) -> dict[int, np.ndarray] | None:
-        if steering is None or steering.strength == 0:
-            return None
-        if steering.positions not in _PHASES:
-            raise ResidlabError(
-                f"the llama.cpp engine supports the position rules {', '.join(_PHASES)}, not {steering.positions!r}.",
-                hint="use one of those rules, or --engine torch for token-index rules.",
-            )
-        if steering.vector.hidden_size != self.hidden_size or steering.vector.num_layers != self.num_layers:
-            raise ModelMismatchError(
-                f"this steering vector was made for {steering.vector.model_name} (hidden size "
-                f"{steering.vector.hidden_size}, {steering.vector.num_layers} layers), but {self.name} has hidden "
-                f"size {self.hidden_size} and {self.num_layers} layers.",
-                hint="extract a vector from this model, or load the model the vector was made for.",
-            )
-        deltas = steering.deltas()
-        self._cvec_buffer(deltas)  # validates layers before any work
-        return deltas
-
     # -- the engine interface -----------------------------------------------------------------
     def generate(
         self,
@@ -283,8 +264,8 @@ class LlamaCppEngine:
         """See :meth:`residlab.engines.base.Engine.generate`; prompts run as parallel sequences."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
-        deltas = self._check_steering(steering)
-        phases = _PHASES[steering.positions] if deltas is not None else (False, False, False)  # type: ignore[union-attr]
+        cvec = self.control_vector(steering)
+        phases = _PHASES[steering.positions] if cvec is not None else (False, False, False)  # type: ignore[union-attr]
         texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
         special = not (self.has_chat_template if chat is None else chat)
         encoded = [self.tokenize(t, add_special_tokens=special) for t in texts]
@@ -300,7 +281,7 @@ class LlamaCppEngine:
 
         def decode(rows: list[int]) -> tuple[list[list[int]], list[bool]]:
             outputs, finished = self._generate_batch(
-                [encoded[i] for i in rows], deltas, phases, max_new_tokens, temperature, top_p, rng, ignore_eos
+                [encoded[i] for i in rows], cvec, phases, max_new_tokens, temperature, top_p, rng, ignore_eos
             )
             return outputs, [not f for f in finished]
 
@@ -309,7 +290,7 @@ class LlamaCppEngine:
     def _generate_batch(
         self,
         rows: list[list[int]],
-        deltas: dict[int, np.ndarray] | None,
+        cvec: _ControlVector | None,
         phases: tuple[bool, bool, bool],
         max_new_tokens: int,
         temperature: float,
@@ -323,11 +304,11 @@ class LlamaCppEngine:
         # Prompt minus its last token, then the last prompt tokens (whose logits give the first
         # generated token), then one token per active sequence per step; the control vector is
         # switched between these phases as the position rule says.
-        self.set_control_vector(deltas if phases[0] else None)
+        self.set_control_vector(cvec if phases[0] else None)
         self._decode([(tok, pos, seq, False) for seq, r in enumerate(rows) for pos, tok in enumerate(r[:-1])])
-        self.set_control_vector(deltas if phases[1] else None)
+        self.set_control_vector(cvec if phases[1] else None)
         self._decode([(r[-1], len(r) - 1, seq, True) for seq, r in enumerate(rows)])
-        self.set_control_vector(deltas if phases[2] else None)
+        self.set_control_vector(cvec if phases[2] else None)
         active = list(range(count))
         positions = [len(r) for r in rows]
         outputs: list[list[int]] = [[] for _ in rows]
@@ -336,9 +317,12 @@ class LlamaCppEngine:
         memory = self._lib.llama_get_memory(self._ctx)
         for step in range(max_new_tokens):
             logits = self._logits(len(active))
+            if temperature <= 0:
+                picks = logits.argmax(axis=1).tolist()
+            else:
+                picks = [sample_next(row, temperature, top_p, rng) for row in logits]
             still: list[int] = []
-            for j, seq in enumerate(active):
-                token = sample_next(logits[j], temperature, top_p, rng)
+            for seq, token in zip(active, picks, strict=True):
                 outputs[seq].append(token)
                 if token in eos:
                     finished[seq] = True
@@ -356,12 +340,12 @@ class LlamaCppEngine:
         ids = list(token_ids)
         if not ids:
             raise ResidlabError("nothing to score.", hint="pass at least one token id.")
-        deltas = None
-        if steering is not None and steering.strength != 0:
-            deltas = self._check_steering(SteeringSpec(steering.vector, steering.strength, "all", steering.layers))
+        cvec = None
+        if steering is not None:
+            cvec = self.control_vector(SteeringSpec(steering.vector, steering.strength, "all", steering.layers))
         self._context(1, len(ids) + 1)
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
-        self.set_control_vector(deltas)
+        self.set_control_vector(cvec)
         rows = []
         for start in range(0, len(ids), self.n_batch):
             chunk = [(tok, start + i, 0, True) for i, tok in enumerate(ids[start : start + self.n_batch])]
@@ -395,20 +379,3 @@ class LlamaCppEngine:
             f"LlamaCppEngine({self.name!r}, gguf={self.gguf_path.name}, layers={self.num_layers}, "
             f"d_model={self.hidden_size}, threads={self.threads})"
         )
-
-
-def engine_eos_ids(tokenizer: Any, model_dir: Path | None) -> list[int]:
-    """End-of-sequence ids as the torch engine sees them (tokenizer + generation/model config)."""
-    configs: list[Any] = []
-    if model_dir is not None:
-        from transformers import AutoConfig, GenerationConfig
-
-        try:
-            configs.append(GenerationConfig.from_pretrained(str(model_dir)))
-        except OSError:
-            pass
-        try:
-            configs.append(AutoConfig.from_pretrained(str(model_dir)))
-        except (OSError, ValueError):
-            pass
-    return eos_token_ids(tokenizer, *configs)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from residlab.engines.base import SteeringSpec
-from residlab.models.lm import Generation, LanguageModel, Prompt
+from residlab.models.lm import Batch, Generation, LanguageModel, Prompt
 
 
 class TorchEngine:
@@ -86,8 +86,6 @@ class TorchEngine:
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:
         ids = torch.tensor([list(token_ids)], device=self.lm.device)
-        from residlab.models.lm import Batch
-
         batch = Batch(ids, torch.ones_like(ids))
         with self._steering(steering, positions="all"):
             logits = self.lm.forward(batch)

@@ -20,7 +20,7 @@ from residlab.cache import cache_dir
 from residlab.errors import ResidlabError
 from residlab.fileio import atomic_path
 from residlab.models.assets import ensure_gguf
-from residlab.models.lm import LanguageModel
+from residlab.models.lm import LanguageModel, eos_token_ids
 from residlab.models.registry import PackagedModel, packaged_model
 
 _MARKER = "residlab.json"
@@ -154,7 +154,7 @@ class GgufModel:
     name: str
     gguf: Path
     tokenizer: Any
-    config_dir: Path | None  # the converted safetensors dir when there is one (its configs name the EOS ids)
+    eos_ids: list[int]  # as the torch engine sees them (tokenizer + generation/model config)
 
 
 def load_gguf(spec: str) -> GgufModel:
@@ -180,9 +180,15 @@ def load_gguf(spec: str) -> GgufModel:
             "llama.cpp's convert_hf_to_gguf.py, or use --engine torch.",
         )
     if (converted / _MARKER).exists():
-        return GgufModel(name, gguf, AutoTokenizer.from_pretrained(str(converted)), converted)
+        from transformers import AutoConfig, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(str(converted))
+        configs = [AutoConfig.from_pretrained(str(converted))]
+        if (converted / "generation_config.json").exists():
+            configs.append(GenerationConfig.from_pretrained(str(converted)))
+        return GgufModel(name, gguf, tokenizer, eos_token_ids(tokenizer, *configs))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return GgufModel(name, gguf, tokenizer, None)
+    return GgufModel(name, gguf, tokenizer, eos_token_ids(tokenizer))
 
 
 @dataclass(frozen=True)
