@@ -117,7 +117,6 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
         except (KeyError, ValueError) as err:
             raise ResidlabError(f"{path} has malformed residlab metadata ({err}).") from None
         if model is not None:
-            _check_shape(path, size, max(directions), model)
             vector.check_compatible(model, strict_name=strict)  # type: ignore[arg-type]
         return vector
     if model is None:
