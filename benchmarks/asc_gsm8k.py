@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--strength", default=None, help="x residual norm at the layer, or 'auto' (default: tuned)")
     parser.add_argument("--positions", default="prompt_last+generated")
     parser.add_argument("--pair-source", default="reference")
+    parser.add_argument("--pair-samples", type=int, default=4, help="samples per problem (--pair-source sampled)")
+    parser.add_argument("--max-concise-ratio", type=float, default=None)
     parser.add_argument("--read", default="mean")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -45,6 +47,8 @@ def main() -> None:
         engine=args.engine,
         pairs=args.pairs,
         pair_source=args.pair_source,
+        pair_samples=args.pair_samples,
+        max_concise_ratio=args.max_concise_ratio,
         read=args.read,
         layer=args.layer,
         strength=args.strength if args.strength in (None, "auto") else float(args.strength),

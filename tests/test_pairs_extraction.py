@@ -7,7 +7,7 @@ from residlab import ResidlabError, prompts
 from residlab.datasets import synthetic_problems
 from residlab.evaluation.runner import Decoding
 from residlab.vectors.extraction import extract_vector, trace_states
-from residlab.vectors.pairs import TracePair, build_pairs, reference_trace
+from residlab.vectors.pairs import TracePair, build_pairs, reference_trace, shortest_correct
 
 DECODING = Decoding(max_new_tokens=6, batch_size=4)
 
@@ -50,6 +50,56 @@ def test_pair_filtering(qwen, tmp_path):
     assert [p.id for p in kept] == [problems[1].id, problems[3].id] and dropped["concise_wrong"] == 2
     with pytest.raises(ResidlabError, match="unknown concise source"):
         build_pairs(qwen, problems, source="oracle", work_dir=tmp_path, decoding=DECODING)
+
+
+def test_shortest_correct_prefers_correct_then_short():
+    records = [
+        {"output": "long right", "tokens": 90, "correct": True, "hit_limit": False},
+        {"output": "short wrong", "tokens": 10, "correct": False, "hit_limit": False},
+        {"output": "short right", "tokens": 40, "correct": True, "hit_limit": False},
+        {"output": "cut off", "tokens": 5, "correct": True, "hit_limit": True},
+    ]
+    assert shortest_correct(records) == ("short right", True)
+    assert shortest_correct(records[1:2] + records[3:]) == ("cut off", False)  # nothing counts as correct
+
+
+def test_sampled_source_takes_the_shortest_sample_and_caches(qwen, tmp_path):
+    problems = synthetic_problems(4, seed=5)
+    decoding = Decoding(max_new_tokens=8, batch_size=4)
+    kept, _ = build_pairs(
+        qwen, problems, source="sampled", samples=3, keep="all", work_dir=tmp_path, decoding=decoding, progress=False
+    )
+    files = sorted(tmp_path.glob("sample-*.jsonl"))
+    assert len(files) == 3  # one cached condition per sample seed
+    samples = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+    by_id = {p.id: [next(r for r in recs if r["id"] == p.id) for recs in samples] for p in problems}
+    assert any(len({r["output"] for r in rs}) > 1 for rs in by_id.values())  # sampling, not greedy
+    for pair in kept:
+        fewest = min(r["tokens"] for r in by_id[pair.id])
+        assert pair.concise in {r["output"] for r in by_id[pair.id] if r["tokens"] == fewest}
+        assert pair.concise_source == "sampled" and not pair.concise_correct
+    sizes = [f.stat().st_size for f in files]
+    build_pairs(
+        qwen, problems, source="sampled", samples=3, keep="all", work_dir=tmp_path, decoding=decoding, progress=False
+    )
+    assert [f.stat().st_size for f in files] == sizes  # the rerun generated nothing
+    # With both_correct, problems whose verbose trace is wrong are not sampled at all.
+    fresh = tmp_path / "fresh"
+    kept, dropped = build_pairs(
+        qwen, problems, source="sampled", samples=2, work_dir=fresh, decoding=decoding, progress=False
+    )
+    assert kept == [] and dropped["verbose_wrong"] == 4
+    assert all(f.read_text() == "" for f in fresh.glob("sample-*.jsonl"))
+
+
+def test_max_concise_ratio_drops_pairs_that_are_not_shorter(qwen, tmp_path):
+    problems = synthetic_problems(3, seed=7)
+    # 6-token verbose traces against full reference solutions: no reference is shorter.
+    kept, dropped = build_pairs(
+        qwen, problems, source="reference", keep="concise_correct", max_concise_ratio=1.0,
+        work_dir=tmp_path, decoding=DECODING, progress=False,
+    )
+    assert kept == [] and dropped["concise_not_shorter"] == 3
 
 
 def _pairs(n=6):

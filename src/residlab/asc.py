@@ -49,6 +49,8 @@ class CompressConfig:
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
     pairs: int = 48
     pair_source: str = "reference"
+    pair_samples: int = 4  # samples per problem for pair_source="sampled"
+    max_concise_ratio: float | None = None  # if set, drop pairs whose concise trace exceeds this x the verbose one
     keep: str = "both_correct"
     teacher_url: str | None = None
     teacher_model: str = "default"
@@ -107,6 +109,8 @@ def build_vector(
         teacher=teacher,
         pairs_file=cfg.pairs_file,
         engine=engine,
+        samples=cfg.pair_samples,
+        max_concise_ratio=cfg.max_concise_ratio,
     )
     if len(pairs) < 2:
         raise ResidlabError(

@@ -36,7 +36,16 @@ def compress(
     pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 48,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
-    pair_source: Annotated[str, typer.Option(help="Concise traces: reference, self, teacher or file.")] = "reference",
+    pair_source: Annotated[
+        str, typer.Option(help="Concise traces: reference, self, sampled, teacher or file.")
+    ] = "reference",
+    pair_samples: Annotated[
+        int, typer.Option(min=1, help="Samples per problem for --pair-source sampled (shortest correct wins).")
+    ] = 4,
+    max_concise_ratio: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Drop pairs whose concise trace exceeds this fraction of the verbose one."),
+    ] = None,
     keep: Annotated[str, typer.Option(help="Pair filter: both_correct, concise_correct or all.")] = "both_correct",
     teacher_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint for --pair-source teacher.")
@@ -74,6 +83,8 @@ def compress(
         pairs_dataset=pairs_dataset,
         calibration_states=calibration_states,
         pair_source=pair_source,
+        pair_samples=pair_samples,
+        max_concise_ratio=max_concise_ratio,
         keep=keep,
         teacher_url=teacher_url,
         teacher_model=teacher_model,

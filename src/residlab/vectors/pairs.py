@@ -1,5 +1,10 @@
 """Paired reasoning traces for one calibration problem each: the model's own verbose chain of thought
-and a concise, math-centric one from a chosen source."""
+and a concise, math-centric one from a chosen source.
+
+Sources of the concise side: ``reference`` (the dataset's solution), ``self`` (the model under the
+concise prompt), ``sampled`` (the shortest correct of N of the model's own samples under the plain
+prompt: same style, same prompt, only shorter), ``teacher`` (an OpenAI-compatible endpoint) and
+``file``."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from residlab import prompts
@@ -19,7 +24,10 @@ from residlab.evaluation.grading import grade
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.models.lm import LanguageModel
 
-CONCISE_SOURCES = ("reference", "self", "teacher", "file")
+CONCISE_SOURCES = ("reference", "self", "sampled", "teacher", "file")
+# The ``sampled`` source decodes like the ASC paper (temperature 0.7, top-p 0.9).
+SAMPLE_TEMPERATURE = 0.7
+SAMPLE_TOP_P = 0.9
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,16 @@ def build_pairs(
     pairs_file: str | Path | None = None,
     progress: bool = True,
     engine: Engine | None = None,
+    samples: int = 4,
+    max_concise_ratio: float | None = None,
 ) -> tuple[list[TracePair], dict[str, int]]:
     """Build one pair per problem and filter them; return (kept pairs, counts of what was dropped).
 
     Generation records are cached under ``work_dir`` (append-only), so a rerun or a larger ``problems``
     list reuses every trace already generated. ``keep``: ``both_correct`` (default), ``concise_correct``
-    or ``all``. ``engine`` generates the traces (default: the torch engine on ``lm``).
+    or ``all``. ``engine`` generates the traces (default: the torch engine on ``lm``). ``samples``: how
+    many samples the ``sampled`` source draws per problem. ``max_concise_ratio`` (optional): a pair is
+    dropped (``concise_not_shorter``) unless its concise trace has at most this fraction of the verbose tokens.
     """
     runner = engine if engine is not None else lm
     if source not in CONCISE_SOURCES:
@@ -122,6 +134,11 @@ def build_pairs(
             runner, problems, Condition("concise_self", prompts.CONCISE), decoding, work_dir, progress=progress
         )
         concise = [(r["output"], bool(r["correct"])) for r in concise_records]
+    elif source == "sampled":
+        # With both_correct, problems whose verbose trace is wrong are dropped anyway: sample only the rest.
+        wanted = [p for p, v in zip(problems, verbose, strict=True) if keep != "both_correct" or v["correct"]]
+        shortest = _shortest_correct_samples(runner, wanted, decoding, work_dir, samples, progress)
+        concise = [shortest.get(p.id, ("", False)) for p in problems]
     elif source == "reference":
         concise = [(reference_trace(p), True) for p in problems]
     elif source == "teacher":
@@ -141,6 +158,9 @@ def build_pairs(
 
     pairs, dropped = [], {"verbose_wrong": 0, "concise_wrong": 0, "concise_not_shorter": 0}
     for problem, v, (c_text, c_correct) in zip(problems, verbose, concise, strict=True):
+        if keep == "both_correct" and not v["correct"]:
+            dropped["verbose_wrong"] += 1
+            continue
         pair = TracePair(
             id=problem.id,
             question=problem.question,
@@ -155,11 +175,44 @@ def build_pairs(
         if keep != "all" and not pair.concise_correct:
             dropped["concise_wrong"] += 1
             continue
-        if keep == "both_correct" and not pair.verbose_correct:
-            dropped["verbose_wrong"] += 1
+        if max_concise_ratio is not None and pair.concise_tokens > max_concise_ratio * pair.verbose_tokens:
+            dropped["concise_not_shorter"] += 1
             continue
         pairs.append(pair)
     return pairs, dropped
+
+
+def _shortest_correct_samples(
+    runner: LanguageModel | Engine,
+    problems: Sequence[Problem],
+    decoding: Decoding,
+    work_dir: Path,
+    samples: int,
+    progress: bool,
+) -> dict[str, tuple[str, bool]]:
+    """id -> (trace, correct): the shortest correct of ``samples`` sampled traces under the plain prompt,
+    else the shortest sample (marked wrong). Traces cut off at the token limit never count as correct.
+    Each sample index is its own cached condition (its seed)."""
+    if samples < 1:
+        raise ResidlabError(f"the sampled source needs at least one sample, got {samples}.", hint="pass --pair-samples 4.")
+    samples_per_id: dict[str, list[dict]] = {}
+    for index in range(samples):
+        sampling = replace(decoding, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=index)
+        records = evaluate(runner, problems, Condition("sample", prompts.VERBOSE), sampling, work_dir, progress=progress)
+        for record in records:
+            samples_per_id.setdefault(record["id"], []).append(record)
+    return {key: shortest_correct(records) for key, records in samples_per_id.items()}
+
+
+def shortest_correct(records: Sequence[dict]) -> tuple[str, bool]:
+    """(output, correct) of the shortest correct generation record, else of the shortest one. A record
+    cut off at the token limit never counts as correct (its answer was not reached by the trace)."""
+
+    def key(record: dict) -> tuple[bool, int]:
+        return (not (record["correct"] and not record["hit_limit"]), int(record["tokens"]))
+
+    best = min(records, key=key)
+    return best["output"], not key(best)[0]
 
 
 def _teacher_traces(
