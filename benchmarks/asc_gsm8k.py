@@ -31,12 +31,14 @@ def main() -> None:
     parser.add_argument("--pair-source", default="reference")
     parser.add_argument("--pair-samples", type=int, default=4, help="samples per problem (--pair-source sampled)")
     parser.add_argument("--max-concise-ratio", type=float, default=None)
+    parser.add_argument("--project-out", default=None, help="second pair source to project out, e.g. sampled")
     parser.add_argument("--read", default="mean")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", help="torch engine dtype (also used for extraction)")
     parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
     parser.add_argument("--work-dir", default="residlab-out/benchmark")
+    parser.add_argument("--stem", default=None, help="results file name (default: asc_gsm8k[_<engine>])")
     args = parser.parse_args()
 
     from residlab.asc import CompressConfig, run_compress
@@ -49,6 +51,7 @@ def main() -> None:
         pair_source=args.pair_source,
         pair_samples=args.pair_samples,
         max_concise_ratio=args.max_concise_ratio,
+        project_out=args.project_out,
         read=args.read,
         layer=args.layer,
         strength=args.strength if args.strength in (None, "auto") else float(args.strength),
@@ -92,6 +95,7 @@ def main() -> None:
         "strength_relative_to_residual_norm": report["config"]["strength"],
         "positions": args.positions,
         "pair_source": args.pair_source,
+        "project_out": args.project_out,
         "read": args.read,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
@@ -107,15 +111,18 @@ def main() -> None:
         "seconds_total": report["seconds"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "asc_gsm8k" if args.engine == "torch" else f"asc_gsm8k_{args.engine}"
+    stem = args.stem or ("asc_gsm8k" if args.engine == "torch" else f"asc_gsm8k_{args.engine}")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     run_dir = Path(cfg.run_dir())
     md = (run_dir / "report.md").read_text()
     (RESULTS / f"{stem}.md").write_text(
         f"# ASC on GSM8K ({report['model']}, {args.engine} engine, commit {commit})\n\n"
         f"Reproduce: `python benchmarks/asc_gsm8k.py --engine {args.engine} --pairs {args.pairs} --limit {args.limit}"
+        + (f" --work-dir {args.work_dir} --stem {args.stem}" if args.stem else "")
         + (f" --strength {args.strength}" if args.strength is not None else "")
         + (f" --layer {args.layer}" if args.layer is not None else "")
+        + (f" --pair-source {args.pair_source}" if args.pair_source != "reference" else "")
+        + (f" --project-out {args.project_out}" if args.project_out else "")
         + "`\n\n"
         + md.split("\n", 1)[1]
     )

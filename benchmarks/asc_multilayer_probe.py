@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--work-dir", default="residlab-out/multilayer-probe")
+    parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
+    parser.add_argument("--grid", default=None, help="e.g. '10:0.35;8,10,12:0.14' (layers:relative strength)")
+    parser.add_argument("--out", default="asc_multilayer_train.md")
     args = parser.parse_args()
 
     from residlab import prompts
@@ -34,7 +37,13 @@ def main() -> None:
 
     raw = SteeringVector.load(args.vector)
     residual = {int(k): v for k, v in raw.info["residual_norm"].items()}
-    engine = open_engine(raw.model_name, "torch", dtype="bfloat16")
+    engine = open_engine(raw.model_name, args.engine, dtype="bfloat16")
+    grid_spec = GRID
+    if args.grid:
+        grid_spec = [
+            (tuple(int(k) for k in layers.split(",")), float(relative))
+            for layers, relative in (item.split(":") for item in args.grid.split(";"))
+        ]
     problems = load_problems("gsm8k", "train", offset=args.offset, limit=args.limit)
     decoding = Decoding(max_new_tokens=512, batch_size=16)
 
@@ -49,7 +58,7 @@ def main() -> None:
         span = f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
         return f"L{span}x{relative}"
 
-    grid = [("baseline", None), *((label(ls, r), spread(ls, r)) for ls, r in GRID)]
+    grid = [("baseline", None), *((label(ls, r), spread(ls, r)) for ls, r in grid_spec)]
     for name, vector in grid:
         condition = Condition(name, prompts.VERBOSE, vector=vector, strength=1.0 if vector is not None else 0.0)
         summary = summarize(name, evaluate(engine, problems, condition, decoding, args.work_dir, progress=False))
@@ -60,7 +69,7 @@ def main() -> None:
         "# ASC probe on GSM8K train: one layer vs several (issue 3)",
         "",
         f"Vector: `{args.vector}` ({raw.source}). {len(problems)} GSM8K train problems from offset {args.offset} "
-        "(past the calibration pairs), greedy, 512 new tokens, torch bf16, batch 16. Strength per layer = "
+        f"(past the calibration pairs), greedy, 512 new tokens, {engine.identity}, batch 16. Strength per layer = "
         "relative x that layer's residual norm, on the unit direction; rule prompt_last+generated.",
         "",
         "| condition | accuracy (95% CI) | mean tokens | token change | cut off |",
@@ -74,7 +83,7 @@ def main() -> None:
         )
     lines += ["", f"Reproduce: `python benchmarks/asc_multilayer_probe.py --vector {args.vector}`"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "asc_multilayer_train.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -53,11 +53,17 @@ def main() -> None:
     vectors, pair_lines = {}, []
     for source in ("reference", "sampled"):
         pairs, dropped = build_pairs(
-            lm, calibration, source=source, work_dir=run_dir / "pairs", decoding=pair_decoding,
-            engine=engine, samples=args.samples,
+            lm,
+            calibration,
+            source=source,
+            work_dir=run_dir / "pairs",
+            decoding=pair_decoding,
+            engine=engine,
+            samples=args.samples,
         )
         extraction = extract_vector(lm, pairs, read="mean", batch_size=4)
         vectors[source] = extraction
+        extraction.vector.save(run_dir / f"vector_all_layers_{source}.safetensors")
         ratio = statistics.median(p.concise_tokens / p.verbose_tokens for p in pairs)
         pair_lines.append(
             f"| {source} | {len(pairs)} | {statistics.mean(p.verbose_tokens for p in pairs):.0f} | "

@@ -67,3 +67,23 @@ def test_compress_with_missing_data_dir_is_a_clear_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "hint:" in result.output and "Traceback" not in result.output
+
+
+def test_compress_can_project_out_a_second_pair_source(tmp_path):
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    work = tmp_path / "out"
+    args = "--dtype float32 --max-new-tokens 8 --batch-size 4 --pairs 4 --pairs-dataset synthetic --keep all"
+    args += " --eval synthetic --limit 2 --calibration-states 2 --project-out sampled --pair-samples 2"
+    result = runner.invoke(app, ["compress", "--model", model, "--work-dir", str(work), *args.split()])
+    assert result.exit_code == 0, result.output
+    run_dir = work / "tiny"
+    report = json.loads((run_dir / "report.json").read_text())
+    control = report["pairs"]["projected_out"]
+    assert control["source"] == "sampled" and control["n_pairs"] == 4
+    assert len(list((run_dir / "pairs").glob("sample-*.jsonl"))) == 2
+    from residlab import SteeringVector
+
+    full = SteeringVector.load(run_dir / "vector_all_layers.safetensors")
+    assert full.info["projected_out"] == "sampled"
+    assert set(control["cosine_per_layer"]) == {str(k) for k in full.layers}
+    assert "minus its component along the sampled" in (run_dir / "report.md").read_text()

@@ -96,8 +96,14 @@ def test_max_concise_ratio_drops_pairs_that_are_not_shorter(qwen, tmp_path):
     problems = synthetic_problems(3, seed=7)
     # 6-token verbose traces against full reference solutions: no reference is shorter.
     kept, dropped = build_pairs(
-        qwen, problems, source="reference", keep="concise_correct", max_concise_ratio=1.0,
-        work_dir=tmp_path, decoding=DECODING, progress=False,
+        qwen,
+        problems,
+        source="reference",
+        keep="concise_correct",
+        max_concise_ratio=1.0,
+        work_dir=tmp_path,
+        decoding=DECODING,
+        progress=False,
     )
     assert kept == [] and dropped["concise_not_shorter"] == 3
 

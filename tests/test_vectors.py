@@ -100,3 +100,20 @@ def test_scaling_preserves_direction(values, factor):
     v = SteeringVector.from_tensor(t, model=lm, layer=0)
     assert (v * factor).cosine(v) == pytest.approx(1.0, abs=1e-5)
     assert (v * factor).norm() == pytest.approx(v.norm() * factor, rel=1e-5)
+
+
+def test_project_out_removes_exactly_the_component_along_the_other(qwen):
+    a, b = random_vector(qwen, [1, 2], seed=3), random_vector(qwen, [0, 1, 2], seed=4)
+    cleaned = a.project_out(b)
+    for layer in (1, 2):
+        u = b.directions[layer] / b.directions[layer].norm()
+        assert float(cleaned.directions[layer] @ u) == pytest.approx(0.0, abs=1e-4)
+        # What is left is a minus its projection: adding the projection back gives a again.
+        along = float(a.directions[layer] @ u) * u
+        torch.testing.assert_close(cleaned.directions[layer] + along, a.directions[layer])
+    assert cleaned.layers == [1, 2] and "minus its component" in cleaned.source
+    assert a.project_out(a).norm(1) == pytest.approx(0.0, abs=1e-4)
+    zero = SteeringVector.from_layers({1: torch.zeros(64), 2: torch.zeros(64)}, model=qwen, source="zero")
+    torch.testing.assert_close(a.project_out(zero).directions[1], a.directions[1])
+    with pytest.raises(ResidlabError, match="no direction at layer"):
+        a.project_out(b.select([1]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class CompressConfig:
     pair_samples: int = 4  # samples per problem for pair_source="sampled"
     max_concise_ratio: float | None = None  # if set, drop pairs whose concise trace exceeds this x the verbose one
     keep: str = "both_correct"
+    project_out: str | None = None  # a second pair source whose direction is removed from the vector
     teacher_url: str | None = None
     teacher_model: str = "default"
     pairs_file: str | None = None
@@ -99,10 +100,43 @@ def build_vector(
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     teacher = TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None
     log(f"[1/4] traces for {len(calibration)} {cfg.pairs_dataset} train problems (concise: {cfg.pair_source})")
+    extraction, pair_stats = _extract(lm, cfg, cfg.pair_source, calibration, decoding, teacher, run_dir, engine)
+    log(
+        f"      {pair_stats['n_pairs']} pairs kept; verbose {pair_stats['mean_verbose_tokens']:.0f} tokens, "
+        f"concise {pair_stats['mean_concise_tokens']:.0f} tokens on average"
+    )
+    vector = extraction.vector
+    if cfg.project_out:
+        log(f"      control direction to project out: pairs with concise source {cfg.project_out}")
+        control, control_stats = _extract(lm, cfg, cfg.project_out, calibration, decoding, teacher, run_dir, engine)
+        vector = vector.project_out(control.vector)
+        pair_stats["projected_out"] = {
+            **control_stats,
+            "source": cfg.project_out,
+            "cosine_per_layer": {
+                str(k): round(extraction.vector.cosine(control.vector, k), 4) for k in extraction.vector.layers
+            },
+        }
+        vector = SteeringVector(**{**vector.__dict__, "info": {**vector.info, "projected_out": cfg.project_out}})
+        extraction = replace(extraction, vector=vector)
+    return extraction.vector, extraction, pair_stats
+
+
+def _extract(
+    lm: LanguageModel,
+    cfg: CompressConfig,
+    source: str,
+    calibration: list,
+    decoding: Decoding,
+    teacher: TeacherClient | None,
+    run_dir: Path,
+    engine: Engine | None,
+) -> tuple[ExtractionResult, dict[str, Any]]:
+    """Pairs from one concise source, filtered, and their concise-minus-verbose vector at every layer."""
     pairs, dropped = build_pairs(
         lm,
         calibration,
-        source=cfg.pair_source,
+        source=source,
         work_dir=run_dir / "pairs",
         decoding=decoding,
         keep=cfg.keep,
@@ -114,23 +148,18 @@ def build_vector(
     )
     if len(pairs) < 2:
         raise ResidlabError(
-            f"only {len(pairs)} usable pair(s) out of {len(calibration)} ({dropped}).",
+            f"only {len(pairs)} usable {source} pair(s) out of {len(calibration)} ({dropped}).",
             hint="raise --pairs, or use --keep concise_correct / --keep all.",
         )
-    pair_stats = {
+    stats = {
         "n_problems": len(calibration),
         "n_pairs": len(pairs),
         "dropped": dropped,
         "mean_verbose_tokens": sum(p.verbose_tokens for p in pairs) / len(pairs),
         "mean_concise_tokens": sum(p.concise_tokens for p in pairs) / len(pairs),
     }
-    log(
-        f"      {len(pairs)} pairs kept; verbose {pair_stats['mean_verbose_tokens']:.0f} tokens, "
-        f"concise {pair_stats['mean_concise_tokens']:.0f} tokens on average"
-    )
-    log(f"[2/4] extracting the vector ({cfg.method}, read={cfg.read}) at all {lm.num_layers} layers")
     extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=max(1, cfg.batch_size // 2))
-    return extraction.vector, extraction, pair_stats
+    return extraction, stats
 
 
 def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
@@ -280,7 +309,9 @@ def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:
     lines = [
         f"# ASC report: {lm.name}",
         "",
-        f"Vector: {pair_stats['n_pairs']} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces), "
+        f"Vector: {pair_stats['n_pairs']} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces"
+        + (f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else "")
+        + "), "
         f"{cfg.method} read={cfg.read}, layer {layer}, strength {strength:.4g} on the unit vector "
         f"(KL-bound strength for eps={cfg.eps}: {calibration.strength:.4g}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {promoted}, suppresses {suppressed}.",

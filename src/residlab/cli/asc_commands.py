@@ -47,6 +47,13 @@ def compress(
         typer.Option(min=0.0, help="Drop pairs whose concise trace exceeds this fraction of the verbose one."),
     ] = None,
     keep: Annotated[str, typer.Option(help="Pair filter: both_correct, concise_correct or all.")] = "both_correct",
+    project_out: Annotated[
+        str | None,
+        typer.Option(
+            help="A second concise source whose direction is removed from the vector (e.g. sampled: the model's "
+            "own shortest correct samples vs its greedy traces, mostly 'text the model would not write greedily')."
+        ),
+    ] = None,
     teacher_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint for --pair-source teacher.")
     ] = None,
@@ -86,6 +93,7 @@ def compress(
         pair_samples=pair_samples,
         max_concise_ratio=max_concise_ratio,
         keep=keep,
+        project_out=project_out,
         teacher_url=teacher_url,
         teacher_model=teacher_model,
         pairs_file=str(pairs_file) if pairs_file else None,

@@ -194,11 +194,15 @@ def _shortest_correct_samples(
     else the shortest sample (marked wrong). Traces cut off at the token limit never count as correct.
     Each sample index is its own cached condition (its seed)."""
     if samples < 1:
-        raise ResidlabError(f"the sampled source needs at least one sample, got {samples}.", hint="pass --pair-samples 4.")
+        raise ResidlabError(
+            f"the sampled source needs at least one sample, got {samples}.", hint="pass --pair-samples 4."
+        )
     samples_per_id: dict[str, list[dict]] = {}
     for index in range(samples):
         sampling = replace(decoding, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=index)
-        records = evaluate(runner, problems, Condition("sample", prompts.VERBOSE), sampling, work_dir, progress=progress)
+        records = evaluate(
+            runner, problems, Condition("sample", prompts.VERBOSE), sampling, work_dir, progress=progress
+        )
         for record in records:
             samples_per_id.setdefault(record["id"], []).append(record)
     return {key: shortest_correct(records) for key, records in samples_per_id.items()}

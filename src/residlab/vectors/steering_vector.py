@@ -143,6 +143,21 @@ class SteeringVector:
     def __neg__(self) -> SteeringVector:
         return self * -1.0
 
+    def project_out(self, other: SteeringVector) -> SteeringVector:
+        """This vector minus its component along ``other``, layer by layer (``other`` must cover every
+        layer of this one; a zero direction in ``other`` removes nothing). The norm is not restored."""
+        if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
+            raise ModelMismatchError("cannot project vectors made for models of different shapes.")
+        missing = [k for k in self.layers if k not in other.directions]
+        if missing:
+            raise ResidlabError(f"the vector to project out has no direction at layer(s) {missing}.")
+        directions = {}
+        for layer, v in self.directions.items():
+            u = other.directions[layer]
+            squared = float(u @ u)
+            directions[layer] = v - (float(v @ u) / squared) * u if squared else v.clone()
+        return replace(self, directions=directions, source=f"{self.source}, minus its component along ({other.source})")
+
     def normalized(self) -> SteeringVector:
         """Unit-norm direction at every layer."""
         for layer, norm in self.norms.items():
