@@ -4,10 +4,12 @@ Builds pairs for the first ``--pairs`` GSM8K train problems from two sources, th
 solutions and the model's own shortest correct sample (``sampled``: N samples at temperature 0.7 /
 top-p 0.9 under the plain prompt, so the concise side has the model's own style and prompt and
 differs only in length). Extracts both mean-over-trace vectors, and evaluates each at a few
-strengths on GSM8K *train* problems past the pairs (tune on train, never on test). Everything is
-cached under --work-dir. Writes benchmarks/results/asc_pair_source_train.md.
+strengths on GSM8K *train* problems past the pairs (tune on train, never on test), plus the
+reference vector with the sampled direction projected out (``compress --project-out sampled``).
+Everything is cached under --work-dir. Writes benchmarks/results/<--out>.
 
     python benchmarks/asc_pair_source_probe.py [--engine llamacpp] [--pairs 250] [--limit 64]
+    python benchmarks/asc_pair_source_probe.py --limit 128 --strengths 0.35 --out asc_pair_source_train_128.md
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--strengths", default="0.25,0.35,0.5", help="x residual norm, for the sampled vector")
+    parser.add_argument("--projected-strengths", default="0.35", help="for reference minus sampled")
     parser.add_argument("--work-dir", default="residlab-out/benchmark-llamacpp")
+    parser.add_argument("--out", default="asc_pair_source_train.md")
     args = parser.parse_args()
 
     import torch
@@ -83,13 +87,17 @@ def main() -> None:
     problems = load_problems("gsm8k", "train", offset=args.offset, limit=args.limit)
     decoding = Decoding(max_new_tokens=512, batch_size=16)
     grid = [("baseline", None, 0.0), ("reference", "reference", 0.35)]
-    grid += [("sampled", "sampled", float(s)) for s in args.strengths.split(",")]
+    grid += [("sampled", "sampled", float(s)) for s in args.strengths.split(",") if s]
+    grid += [("projected", "projected", float(s)) for s in args.projected_strengths.split(",") if s]
     rows = []
     for label, source, relative in grid:
         condition = Condition(label, prompts.VERBOSE)
         if source is not None:
-            extraction = vectors[source]
-            unit = extraction.vector.select([args.layer]).normalized()
+            extraction = vectors["reference" if source == "projected" else source]
+            vector = extraction.vector
+            if source == "projected":
+                vector = vector.project_out(vectors["sampled"].vector)
+            unit = vector.select([args.layer]).normalized()
             condition = Condition(
                 label, prompts.VERBOSE, vector=unit, strength=relative * extraction.residual_norm[args.layer]
             )
@@ -126,9 +134,16 @@ def main() -> None:
             f"| {label} | {relative} | {s.accuracy:.1%} ({low:.1%}-{high:.1%}) | {s.mean_tokens:.0f} | "
             f"{s.mean_tokens / base.mean_tokens - 1:+.1%} | {s.cut_off_share:.1%} |"
         )
-    lines += ["", "Reproduce: `python benchmarks/asc_pair_source_probe.py`"]
+    lines += [
+        "",
+        "`projected` = the reference vector minus its component along the sampled vector, at every layer, "
+        "then normalised at the layer (what `compress --project-out sampled` builds).",
+        "",
+        f"Reproduce: `python benchmarks/asc_pair_source_probe.py --limit {args.limit} --strengths {args.strengths} "
+        f"--projected-strengths {args.projected_strengths} --out {args.out}`",
+    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "asc_pair_source_train.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

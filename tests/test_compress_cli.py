@@ -67,6 +67,10 @@ def test_compress_with_missing_data_dir_is_a_clear_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "hint:" in result.output and "Traceback" not in result.output
+    same = runner.invoke(
+        app, ["compress", "--model", model, "--project-out", "reference", "--work-dir", str(tmp_path / "o")]
+    )
+    assert same.exit_code == 2 and "is the pair source itself" in same.output
 
 
 def test_compress_can_project_out_a_second_pair_source(tmp_path):

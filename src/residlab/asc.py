@@ -96,6 +96,11 @@ def build_vector(
     lm: LanguageModel, cfg: CompressConfig, run_dir: Path, log=print, engine: Engine | None = None
 ) -> tuple[SteeringVector, ExtractionResult, dict[str, Any]]:
     """Pairs from the calibration split, the concise-minus-verbose vector and the pair statistics."""
+    if cfg.project_out is not None and cfg.project_out == cfg.pair_source:
+        raise ResidlabError(
+            f"--project-out {cfg.project_out} is the pair source itself: nothing would be left of the vector.",
+            hint="project out a different source, e.g. --pair-source reference --project-out sampled.",
+        )
     calibration = load_problems(cfg.pairs_dataset, "train", data_dir=cfg.data_dir, limit=cfg.pairs)
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     teacher = TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None
