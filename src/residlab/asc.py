@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from residlab import prompts
-from residlab.datasets import load_problems
+from residlab.datasets import Problem, load_problems
 from residlab.engines import Engine, open_engine
 from residlab.errors import ResidlabError
 from residlab.evaluation.report import (
@@ -131,7 +132,7 @@ def _extract(
     lm: LanguageModel,
     cfg: CompressConfig,
     source: str,
-    calibration: list,
+    calibration: Sequence[Problem],
     decoding: Decoding,
     teacher: TeacherClient | None,
     run_dir: Path,
