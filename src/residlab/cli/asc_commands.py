@@ -111,9 +111,10 @@ def compress(
         work_dir=str(work_dir),
     )
     run_compress(cfg, log=_log)
+    full_size = {"gsm8k": "--limit 1319 (all of GSM8K test)", "math500": "--limit 500 (all of MATH-500)"}
     _log(
-        "Full-size evaluation: residlab compress --limit 1319 (all of GSM8K test; reuses everything above), "
-        "or --eval math500 --limit 500."
+        f"Full-size evaluation: rerun the same command with {full_size.get(eval_dataset, 'a larger --limit')}; "
+        "it reuses everything above."
     )
 
 

@@ -141,9 +141,10 @@ def measured_kl(
     with torch.no_grad():
         for text in texts:
             ids = lm.encode([text], add_special_tokens=add_special_tokens).input_ids
-            base = torch.log_softmax(_last_logits(lm, ids, layer, unit, torch.tensor(0.0)), -1)
-            steered = torch.log_softmax(_last_logits(lm, ids, layer, unit, torch.tensor(float(strength))), -1)
-            values.append(float((base.exp() * (base - steered)).sum()))
+            base = torch.log_softmax(_last_logits(lm, ids, layer, unit, torch.tensor(0.0)).double(), -1)
+            steered = torch.log_softmax(_last_logits(lm, ids, layer, unit, torch.tensor(float(strength))).double(), -1)
+            # KL >= 0; for a tiny strength rounding can leave -1e-8, which is zero.
+            values.append(max(0.0, float((base.exp() * (base - steered)).sum())))
     return values
 
 
