@@ -36,7 +36,7 @@ from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL, packaged_model
 from residlab.vectors.calibration import calibrate, kl_bound, measured_kl
 from residlab.vectors.extraction import ExtractionResult, extract_vector
-from residlab.vectors.pairs import TeacherClient, build_pairs
+from residlab.vectors.pairs import TeacherClient, TracePair, build_pairs
 from residlab.vectors.steering_vector import SteeringVector
 
 
@@ -106,29 +106,29 @@ def build_vector(
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     teacher = TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None
     log(f"[1/4] traces for {len(calibration)} {cfg.pairs_dataset} train problems (concise: {cfg.pair_source})")
-    extraction, pair_stats = _extract(lm, cfg, cfg.pair_source, calibration, decoding, teacher, run_dir, engine)
+    pairs, pair_stats = _pairs(lm, cfg, cfg.pair_source, calibration, decoding, teacher, run_dir, engine)
     log(
         f"      {pair_stats['n_pairs']} pairs kept; verbose {pair_stats['mean_verbose_tokens']:.0f} tokens, "
         f"concise {pair_stats['mean_concise_tokens']:.0f} tokens on average"
     )
-    vector = extraction.vector
+    log(f"[2/4] extracting the vector ({cfg.method}, read={cfg.read}) at all {lm.num_layers} layers")
+    batch_size = max(1, cfg.batch_size // 2)
+    extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=batch_size)
     if cfg.project_out:
-        log(f"      control direction to project out: pairs with concise source {cfg.project_out}")
-        control, control_stats = _extract(lm, cfg, cfg.project_out, calibration, decoding, teacher, run_dir, engine)
-        vector = vector.project_out(control.vector)
+        log(f"      and the control direction to project out (concise source {cfg.project_out})")
+        control_pairs, control_stats = _pairs(lm, cfg, cfg.project_out, calibration, decoding, teacher, run_dir, engine)
+        control = extract_vector(lm, control_pairs, read=cfg.read, method=cfg.method, batch_size=batch_size).vector
+        vector = extraction.vector.project_out(control)
         pair_stats["projected_out"] = {
             **control_stats,
             "source": cfg.project_out,
-            "cosine_per_layer": {
-                str(k): round(extraction.vector.cosine(control.vector, k), 4) for k in extraction.vector.layers
-            },
+            "cosine_per_layer": {str(k): round(extraction.vector.cosine(control, k), 4) for k in vector.layers},
         }
-        vector = SteeringVector(**{**vector.__dict__, "info": {**vector.info, "projected_out": cfg.project_out}})
-        extraction = replace(extraction, vector=vector)
+        extraction = replace(extraction, vector=replace(vector, info={**vector.info, "projected_out": cfg.project_out}))
     return extraction.vector, extraction, pair_stats
 
 
-def _extract(
+def _pairs(
     lm: LanguageModel,
     cfg: CompressConfig,
     source: str,
@@ -137,8 +137,8 @@ def _extract(
     teacher: TeacherClient | None,
     run_dir: Path,
     engine: Engine | None,
-) -> tuple[ExtractionResult, dict[str, Any]]:
-    """Pairs from one concise source, filtered, and their concise-minus-verbose vector at every layer."""
+) -> tuple[list[TracePair], dict[str, Any]]:
+    """Pairs from one concise source, filtered as configured, and their statistics."""
     pairs, dropped = build_pairs(
         lm,
         calibration,
@@ -164,8 +164,7 @@ def _extract(
         "mean_verbose_tokens": sum(p.verbose_tokens for p in pairs) / len(pairs),
         "mean_concise_tokens": sum(p.concise_tokens for p in pairs) / len(pairs),
     }
-    extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=max(1, cfg.batch_size // 2))
-    return extraction, stats
+    return pairs, stats
 
 
 def run_compress(cfg: CompressConfig, log=print) -> dict[str, Any]:

@@ -114,11 +114,14 @@ class SteeringVector:
             )
 
     # -- arithmetic ---------------------------------------------------------------------------
+    def _require_same_shape(self, other: SteeringVector) -> None:
+        if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
+            raise ModelMismatchError("cannot combine vectors made for models of different shapes.")
+
     def _combine(self, other: SteeringVector, op) -> SteeringVector:
         if not isinstance(other, SteeringVector):
             return NotImplemented
-        if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
-            raise ModelMismatchError("cannot combine vectors made for models of different shapes.")
+        self._require_same_shape(other)
         if set(other.layers) != set(self.layers):
             raise ResidlabError(
                 f"layers differ: {self.layers} vs {other.layers}.", hint="use .select(layers) on both first."
@@ -146,8 +149,7 @@ class SteeringVector:
     def project_out(self, other: SteeringVector) -> SteeringVector:
         """This vector minus its component along ``other``, layer by layer (``other`` must cover every
         layer of this one; a zero direction in ``other`` removes nothing). The norm is not restored."""
-        if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
-            raise ModelMismatchError("cannot project vectors made for models of different shapes.")
+        self._require_same_shape(other)
         missing = [k for k in self.layers if k not in other.directions]
         if missing:
             raise ResidlabError(f"the vector to project out has no direction at layer(s) {missing}.")
