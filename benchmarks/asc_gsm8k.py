@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--stem", default=None, help="results file name (default: asc_gsm8k[_<engine>])")
     args = parser.parse_args()
 
-    from residlab.asc import CompressConfig, run_compress
+    from residlab.methods.asc.pipeline import CompressConfig, run_compress
 
     cfg = CompressConfig(
         model=args.model,

@@ -28,11 +28,11 @@ def main() -> None:
     parser.add_argument("--out", default="asc_multilayer_train.md")
     args = parser.parse_args()
 
-    from residlab import prompts
-    from residlab.datasets import load_problems
+    from residlab.data import load_problems
     from residlab.engines import open_engine
     from residlab.evaluation.report import summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.methods.asc import prompts
     from residlab.vectors.steering_vector import SteeringVector
 
     raw = SteeringVector.load(args.vector)

@@ -38,15 +38,15 @@ def main() -> None:
 
     import torch
 
-    from residlab import prompts
-    from residlab.asc import run_dir_for
-    from residlab.datasets import load_problems
+    from residlab.data import load_problems
     from residlab.engines import open_engine
     from residlab.evaluation.report import summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.methods.asc import prompts
+    from residlab.methods.asc.pairs import build_pairs
+    from residlab.methods.asc.pipeline import run_dir_for
+    from residlab.methods.asc.vector import extract_vector
     from residlab.models.loading import load
-    from residlab.vectors.extraction import extract_vector
-    from residlab.vectors.pairs import build_pairs
 
     run_dir = run_dir_for(args.work_dir, args.model)
     lm = load(args.model, dtype="bfloat16")

@@ -60,9 +60,10 @@ def main() -> None:
 
     import torch
 
-    from residlab import SteeringVector, prompts
-    from residlab.datasets import load_problems
+    from residlab import SteeringVector
+    from residlab.data import load_problems
     from residlab.engines import SteeringSpec, open_engine
+    from residlab.methods.asc import prompts
 
     questions = [prompts.VERBOSE.format(question=p.question) for p in load_problems("gsm8k", "train", limit=16)]
     torch_fp32 = open_engine(MODEL, "torch", dtype="float32")

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from residlab.vectors.calibration import (
+from residlab.recipes.calibration import (
     _last_logits,
     calibrate,
     directional_derivatives,
@@ -85,6 +85,6 @@ def test_centred_bound_is_valid_and_tighter(qwen):
     cal = calibrate(qwen, texts, texts, 1, direction, eps=1e-3, add_special_tokens=True)
     assert cal.a_centred <= cal.a + 1e-6 and cal.strength_centred >= cal.strength
     # still a valid bound: the KL measured at the centred strength stays within eps
-    from residlab.vectors.calibration import measured_kl
+    from residlab.recipes.calibration import measured_kl
 
     assert max(measured_kl(qwen, texts, 1, direction, cal.strength_centred, add_special_tokens=True)) <= 1.2e-3

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-import residlab.datasets.problems as problems_module
-from residlab.datasets import (
+import residlab.data.problems as problems_module
+from residlab.core.errors import ResidlabError
+from residlab.data import (
     Problem,
     find_data_dir,
     load_jsonl,
@@ -16,7 +17,6 @@ from residlab.datasets import (
     strip_calculator_marks,
     synthetic_problems,
 )
-from residlab.errors import ResidlabError
 
 
 @pytest.fixture

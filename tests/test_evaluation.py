@@ -3,10 +3,10 @@ import json
 import pytest
 
 from residlab import ResidlabError
-from residlab.datasets import synthetic_problems
+from residlab.core.records import JsonlStore
+from residlab.data import synthetic_problems
 from residlab.evaluation.runner import Condition, Decoding, evaluate, records_path
 from residlab.evaluation.stats import bootstrap_mean_difference, compare_paired, mcnemar_exact, wilson_interval
-from residlab.records import JsonlStore
 
 
 def test_jsonl_store_repairs_a_torn_last_line(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from residlab.datasets import find_data_dir, load_problems
+from residlab.data import find_data_dir, load_problems
 from residlab.evaluation import Extraction, answers_match, extract_answer, grade, numbers_equal, parse_number
 
 # --------------------------------------------------------------------------- extraction

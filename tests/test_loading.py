@@ -6,7 +6,7 @@ import torch
 
 import residlab
 from residlab import ResidlabError
-from residlab.fileio import atomic_path, atomic_write_text
+from residlab.core.io import atomic_path, atomic_write_text
 from residlab.models import assets
 from residlab.models.registry import PackagedModel, packaged_model, require_packaged_model
 from residlab.testing import save_tiny_model

@@ -3,11 +3,13 @@ import json
 import pytest
 import torch
 
-from residlab import ResidlabError, prompts
-from residlab.datasets import synthetic_problems
+from residlab import ResidlabError
+from residlab.data import synthetic_problems
 from residlab.evaluation.runner import Decoding
-from residlab.vectors.extraction import extract_vector, trace_states
-from residlab.vectors.pairs import TracePair, build_pairs, reference_trace, shortest_correct
+from residlab.methods.asc import prompts
+from residlab.methods.asc.pairs import TracePair, build_pairs, reference_trace, shortest_correct
+from residlab.methods.asc.vector import extract_vector
+from residlab.recipes.extraction import completion_states
 
 DECODING = Decoding(max_new_tokens=6, batch_size=4)
 
@@ -139,6 +141,10 @@ def _manual_states(lm, pair_list, trace_of, layer):
     return torch.stack(states)
 
 
+def _heads(lm, pairs):
+    return [lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in pairs]
+
+
 def test_vector_sign_and_layer_convention(qwen):
     pairs = _pairs()
     result = extract_vector(qwen, pairs, read="mean", batch_size=4)
@@ -156,7 +162,7 @@ def test_vector_sign_and_layer_convention(qwen):
 
 def test_last_token_reading_and_pca(qwen):
     pairs = _pairs()
-    states = trace_states(qwen, [p.question for p in pairs], [p.concise for p in pairs], read="last")
+    states = completion_states(qwen, _heads(qwen, pairs), [p.concise for p in pairs], read="last")
     head = qwen.format_prompt(prompts.VERBOSE.format(question=pairs[0].question))
     ids = qwen.tokenizer(head + pairs[0].concise, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -171,7 +177,7 @@ def test_last_token_reading_and_pca(qwen):
 
 def test_first_n_reading(qwen):
     pairs = _pairs(2)
-    first = trace_states(qwen, [p.question for p in pairs], [p.verbose for p in pairs], read="first:3")
+    first = completion_states(qwen, _heads(qwen, pairs), [p.verbose for p in pairs], read="first:3")
     head = qwen.format_prompt(prompts.VERBOSE.format(question=pairs[0].question))
     ids = qwen.tokenizer(head + pairs[0].verbose, add_special_tokens=False, return_tensors="pt")["input_ids"]
     n_head = len(qwen.tokenizer(head, add_special_tokens=False)["input_ids"])
@@ -179,4 +185,4 @@ def test_first_n_reading(qwen):
         hidden = qwen.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
     torch.testing.assert_close(first[0, 0], hidden[n_head : n_head + 3].mean(0), rtol=1e-4, atol=1e-4)
     with pytest.raises(ResidlabError, match="unknown read mode"):
-        trace_states(qwen, ["q"], ["t"], read="first:x")
+        completion_states(qwen, ["q"], ["t"], read="first:x")

@@ -6,10 +6,10 @@ import urllib.request
 import pytest
 
 from residlab import ResidlabError
-from residlab.datasets import synthetic_problems
+from residlab.data import synthetic_problems
 from residlab.evaluation.runner import Decoding
-from residlab.serving import ModelServer, serving_in_background
-from residlab.vectors.pairs import TeacherClient, build_pairs
+from residlab.methods.asc.pairs import TeacherClient, build_pairs
+from residlab.serving.server import ModelServer, serving_in_background
 
 
 def test_openai_compatible_endpoint(qwen):

@@ -1,7 +1,8 @@
 """residlab: read and steer the residual stream of transformer language models."""
 
-from residlab.errors import ModelMismatchError, ResidlabError, UnknownArchitectureError
-from residlab.models.lm import Generation, LanguageModel
+from residlab.core.errors import ModelMismatchError, ResidlabError, UnknownArchitectureError
+from residlab.core.generation import Generation
+from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL, PACKAGED_MODELS
 from residlab.vectors.steering_vector import SteeringVector

@@ -15,7 +15,7 @@ from residlab.analyses.depth import DepthResult, analyze_depth
 from residlab.analyses.dims import DimsResult, analyze_dims
 from residlab.analyses.lens import lens_log_probs, logit_lens, top_tokens
 from residlab.analyses.sparsity import CETTCurve, SparsityResult, analyze_sparsity, bisect_increasing, cett
-from residlab.analyses.text import read_texts
+from residlab.data.texts import read_texts
 
 __all__ = [
     "CETTCurve",

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from residlab.errors import ResidlabError
-from residlab.fileio import atomic_path, atomic_write_text
+from residlab.core.errors import ResidlabError
+from residlab.core.io import atomic_path, atomic_write_text
 from residlab.models.architectures import get_module
 from residlab.models.lm import Batch
 

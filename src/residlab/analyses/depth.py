@@ -51,7 +51,7 @@ from residlab.analyses.common import (
     write_json,
 )
 from residlab.analyses.lens import lens_log_probs
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from residlab.analyses.common import pyplot, run_decoder, save_figure, token_batches, tokenize, write_json
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from residlab.analyses.common import final_norm, unembed
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -47,7 +47,7 @@ from residlab.analyses.common import (
     tokenize,
     write_json,
 )
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

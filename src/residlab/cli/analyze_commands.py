@@ -41,8 +41,8 @@ def _log(message: str) -> None:
 
 
 def _setup(model: str, text_file: Path | None, limit: int | None, dtype: str):
-    from residlab.analyses.text import read_texts
-    from residlab.errors import ResidlabError
+    from residlab.core.errors import ResidlabError
+    from residlab.data.texts import read_texts
     from residlab.models.loading import load
 
     if text_file is None:
@@ -170,7 +170,7 @@ def sparsity(
 ) -> None:
     """MLP activation sparsity: nonzero %, CETT and PPL-p% sparsity, temporal sparsity."""
     from residlab.analyses.sparsity import analyze_sparsity
-    from residlab.errors import ResidlabError
+    from residlab.core.errors import ResidlabError
 
     try:
         targets = [float(x) for x in cett_targets.split(",") if x.strip()]

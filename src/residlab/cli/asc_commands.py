@@ -80,7 +80,7 @@ def compress(
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
     """Build a concise-reasoning steering vector and prove its effect (the ASC pipeline)."""
-    from residlab.asc import CompressConfig, run_compress
+    from residlab.methods.asc.pipeline import CompressConfig, run_compress
 
     cfg = CompressConfig(
         model=model,
@@ -143,12 +143,12 @@ def evaluate_command(
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
-    from residlab import prompts
-    from residlab.datasets import load_problems
+    from residlab.core.errors import ResidlabError
+    from residlab.data import load_problems
     from residlab.engines import open_engine
-    from residlab.errors import ResidlabError
     from residlab.evaluation.report import markdown_table, summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.methods.asc import prompts
     from residlab.models.loading import load
     from residlab.vectors.files import load_vector
 
@@ -161,7 +161,7 @@ def evaluate_command(
     if vector is not None:
         vec = load_vector(vector, runner)
         if strength == "auto":
-            from residlab.vectors.calibration import calibrate
+            from residlab.recipes.calibration import calibrate
 
             train = load_problems("gsm8k", "train", data_dir=str(data_dir) if data_dir else None, limit=32)
             layer = vec.layers[0]
@@ -179,7 +179,7 @@ def evaluate_command(
     name = template if vec is None else f"{template}+vector"
     condition = Condition(name, templates[template], vector=vec, strength=value, positions=positions)
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    from residlab.asc import run_dir_for
+    from residlab.methods.asc.pipeline import run_dir_for
 
     runs = run_dir_for(work_dir, model) / "runs"
     records = evaluate(runner, problems, condition, decoding, runs)
@@ -207,7 +207,7 @@ def sweep(
 ) -> None:
     """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
     from residlab.interventions.positions import STEERING_RULES, validate_rule
-    from residlab.sweep import SweepConfig, parse_layers, run_sweep
+    from residlab.methods.sweep import SweepConfig, parse_layers, run_sweep
 
     rules = tuple(str(validate_rule(p, STEERING_RULES)) for p in positions.split(","))
     cfg = SweepConfig(

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 

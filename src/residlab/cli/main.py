@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from residlab.cli.errors import handle_errors
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -57,7 +57,7 @@ def _dir_size(path: Path) -> int:
 @handle_errors
 def models() -> None:
     """List the packaged models (and other converted models in the cache), their sizes and status."""
-    from residlab.cache import cache_dir
+    from residlab.core.cache import cache_dir
     from residlab.models.assets import gguf_path, part_status
     from residlab.models.loading import converted_dir, is_converted
     from residlab.models.registry import PACKAGED_MODELS
@@ -92,7 +92,7 @@ def models() -> None:
 @handle_errors
 def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> None:
     """Show a model's architecture, sizes and where residlab keeps its files."""
-    from residlab.cache import cache_dir
+    from residlab.core.cache import cache_dir
     from residlab.models.loading import load
 
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def serve(
 ) -> None:
     """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
     from residlab.engines import open_engine
-    from residlab.serving import ModelServer
+    from residlab.serving.server import ModelServer
     from residlab.vectors.files import load_vector
 
     runner = open_engine(model, engine, dtype=dtype)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from residlab.core.errors import ResidlabError
 from residlab.engines.base import ENGINES, Engine, SteeringSpec
-from residlab.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from residlab.errors import ResidlabError
-from residlab.models.lm import Generation, Prompt
+from residlab.core.errors import ResidlabError
+from residlab.core.generation import Generation, Prompt
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector

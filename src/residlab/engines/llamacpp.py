@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from residlab.core.errors import ModelMismatchError, ResidlabError
+from residlab.core.generation import Generation, Prompt, generate_in_sorted_batches, render_prompt
 from residlab.engines.base import SteeringSpec, sample_next
-from residlab.errors import ModelMismatchError, ResidlabError
-from residlab.models.lm import Generation, Prompt, generate_in_sorted_batches, render_prompt
 
 # Control vector on/off for (prompt minus last token, last prompt token, generated tokens).
 _PHASES = {

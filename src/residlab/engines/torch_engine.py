@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from residlab.core.generation import Generation, Prompt
 from residlab.engines.base import SteeringSpec
-from residlab.models.lm import Batch, Generation, LanguageModel, Prompt
+from residlab.models.lm import Batch, LanguageModel
 
 
 class TorchEngine:

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from residlab.core.io import atomic_write_text
 from residlab.evaluation.stats import PairedComparison, compare_paired, wilson_interval
-from residlab.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)

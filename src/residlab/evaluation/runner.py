@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from residlab.datasets import Problem
+from residlab.core.records import JsonlStore
+from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
 from residlab.models.lm import LanguageModel
-from residlab.records import JsonlStore
 from residlab.vectors.steering_vector import SteeringVector
 
 

@@ -16,18 +16,15 @@ on exit, exceptions included; the model's weights are never touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 from residlab.interventions.hooks import HookSet, join_output, split_output
 from residlab.interventions.positions import ForwardContext
 from residlab.interventions.record import SITES
-from residlab.models.architectures import get_module
-
-if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+from residlab.interventions.target import HookTarget
 
 EditFn = Callable[..., torch.Tensor]  # fn(value, ctx) -> new value, or fn(value, ctx, module_input)
 EDIT_SITES = tuple(SITES)
@@ -49,7 +46,7 @@ class Edit:
 
     def __init__(
         self,
-        lm: LanguageModel,
+        lm: HookTarget,
         layers: int | Iterable[int],
         site: str,
         fn: EditFn | Mapping[int, EditFn],
@@ -130,8 +127,7 @@ class Edit:
         try:
             rel = SITES[self.site][0]
             for layer, fn in self.fns.items():
-                block = self._lm.blocks[layer]
-                module = block if not rel else get_module(block, getattr(self._lm.arch, rel))
+                module = self._lm.block_part(layer, rel)
                 if self.where == "output":
                     self._hooks.forward(module, self._make_hook(fn), with_kwargs=self.with_input)
                 else:
@@ -146,7 +142,7 @@ class Edit:
         self._lm.tracker.release()
 
 
-def skip_blocks(lm: LanguageModel, layers: int | Iterable[int], from_position: int = 1) -> Edit:
+def skip_blocks(lm: HookTarget, layers: int | Iterable[int], from_position: int = 1) -> Edit:
     """Skip whole decoder blocks: each block's output := its input at real positions >= ``from_position``.
 
     Position 0 (the first real token, often an attention sink) is left alone by default, as in

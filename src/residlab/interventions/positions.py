@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 STEERING_RULES = ("all", "prompt", "generated", "prompt_last+generated")
 RECORDING_RULES = ("all", "last")

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 from residlab.interventions.hooks import HookSet, split_output
 from residlab.interventions.positions import RECORDING_RULES, PositionRule, select_positions, validate_rule
-from residlab.models.architectures import get_module
-
-if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+from residlab.interventions.target import HookTarget
 
 # site -> (which module, relative to a block ("" = the block), read its input or its output)
 SITES: dict[str, tuple[str, str]] = {
@@ -37,7 +33,7 @@ class Recording:
 
     def __init__(
         self,
-        lm: LanguageModel,
+        lm: HookTarget,
         layers: Iterable[int],
         positions: PositionRule = "last",
         sites: Sequence[str] = ("block",),
@@ -77,10 +73,9 @@ class Recording:
         try:
             self._hooks.pre_forward(self._lm.decoder, self._remember_positions)
             for layer in self.layers:
-                block = self._lm.blocks[layer]
                 for site in self.sites:
                     rel, where = SITES[site]
-                    module = block if not rel else get_module(block, getattr(self._lm.arch, rel))
+                    module = self._lm.block_part(layer, rel)
                     hook = self._make_hook(layer, site, where)
                     if where == "output":
                         self._hooks.forward(module, hook)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from residlab.errors import ModelMismatchError, ResidlabError
+from residlab.core.errors import ModelMismatchError, ResidlabError
 from residlab.interventions.hooks import HookSet, join_output, split_output
 from residlab.interventions.positions import STEERING_RULES, PositionRule, validate_rule
-
-if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+from residlab.interventions.target import HookTarget
 
 
 class Steering:
@@ -19,12 +15,12 @@ class Steering:
 
     ``deltas`` maps layer -> [d] or [rows, d] tensor (already multiplied by the strength). With
     ``rows`` > 1, row ``i`` of the caller's batch gets row ``i`` of the delta, also when
-    :meth:`LanguageModel.generate` reorders prompts into sub-batches. Positions follow ``rule``
+    the model's ``generate`` reorders prompts into sub-batches. Positions follow ``rule``
     (see :mod:`residlab.interventions.positions`), identically with and without the KV cache.
     Hooks never mutate the model's weights and are removed on exit, exceptions included.
     """
 
-    def __init__(self, lm: LanguageModel, deltas: dict[int, torch.Tensor], rule: PositionRule) -> None:
+    def __init__(self, lm: HookTarget, deltas: dict[int, torch.Tensor], rule: PositionRule) -> None:
         self._lm = lm
         self.rule = validate_rule(rule, STEERING_RULES)
         self.deltas = {

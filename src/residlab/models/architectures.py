@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residlab.errors import UnknownArchitectureError
+from residlab.core.errors import UnknownArchitectureError
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from residlab.cache import cache_dir
-from residlab.errors import ResidlabError
-from residlab.fileio import atomic_path
+from residlab.core.cache import cache_dir
+from residlab.core.errors import ResidlabError
+from residlab.core.io import atomic_path
 from residlab.models.registry import PackagedModel
 
 _CHUNK = 1 << 22

@@ -7,25 +7,25 @@ It never changes the wrapped model permanently: interventions are hooks that liv
 from __future__ import annotations
 
 import inspect
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
+from residlab.core.generation import Generation, Prompt, eos_token_ids, generate_in_sorted_batches, render_prompt
+from residlab.core.types import check_layer_index
 from residlab.interventions.edit import Edit, EditFn, skip_blocks
 from residlab.interventions.positions import PositionRule
 from residlab.interventions.record import Recording
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
 from residlab.models.architectures import ArchitectureMap, architecture_for, get_module
+from residlab.models.registry import packaged_model
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector
-
-Prompt = str | Sequence[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
 @dataclass(frozen=True)
@@ -38,95 +38,6 @@ class Batch:
     @property
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(dim=1)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One completion. ``num_tokens`` counts generated tokens, the end-of-sequence token included."""
-
-    prompt: str
-    text: str
-    token_ids: tuple[int, ...]
-    num_tokens: int
-    hit_limit: bool  # stopped by max_new_tokens rather than an end-of-sequence token
-    seconds: float  # this row's share of its batch's wall-clock time
-    batch_seconds: float
-    batch_size: int
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def render_prompt(
-    tokenizer: Any, prompt: Prompt, *, chat: bool | None = None, system: str | None = None, model_name: str = "model"
-) -> str:
-    """Render a prompt as a model sees it: through ``tokenizer``'s chat template if ``chat`` (default:
-    when it has one), else as plain text. Shared by every engine, so they all see the same text."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    use_chat = has_template if chat is None else chat
-    if isinstance(prompt, str) and not use_chat:
-        return prompt
-    if use_chat and not has_template:
-        raise ResidlabError(
-            f"{model_name} has no chat template.", hint="pass chat=False (--no-chat) to use plain text."
-        )
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system is not None:
-        messages = [{"role": "system", "content": system}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:
-    """Every end-of-sequence id named by the tokenizer or any of ``configs`` (model/generation config)."""
-    ids: set[int] = set()
-    for source in (*configs, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if value is None:
-            continue
-        ids.update([value] if isinstance(value, int) else list(value))
-    return sorted(ids)
-
-
-def generate_in_sorted_batches(
-    texts: Sequence[str],
-    encoded: Sequence[Sequence[int]],
-    batch_size: int,
-    decode: Callable[[list[int]], tuple[list[list[int]], list[bool]]],
-    tokenizer: Any,
-    progress: bool = False,
-) -> list[Generation]:
-    """Every engine's batching: prompts sorted by token length into batches of ``batch_size`` (less
-    padding, similar lengths), ``decode(rows)`` -> (generated ids, hit_limit) per batch, timed, and the
-    results returned as :class:`Generation` in the caller's order."""
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    results: list[Generation | None] = [None] * len(texts)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc="generating", unit="prompt")
-    step = max(1, batch_size)
-    for start in range(0, len(order), step):
-        rows = order[start : start + step]
-        began = time.perf_counter()
-        outputs, hit_limit = decode(rows)
-        elapsed = time.perf_counter() - began
-        for j, i in enumerate(rows):
-            results[i] = Generation(
-                prompt=texts[i],
-                text=tokenizer.decode(outputs[j], skip_special_tokens=True),
-                token_ids=tuple(outputs[j]),
-                num_tokens=len(outputs[j]),
-                hit_limit=hit_limit[j],
-                seconds=elapsed / len(rows),
-                batch_seconds=elapsed,
-                batch_size=len(rows),
-            )
-        if bar is not None:
-            bar.update(len(rows))
-    if bar is not None:
-        bar.close()
-    return results  # type: ignore[return-value]
 
 
 class LanguageModel:
@@ -169,13 +80,19 @@ class LanguageModel:
 
     def check_layer(self, layer: int) -> int:
         """Validate a layer index (negative counts from the end) and return it non-negative."""
-        index = layer + self.num_layers if layer < 0 else layer
-        if not 0 <= index < self.num_layers:
-            raise ResidlabError(
-                f"layer {layer} does not exist: {self.name} has {self.num_layers} blocks (0..{self.num_layers - 1}).",
-                hint="layer i is the output of decoder block i (Hugging Face hidden_states[i + 1]).",
-            )
-        return index
+        return check_layer_index(layer, self.num_layers, self.name)
+
+    def block_part(self, layer: int, part: str) -> torch.nn.Module:
+        """Block ``layer`` (``part == ""``) or one of its parts by :class:`ArchitectureMap` field name."""
+        block = self.blocks[self.check_layer(layer)]
+        return block if not part else get_module(block, getattr(self.arch, part))
+
+    @property
+    def known_names(self) -> tuple[str, ...]:
+        """Every name a vector made for this model may record: its own name and, for a packaged
+        model, the upstream Hugging Face id (and the other way round)."""
+        packaged = packaged_model(self.name)
+        return (self.name,) if packaged is None else (self.name, packaged.name, packaged.hf_id)
 
     @property
     def pad_token_id(self) -> int:

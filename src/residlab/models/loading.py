@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from residlab.cache import cache_dir
-from residlab.errors import ResidlabError
-from residlab.fileio import atomic_path
+from residlab.core.cache import cache_dir
+from residlab.core.errors import ResidlabError
+from residlab.core.generation import eos_token_ids
+from residlab.core.io import atomic_path
 from residlab.models.assets import ensure_gguf
-from residlab.models.lm import LanguageModel, eos_token_ids
+from residlab.models.lm import LanguageModel
 from residlab.models.registry import PackagedModel, packaged_model
 
 _MARKER = "residlab.json"
@@ -192,7 +193,7 @@ def load_gguf(spec: str) -> GgufModel:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelDims:
     """A model's name, depth and width: enough to check a vector against it without loading weights."""
 
     name: str
@@ -200,26 +201,26 @@ class ModelShape:
     hidden_size: int
 
 
-def model_shape(spec: str) -> ModelShape:
+def model_shape(spec: str) -> ModelDims:
     """The shape of a packaged model, model dir or .gguf file, read from metadata only (a hub id is loaded)."""
     packaged = packaged_model(spec)
     if packaged is not None:
-        return ModelShape(packaged.name, packaged.num_layers, packaged.hidden_size)
+        return ModelDims(packaged.name, packaged.num_layers, packaged.hidden_size)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         config = json.loads((path / "config.json").read_text())
         config = config.get("text_config", config)
-        return ModelShape(path.name, int(config["num_hidden_layers"]), int(config["hidden_size"]))
+        return ModelDims(path.name, int(config["num_hidden_layers"]), int(config["hidden_size"]))
     if spec.endswith(".gguf") and path.is_file():
         from gguf import GGUFReader
 
         fields = GGUFReader(str(path)).fields
         arch = fields["general.architecture"].contents()
-        return ModelShape(
+        return ModelDims(
             path.stem, int(fields[f"{arch}.block_count"].contents()), int(fields[f"{arch}.embedding_length"].contents())
         )
     lm = load(spec)
-    return ModelShape(lm.name, lm.num_layers, lm.hidden_size)
+    return ModelDims(lm.name, lm.num_layers, lm.hidden_size)
 
 
 def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:

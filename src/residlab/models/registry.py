@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 
 @dataclass(frozen=True)

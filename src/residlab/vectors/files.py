@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from residlab.errors import ResidlabError
-from residlab.vectors.gguf_control import ModelShape, import_control_vector
+from residlab.core.errors import ResidlabError
+from residlab.core.types import ModelShape
+from residlab.vectors.gguf_control import import_control_vector
 from residlab.vectors.steering_vector import SteeringVector
 
 

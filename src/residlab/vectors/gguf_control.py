@@ -17,29 +17,18 @@ vector's ``info``) and records the scale and residlab's metadata under ``residla
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from residlab.errors import ModelMismatchError, ResidlabError
-from residlab.fileio import atomic_path
+from residlab.core.errors import ModelMismatchError, ResidlabError
+from residlab.core.io import atomic_path
+from residlab.core.types import ModelShape
 from residlab.vectors.steering_vector import SteeringVector
 
 ARCH = "controlvector"
 _PREFIX = "residlab."
-
-
-class ModelShape(Protocol):
-    """What an importer needs to know of the model: a LanguageModel or an engine satisfies it."""
-
-    name: str
-
-    @property
-    def num_layers(self) -> int: ...
-
-    @property
-    def hidden_size(self) -> int: ...
 
 
 def export_control_vector(

@@ -13,15 +13,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from residlab.errors import ModelMismatchError, ResidlabError
-from residlab.fileio import atomic_path
-
-if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+from residlab.core.errors import ModelMismatchError, ResidlabError
+from residlab.core.io import atomic_path
+from residlab.core.types import ModelShape, check_layer_index
 
 FORMAT = "residlab.steering_vector"
 FORMAT_VERSION = "1"
@@ -61,17 +59,15 @@ class SteeringVector:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, *, model: LanguageModel, layer: int, **kwargs: Any) -> SteeringVector:
+    def from_tensor(cls, tensor: torch.Tensor, *, model: ModelShape, layer: int, **kwargs: Any) -> SteeringVector:
         """A one-layer vector for ``model`` at ``layer``."""
-        return cls.from_layers({model.check_layer(layer): tensor}, model=model, **kwargs)
+        return cls.from_layers({layer: tensor}, model=model, **kwargs)
 
     @classmethod
-    def from_layers(
-        cls, directions: Mapping[int, torch.Tensor], *, model: LanguageModel, **kwargs: Any
-    ) -> SteeringVector:
+    def from_layers(cls, directions: Mapping[int, torch.Tensor], *, model: ModelShape, **kwargs: Any) -> SteeringVector:
         """A vector with one direction per layer, for ``model``."""
         return cls(
-            directions={model.check_layer(k): v for k, v in directions.items()},
+            directions={check_layer_index(k, model.num_layers, model.name): v for k, v in directions.items()},
             model_name=model.name,
             hidden_size=model.hidden_size,
             num_layers=model.num_layers,
@@ -98,7 +94,7 @@ class SteeringVector:
             raise ResidlabError(f"no direction for layer {layer}; layers: {self.layers}.")
         return layer
 
-    def check_compatible(self, model: LanguageModel, *, strict_name: bool = True) -> None:
+    def check_compatible(self, model: ModelShape, *, strict_name: bool = True) -> None:
         """Raise :class:`ModelMismatchError` if this vector was made for another model."""
         if self.hidden_size != model.hidden_size or self.num_layers != model.num_layers:
             raise ModelMismatchError(
@@ -107,7 +103,7 @@ class SteeringVector:
                 f"{model.num_layers} layers.",
                 hint="extract a vector from this model, or load the model the vector was made for.",
             )
-        if strict_name and _canonical(self.model_name) != _canonical(model.name):
+        if strict_name and not names_match(self.model_name, model):
             raise ModelMismatchError(
                 f"this steering vector was made for {self.model_name}, not {model.name}.",
                 hint="load it with strict=False (CLI: --allow-other-model) if the models are really the same.",
@@ -229,7 +225,7 @@ class SteeringVector:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, model: LanguageModel | None = None, strict: bool = True) -> SteeringVector:
+    def load(cls, path: str | Path, *, model: ModelShape | None = None, strict: bool = True) -> SteeringVector:
         """Read a vector saved by :meth:`save`; with ``model``, check that it was made for it."""
         from safetensors import SafetensorError, safe_open
 
@@ -266,8 +262,8 @@ class SteeringVector:
         return f"SteeringVector(model={self.model_name!r}, layers={{{norms}}}, rule={self.position_rule!r})"
 
 
-def _canonical(name: str) -> str:
-    from residlab.models.registry import packaged_model
-
-    packaged = packaged_model(name)
-    return packaged.name if packaged is not None else name.lower()
+def names_match(recorded: str, model: ModelShape) -> bool:
+    """Whether a vector recorded for ``recorded`` belongs to ``model``: case-insensitive, against every
+    name the model answers to (``known_names``, e.g. a packaged name and its Hugging Face id)."""
+    names = getattr(model, "known_names", None) or (model.name,)
+    return recorded.lower() in {n.lower() for n in names}

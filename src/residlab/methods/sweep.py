@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from residlab import prompts
-from residlab.asc import run_dir_for
-from residlab.datasets import load_problems
+from residlab.core.errors import ResidlabError
+from residlab.data import load_problems
 from residlab.engines import open_engine
-from residlab.errors import ResidlabError
 from residlab.evaluation.report import summarize, write_json
 from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.methods.asc import prompts
+from residlab.methods.asc.pipeline import run_dir_for
 from residlab.models.registry import DEFAULT_MODEL
 from residlab.vectors.files import load_vector
 

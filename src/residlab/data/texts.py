@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_FIELDS = ("question", "text", "prompt", "problem")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from residlab.datasets.problems import (
+from residlab.data.problems import (
     DATA_DIR_ENV,
     KNOWN_DATASETS,
     Problem,

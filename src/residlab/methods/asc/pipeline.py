@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from residlab import prompts
-from residlab.datasets import Problem, load_problems
+from residlab.core.errors import ResidlabError
+from residlab.core.io import atomic_write_text
+from residlab.data import Problem, load_problems
 from residlab.engines import Engine, open_engine
-from residlab.errors import ResidlabError
 from residlab.evaluation.report import (
     compare,
     comparison_dict,
@@ -30,13 +30,14 @@ from residlab.evaluation.report import (
     write_json,
 )
 from residlab.evaluation.runner import Condition, Decoding, evaluate
-from residlab.fileio import atomic_write_text
+from residlab.methods.asc import prompts
+from residlab.methods.asc.pairs import TeacherClient, TracePair, build_pairs
+from residlab.methods.asc.vector import extract_vector
 from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL, packaged_model
-from residlab.vectors.calibration import calibrate, kl_bound, measured_kl
-from residlab.vectors.extraction import ExtractionResult, extract_vector
-from residlab.vectors.pairs import TeacherClient, TracePair, build_pairs
+from residlab.recipes.calibration import calibrate, kl_bound, measured_kl
+from residlab.recipes.extraction import ExtractionResult
 from residlab.vectors.steering_vector import SteeringVector
 
 

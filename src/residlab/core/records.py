@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 
 class JsonlStore:

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from residlab import prompts
-from residlab.datasets import Problem
+from residlab.core.errors import ResidlabError
+from residlab.data import Problem
 from residlab.engines import Engine
-from residlab.errors import ResidlabError
 from residlab.evaluation.grading import grade
 from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.methods.asc import prompts
 from residlab.models.lm import LanguageModel
 
 CONCISE_SOURCES = ("reference", "self", "sampled", "teacher", "file")
@@ -87,7 +87,7 @@ class TeacherClient:
 
 
 def _read_pairs_file(path: Path) -> dict[str, str]:
-    from residlab.records import JsonlStore
+    from residlab.core.records import JsonlStore
 
     if not path.is_file():
         raise ResidlabError(f"no pairs file at {path}.", hint="give a JSONL file with fields id and concise.")
@@ -222,7 +222,7 @@ def shortest_correct(records: Sequence[dict]) -> tuple[str, bool]:
 def _teacher_traces(
     teacher: TeacherClient, problems: Sequence[Problem], work_dir: Path, max_tokens: int
 ) -> list[tuple[str, bool]]:
-    from residlab.records import JsonlStore
+    from residlab.core.records import JsonlStore
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher.url}-{teacher.model}")[-80:]
     store = JsonlStore(work_dir / f"teacher-{safe}.jsonl")

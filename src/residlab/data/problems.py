@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from residlab.errors import ResidlabError
+from residlab.core.errors import ResidlabError
 
 DATA_DIR_ENV = "RESIDLAB_DATA_DIR"
 KNOWN_DATASETS = ("gsm8k", "math500", "synthetic")
