@@ -438,7 +438,7 @@ def test_read_texts(tmp_path):
         read_texts(tmp_path / "missing.txt")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\nnot json\n')
-    with pytest.raises(ResidlabError, match=r"bad.jsonl:2 is not valid JSON"):
+    with pytest.raises(ResidlabError, match=r"bad.jsonl:2: not valid JSON"):
         read_texts(bad)
     other = tmp_path / "other.jsonl"
     other.write_text('{"id": 1}\n')

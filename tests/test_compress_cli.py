@@ -10,6 +10,15 @@ from residlab.testing import save_tiny_model
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
+def strict_json(path):
+    """Parse as standard JSON: a bare NaN or Infinity (which Python's json writes by default) fails."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path.name} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_compress_sweep_and_eval_smoke(tmp_path):
     model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
     work = tmp_path / "out"
@@ -22,7 +31,7 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     result = runner.invoke(app, compress_args)
     assert result.exit_code == 0, result.output
     run_dir = work / "tiny"
-    report = json.loads((run_dir / "report.json").read_text())
+    report = strict_json(run_dir / "report.json")
     assert set(report["conditions"]) == {"baseline", "asc", "concise_prompt", "asc+concise_prompt"}
     assert report["n_pairs"] == 6 and report["n_eval"] == 4
     assert report["strength"] > 0 and report["strength_applies_to"] == "unit vector"
@@ -47,12 +56,12 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     sweep_args = "--layers 0:3 --strengths 0,0.5 --dataset synthetic --limit 2 --offset 0 --positions generated,all"
     sweep = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.split()])
     assert sweep.exit_code == 0, sweep.output
-    rows = json.loads((run_dir / "sweep.json").read_text())["rows"]
+    rows = strict_json(run_dir / "sweep.json")["rows"]
     assert len(rows) == 3 * 2 * 2
     assert (run_dir / "sweep.png").is_file()
     more = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.replace("0,0.5", "1").split()])
     assert more.exit_code == 0, more.output
-    assert len(json.loads((run_dir / "sweep.json").read_text())["rows"]) == 3 * 2 * 3  # results accumulate
+    assert len(strict_json(run_dir / "sweep.json")["rows"]) == 3 * 2 * 3  # results accumulate
 
     eval_args = ["--dataset", "synthetic", "--limit", "2", "--strength", "auto"]
     evaluated = runner.invoke(app, ["eval", *common, *eval_args, "--vector", str(run_dir / "concise.safetensors")])
@@ -81,7 +90,7 @@ def test_compress_can_project_out_a_second_pair_source(tmp_path):
     result = runner.invoke(app, ["compress", "--model", model, "--work-dir", str(work), *args.split()])
     assert result.exit_code == 0, result.output
     run_dir = work / "tiny"
-    report = json.loads((run_dir / "report.json").read_text())
+    report = strict_json(run_dir / "report.json")
     control = report["pairs"]["projected_out"]
     assert control["source"] == "sampled" and control["n_pairs"] == 4
     assert len(list((run_dir / "pairs").glob("sample-*.jsonl"))) == 2

@@ -218,7 +218,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, expected):
         load_jsonl(path)
     message = str(info.value)
     assert "broken.jsonl" in message
-    assert "line 3" in message
+    assert "broken.jsonl:3:" in message
     assert expected in message
     assert info.value.hint
 
@@ -226,12 +226,12 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, expected):
 def test_gsm8k_row_without_marker_names_the_line(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     write_lines(tmp_path / "gsm8k" / "test.jsonl", [json.dumps({"question": "Q", "answer": "no marker"})])
-    with pytest.raises(ResidlabError, match=r"test\.jsonl, line 1"):
+    with pytest.raises(ResidlabError, match=r"test\.jsonl:1: "):
         load_problems("gsm8k", data_dir=tmp_path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ResidlabError, match="no such JSONL file") as info:
+    with pytest.raises(ResidlabError, match="no JSONL file") as info:
         load_jsonl(tmp_path / "absent.jsonl")
     assert info.value.hint
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from residlab.core.errors import ResidlabError
-from residlab.core.io import atomic_path, atomic_write_text
 from residlab.models.architectures import get_module
 from residlab.models.lm import Batch
 
@@ -153,40 +151,6 @@ def safe_name(name: str) -> str:
     """A model name usable as a folder name (a local path gives its last part)."""
     base = Path(name).name if ("/" in name or "\\" in name) and Path(name).name else name
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
-
-
-def finite(values: Any) -> Any:
-    """Replace NaN/inf by None, recursively, so the JSON stays standard."""
-    if isinstance(values, float):
-        return values if math.isfinite(values) else None
-    if isinstance(values, dict):
-        return {k: finite(v) for k, v in values.items()}
-    if isinstance(values, list | tuple):
-        return [finite(v) for v in values]
-    return values
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    atomic_write_text(path, json.dumps(finite(data), indent=2) + "\n")
-    return path
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    plt = pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
 
 
 def halves(values: Sequence[float]) -> tuple[float, float]:

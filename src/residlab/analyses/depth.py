@@ -42,16 +42,15 @@ from residlab.analyses.common import (
     TokenBatch,
     chunks,
     halves,
-    pyplot,
     run_decoder,
-    save_figure,
     token_batches,
     tokenize,
     unembed,
-    write_json,
 )
 from residlab.analyses.lens import lens_log_probs
 from residlab.core.errors import ResidlabError
+from residlab.core.io import write_json
+from residlab.core.plotting import pyplot, save_figure
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from residlab.analyses.common import pyplot, run_decoder, save_figure, token_batches, tokenize, write_json
+from residlab.analyses.common import run_decoder, token_batches, tokenize
 from residlab.core.errors import ResidlabError
+from residlab.core.io import write_json
+from residlab.core.plotting import pyplot, save_figure
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -40,14 +40,13 @@ from residlab.analyses.common import (
     down_matrix,
     is_relu_like,
     next_token_nll,
-    pyplot,
     run_decoder,
-    save_figure,
     token_batches,
     tokenize,
-    write_json,
 )
 from residlab.core.errors import ResidlabError
+from residlab.core.io import write_json
+from residlab.core.plotting import pyplot, save_figure
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.core.errors import ResidlabError
+from residlab.core.io import iter_jsonl
 
 DATA_DIR_ENV = "RESIDLAB_DATA_DIR"
 KNOWN_DATASETS = ("gsm8k", "math500", "synthetic")
@@ -102,29 +102,13 @@ def find_data_dir(explicit: str | Path | None = None) -> Path | None:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(1-based line number, object)`` for each non-blank line; errors name the file and line."""
-    if not path.is_file():
+    """``(line number, object)`` per non-blank line (the strict reader of users' files)."""
+    if not path.is_file() and not path.exists():
         raise ResidlabError(
-            f"no such JSONL file: {str(path)!r}.",
+            f"no JSONL file at {path}.",
             hint="check the path, or use 'gsm8k', 'math500' or 'synthetic' as the data set name.",
         )
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ResidlabError(
-                    f"{path.name}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}).",
-                    hint=f"each line of {path} must be one JSON object; fix or delete that line.",
-                ) from exc
-            if not isinstance(row, dict):
-                raise ResidlabError(
-                    f"{path.name}, line {lineno}: expected a JSON object, got {type(row).__name__}.",
-                    hint='each line must look like {"question": "...", "answer": "..."}.',
-                )
-            yield lineno, row
+    return iter_jsonl(path, what="JSONL file")
 
 
 def _text_field(row: Mapping[str, Any], name: str, path: Path, lineno: int, *, required: bool = True) -> str | None:
@@ -132,13 +116,13 @@ def _text_field(row: Mapping[str, Any], name: str, path: Path, lineno: int, *, r
         if not required:
             return None
         raise ResidlabError(
-            f"{path.name}, line {lineno}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'}).",
+            f"{path}:{lineno}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'}).",
             hint="choose the field names with question_field= / answer_field= (or fix the file).",
         )
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ResidlabError(
-            f"{path.name}, line {lineno}: field {name!r} must be a string or number, got {type(value).__name__}.",
+            f"{path}:{lineno}: field {name!r} must be a string or number, got {type(value).__name__}.",
             hint="fix that line of the file.",
         )
     return str(value)
@@ -176,7 +160,7 @@ def load_jsonl(
                 answer, parsed_solution = answer_parser(answer)
             except Exception as exc:
                 raise ResidlabError(
-                    f"{path.name}, line {lineno}: could not parse field {answer_field!r}: {exc}.",
+                    f"{path}:{lineno}: could not parse field {answer_field!r}: {exc}.",
                     hint="fix that line, or pass a different answer_parser.",
                 ) from exc
             solution = parsed_solution if solution is None else solution
@@ -236,7 +220,7 @@ def _build(name: str, split: str, rows: Iterable[tuple[int, Mapping[str, Any]]],
             problems.append(builder(row, split, index))
         except ValueError as exc:
             raise ResidlabError(
-                f"{origin}, line {lineno}: not a {name} row: {exc}.",
+                f"{origin}:{lineno}: not a {name} row: {exc}.",
                 hint=f"this file does not look like the {name} data set; check the data folder.",
             ) from exc
     return problems
@@ -246,7 +230,7 @@ def _load_local(name: str, split: str, data_dir: Path) -> list[Problem]:
     path = data_dir / name / f"{split}.jsonl"
     if not path.is_file():
         raise ResidlabError(f"{name} {split} split not found at {str(path)!r}.", hint=_NO_DATA_HINT)
-    return _build(name, split, _read_jsonl(path), origin=f"{name}/{path.name}")
+    return _build(name, split, _read_jsonl(path), origin=str(path))
 
 
 def _load_hub(name: str, split: str) -> list[Problem]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -10,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from residlab.core.io import atomic_write_text
+from residlab.core.plotting import pyplot, save_figure
 from residlab.evaluation.stats import PairedComparison, compare_paired, wilson_interval
 
 
@@ -83,11 +82,7 @@ def markdown_table(summaries: Sequence[ConditionSummary], baseline: str = "basel
 
 def plot_accuracy_vs_tokens(points: Sequence[tuple[str, ConditionSummary]], path: Path, title: str) -> Path:
     """One point per (label, summary), with the accuracy CI as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, s in points:
         low, high = s.accuracy_ci95
@@ -97,18 +92,11 @@ def plot_accuracy_vs_tokens(points: Sequence[tuple[str, ConditionSummary]], path
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_token_histograms(groups: Mapping[str, Sequence[int]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     top = max((max(v) for v in groups.values() if v), default=1)
     bins = [i * top / 30 for i in range(31)]
@@ -118,20 +106,4 @@ def plot_token_histograms(groups: Mapping[str, Sequence[int]], path: Path, title
     ax.set_ylabel("problems")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)
+    return save_figure(fig, path)

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from residlab.core.errors import ResidlabError
+from residlab.core.io import write_json
+from residlab.core.plotting import pyplot, save_figure
 from residlab.data import load_problems
 from residlab.engines import open_engine
-from residlab.evaluation.report import summarize, write_json
+from residlab.evaluation.report import summarize
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.methods.asc import prompts
 from residlab.methods.asc.pipeline import run_dir_for
@@ -132,11 +134,7 @@ def _merge_rows(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -157,6 +155,4 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title + " (labels: strength / residual norm)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from residlab.core.errors import ResidlabError
+from residlab.core.io import iter_jsonl
 from residlab.data import Problem
 from residlab.engines import Engine
 from residlab.evaluation.grading import grade
@@ -86,15 +87,16 @@ class TeacherClient:
             ) from None
 
 
-def _read_pairs_file(path: Path) -> dict[str, str]:
-    from residlab.core.records import JsonlStore
-
-    if not path.is_file():
-        raise ResidlabError(f"no pairs file at {path}.", hint="give a JSONL file with fields id and concise.")
+def read_pairs_file(path: str | Path) -> dict[str, str]:
+    """id -> concise trace from a user's JSONL file (fields ``id`` and ``concise``), read strictly:
+    a last line without a trailing newline is a record like any other."""
     traces = {}
-    for number, record in enumerate(JsonlStore(path).read(), start=1):
+    for lineno, record in iter_jsonl(path, what="pairs file"):
         if "id" not in record or "concise" not in record:
-            raise ResidlabError(f"{path}, record {number}: needs fields 'id' and 'concise'.")
+            raise ResidlabError(
+                f"{path}:{lineno}: needs the fields 'id' and 'concise' (it has {sorted(record)}).",
+                hint='write one {"id": "gsm8k-train-00000", "concise": "..."} object per line.',
+            )
         traces[str(record["id"])] = str(record["concise"])
     return traces
 
@@ -148,7 +150,7 @@ def build_pairs(
     else:
         if pairs_file is None:
             raise ResidlabError("the file source needs a pairs file.", hint="pass --pairs-file FILE.jsonl.")
-        traces = _read_pairs_file(Path(pairs_file))
+        traces = read_pairs_file(pairs_file)
         missing = [p.id for p in problems if p.id not in traces]
         if missing:
             raise ResidlabError(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from residlab.core.errors import ResidlabError
-from residlab.core.io import atomic_write_text
+from residlab.core.io import atomic_write_text, write_json
 from residlab.data import Problem, load_problems
 from residlab.engines import Engine, open_engine
 from residlab.evaluation.report import (
@@ -27,7 +27,6 @@ from residlab.evaluation.report import (
     plot_accuracy_vs_tokens,
     plot_token_histograms,
     summarize,
-    write_json,
 )
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.methods.asc import prompts
