@@ -16,8 +16,11 @@ demo: install
 test: install
 	$(PYTHON) -m pytest
 
-lint:
+lint: install
 	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
+	$(PYTHON) -m mypy
+	lint-imports
 
 # The llama.cpp engine alone (also part of `make install`): builds llama-cpp-python once, then reuses the wheel.
 install-llamacpp:

