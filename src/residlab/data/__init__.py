@@ -1,4 +1,5 @@
-"""Problem sets: GSM8K, MATH-500, JSONL files and built-in synthetic word problems."""
+"""Data: problem sets (``problems``: GSM8K, MATH-500, users' JSONL files and built-in synthetic word
+problems) and texts to analyse (``texts``)."""
 
 from __future__ import annotations
 

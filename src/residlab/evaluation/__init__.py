@@ -1,4 +1,6 @@
-"""Grading model answers: extract the final answer from generated text and compare it with the gold one."""
+"""Evaluation: grading answers (``grading``), running a data set under a generation condition into
+resumable records (``runner``), statistics with confidence intervals and paired tests (``stats``), and
+summaries, tables and plots (``report``)."""
 
 from __future__ import annotations
 
