@@ -23,7 +23,7 @@ def test_jsonl_store_repairs_a_torn_last_line(tmp_path):
 def test_jsonl_store_reports_damage_with_line_number(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": 1}\nnot json\n{"id": 3}\n')
-    with pytest.raises(ResidlabError, match=r"r.jsonl, line 2"):
+    with pytest.raises(ResidlabError, match=r"r.jsonl:2: "):
         JsonlStore(path).read()
 
 

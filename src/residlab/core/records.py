@@ -1,12 +1,15 @@
-"""Append-only JSONL records that survive a kill: resume reads what is complete and goes on."""
+"""Append-only JSONL records that survive a kill and concurrent writers: resume reads what is
+complete and goes on; two runs on one file share it instead of corrupting it."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from residlab.core.errors import ResidlabError
 
@@ -14,26 +17,32 @@ from residlab.core.errors import ResidlabError
 class JsonlStore:
     """One JSON object per line, appended and fsynced in batches.
 
-    A kill can leave at most a partial last line (no newline); :meth:`read` ignores it and the next
-    :meth:`append` cuts it off first, so nothing is lost or duplicated. A broken line anywhere else
-    means the file was edited or damaged: that is reported with its line number.
+    A kill can leave at most a partial last line (no newline, or a tail of NUL bytes that some file
+    systems leave after a crash); :meth:`read` ignores it and the next :meth:`append` cuts it off
+    first, so nothing is lost or duplicated. A broken line anywhere else means the file was edited
+    or damaged: that is reported with its line number.
+
+    Writers take an exclusive lock on the file (``flock``) for the whole read-check-append step, so
+    several processes can append to one store at once: none of them tears another's line, and with
+    ``unique_key`` (default ``"id"``) a record whose key is already stored is not stored again, so
+    two identical runs share one file without duplicates.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, unique_key: str | None = "id") -> None:
         self.path = Path(path)
+        self.unique_key = unique_key
 
-    def _scan(self) -> tuple[list[dict[str, Any]], int]:
-        """(complete records, byte length of the complete part)."""
-        if not self.path.exists():
-            return [], 0
-        data = self.path.read_bytes()
+    def _scan(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
+        """(complete records, byte length of the complete part) of the file's bytes."""
         records: list[dict[str, Any]] = []
         good = 0
         lines = data.split(b"\n")
         for number, raw in enumerate(lines, start=1):
-            is_last = number == len(lines)
-            if is_last:  # bytes after the final newline: a partial record from a kill, or nothing
+            if number == len(lines):  # bytes after the final newline: a partial record from a kill, or nothing
                 break
+            if not raw.strip(b"\x00"):  # a line of NULs from a crash: nothing was written there
+                if number == len(lines) - 1 or not any(x.strip(b"\x00 \t\r") for x in lines[number:]):
+                    break  # a NUL tail: the torn end of the file
             if raw.strip():
                 try:
                     record = json.loads(raw)
@@ -41,7 +50,7 @@ class JsonlStore:
                         raise ValueError("not an object")
                 except ValueError as err:
                     raise ResidlabError(
-                        f"{self.path}, line {number}: not a JSON record ({err}).",
+                        f"{self.path}:{number}: not a JSON record ({err}).",
                         hint="the file was edited or damaged; fix or delete that line (or the file) and rerun.",
                     ) from None
                 records.append(record)
@@ -49,17 +58,52 @@ class JsonlStore:
         return records, good
 
     def read(self) -> list[dict[str, Any]]:
-        return self._scan()[0]
+        """Every complete record, in file order."""
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as fh, _locked(fh, shared=True):
+            return self._scan(fh.read())[0]
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if not lines:
-            return
+    def append(self, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append ``records`` (cutting off a torn tail first) and return what the store now holds for
+        them: with ``unique_key``, a record whose key another writer stored first is not written, and
+        the stored one is returned in its place."""
+        fresh = list(records)
+        if not fresh:
+            return []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _, good = self._scan()
-        with open(self.path, "ab") as fh:
+        with open(self.path, "a+b") as fh, _locked(fh, shared=False):
+            fh.seek(0)
+            existing, good = self._scan(fh.read())
+            stored: dict[Any, dict[str, Any]] = {}
+            if self.unique_key is not None:
+                stored = {r.get(self.unique_key): r for r in existing if self.unique_key in r}
+            result, lines = [], []
+            for record in fresh:
+                key = record.get(self.unique_key) if self.unique_key is not None else None
+                if key is not None and key in stored:
+                    result.append(stored[key])
+                    continue
+                if key is not None:
+                    stored[key] = record
+                result.append(record)
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.seek(0, os.SEEK_END)
             if fh.tell() != good:
                 fh.truncate(good)  # drop a partial line left by a kill
-            fh.write(lines.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
+            if lines:
+                fh.seek(good)
+                fh.write("".join(lines).encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+        return result
+
+
+@contextlib.contextmanager
+def _locked(fh: IO[bytes], *, shared: bool) -> Iterator[None]:
+    """An advisory whole-file lock held for the block (shared for readers, exclusive for writers)."""
+    fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
