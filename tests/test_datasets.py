@@ -99,8 +99,11 @@ def test_limit_offset_and_stable_ids(data_dir):
     assert [p.id for p in window] == [f"gsm8k-test-{i:05d}" for i in range(10, 15)]
     assert load_problems("gsm8k", data_dir=data_dir, limit=3) == everything[:3]
     assert load_problems("gsm8k", data_dir=data_dir, offset=1318) == everything[1318:]
-    assert load_problems("gsm8k", data_dir=data_dir, offset=5000) == []
-    assert load_problems("math500", data_dir=data_dir, limit=0) == []
+    # an empty window is an error, not a run over nothing (which reported NaN and exited 0)
+    with pytest.raises(ResidlabError, match="no problems to run: gsm8k test has 1319 problem"):
+        load_problems("gsm8k", data_dir=data_dir, offset=5000)
+    with pytest.raises(ResidlabError, match="no problems to run"):
+        load_problems("math500", data_dir=data_dir, limit=0)
     with pytest.raises(ResidlabError):
         load_problems("gsm8k", data_dir=data_dir, offset=-1)
 
@@ -275,3 +278,10 @@ def test_synthetic_through_load_problems():
     assert len(load_problems("synthetic")) > 0
     with pytest.raises(ResidlabError):
         synthetic_problems(-1)
+
+
+def test_empty_jsonl_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(ResidlabError, match="no problems to run: .*empty.jsonl has 0 problem"):
+        load_problems(str(path))

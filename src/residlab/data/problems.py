@@ -252,8 +252,17 @@ def _load_hub(name: str, split: str) -> list[Problem]:
     return _build(name, split, ((i + 1, row) for i, row in enumerate(table)), origin=f"{repo} ({split})")
 
 
-def _window(problems: list[Problem], offset: int, limit: int | None) -> list[Problem]:
-    return problems[offset:] if limit is None else problems[offset : offset + limit]
+def _window(problems: list[Problem], offset: int, limit: int | None, origin: str = "the data set") -> list[Problem]:
+    """Rows ``[offset : offset + limit]``; an empty result is an error (a run over nothing would report
+    a table of NaN and exit 0)."""
+    window = problems[offset:] if limit is None else problems[offset : offset + limit]
+    if not window:
+        where = f"rows {offset}..{offset + limit - 1}" if limit else f"rows from {offset} on"
+        raise ResidlabError(
+            f"no problems to run: {origin} has {len(problems)} problem(s), none in {where}.",
+            hint="check the file (is it empty?), --offset and --limit (at least 1).",
+        )
+    return window
 
 
 def load_problems(
@@ -280,7 +289,7 @@ def load_problems(
     if key not in KNOWN_DATASETS:
         if name.endswith(".jsonl") or Path(name).is_file():
             problems = load_jsonl(name, id_field="id")
-            return _window(problems, offset, limit)
+            return _window(problems, offset, limit, origin=name)
         raise ResidlabError(
             f"unknown data set {name!r}.",
             hint=f"use one of {', '.join(KNOWN_DATASETS)}, or the path to a .jsonl file.",
@@ -289,13 +298,14 @@ def load_problems(
         raise ResidlabError(f"{key} has no split {split!r}.", hint=f"use one of: {', '.join(_SPLITS[key])}.")
     if key == "synthetic":
         count = offset + (_DEFAULT_SYNTHETIC_COUNT if limit is None else limit)
-        return synthetic_problems(count, seed=0 if split == "test" else 1)[offset:]
+        problems = synthetic_problems(count, seed=0 if split == "test" else 1)
+        return _window(problems, offset, limit, origin=f"synthetic {split}")
 
     if source == "hub":
-        return _window(_load_hub(key, split), offset, limit)
+        return _window(_load_hub(key, split), offset, limit, origin=f"{key} {split}")
     found = find_data_dir(data_dir)
     if found is not None and (source == "local" or (found / key / f"{split}.jsonl").is_file()):
-        return _window(_load_local(key, split, found), offset, limit)
+        return _window(_load_local(key, split, found), offset, limit, origin=f"{key} {split}")
     where = "no local data folder was found" if found is None else f"{found / key / split}.jsonl does not exist"
     if source == "local":
         raise ResidlabError(f"{key} {split} is not available locally: {where}.", hint=_NO_DATA_HINT)
@@ -306,7 +316,7 @@ def load_problems(
             f"{key} {split} is not available: {where} and the `datasets` package is not installed.",
             hint=_NO_DATA_HINT,
         ) from None
-    return _window(_load_hub(key, split), offset, limit)
+    return _window(_load_hub(key, split), offset, limit, origin=f"{key} {split}")
 
 
 # --------------------------------------------------------------------------- synthetic problems
