@@ -135,3 +135,12 @@ def test_cli_converts_both_ways(qwen, tmp_path):
     assert SteeringVector.load(tmp_path / "f.safetensors").layers == [2]
     out = runner.invoke(app, ["vector", "export", str(src), str(tmp_path / "x.gguf"), "--layers", "0"])
     assert out.exit_code == 2 and "layer 0" in out.output
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf"), 0.0])
+def test_export_refuses_scales_that_make_an_unreadable_file(tmp_path, qwen, scale):
+    vec = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1)
+    target = tmp_path / "v.gguf"
+    with pytest.raises(ResidlabError, match="cannot export with scale"):
+        export_control_vector(vec, target, scale=scale)
+    assert not target.exists()

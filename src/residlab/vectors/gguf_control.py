@@ -16,6 +16,7 @@ vector's ``info``) and records the scale and residlab's metadata under ``residla
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def export_control_vector(
         )
     if scale is None:
         scale = float(vector.info.get("strength", 1.0))
+    if not math.isfinite(scale) or scale == 0:
+        raise ResidlabError(
+            f"cannot export with scale {scale}: the file would hold {'zeros' if scale == 0 else 'non-finite values'}"
+            " that residlab (and llama.cpp) cannot read back as a direction.",
+            hint="pass a finite, non-zero --scale (the vector's recorded strength is used when none is given).",
+        )
     path = Path(path)
     meta: dict[str, str] = {**vector.metadata(), "scale": repr(float(scale))}
     with atomic_path(path) as tmp:
