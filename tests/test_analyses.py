@@ -3,7 +3,9 @@
 import copy
 import json
 import math
+from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -22,8 +24,11 @@ from residlab.analyses import (
     top_tokens,
 )
 from residlab.analyses.common import TokenBatch, down_matrix, next_token_nll, run_decoder, token_batches, tokenize
-from residlab.analyses.depth import branch_contributions
-from residlab.analyses.dims import gaussian_fraction, mass_fraction, top_k_jaccard
+from residlab.analyses.depth import DepthResult, branch_contributions
+from residlab.analyses.dims import DimsResult, gaussian_fraction, mass_fraction, top_k_jaccard
+from residlab.analyses.means import LayerMeans, halves
+from residlab.analyses.result import AnalysisResult, figure
+from residlab.analyses.sparsity import SparsityResult
 from residlab.models.architectures import get_module
 from residlab.testing import tiny_config, tiny_tokenizer
 
@@ -48,6 +53,109 @@ def _relu_llama() -> LanguageModel:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return LanguageModel(model, tokenizer, name="tiny-relu-llama", source="testing")
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+
+
+@dataclass(frozen=True)
+class _Toy(AnalysisResult):
+    json_file: ClassVar[str] = "toy.json"
+
+    name: str
+    curve: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        return {"first": self.curve[0]}
+
+    def derived(self) -> dict[str, Any]:
+        return {"doubled": [2 * v for v in self.curve]}
+
+    @figure("toy_curve.png")
+    def _curve(self, plt):
+        fig, ax = plt.subplots()
+        ax.plot(self.curve)
+        return fig
+
+    @figure("toy_optional.png")
+    def _optional(self, plt):
+        return None  # nothing to draw: left out
+
+
+@dataclass(frozen=True)
+class _MoreToy(_Toy):
+    json_file: ClassVar[str] = "more.json"
+
+    extra: int = 0
+
+    @figure("more_extra.png")
+    def _extra(self, plt):
+        return plt.subplots()[0]
+
+
+def test_analysis_result_base_writes_fields_derived_and_summary_and_each_figure(tmp_path):
+    toy = _Toy("t", [float("nan"), 1.5])
+    data = toy.to_dict()
+    assert list(data) == ["name", "curve", "doubled", "summary"]
+    assert math.isnan(data["summary"]["first"]) and data["doubled"][1] == 3.0
+    assert [p.name for p in toy.save(tmp_path)] == ["toy.json", "toy_curve.png"]  # the None figure is left out
+    text = (tmp_path / "toy.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON")) == {
+        "name": "t",
+        "curve": [None, 1.5],
+        "doubled": [None, 3.0],
+        "summary": {"first": None},
+    }
+    assert (tmp_path / "toy_curve.png").read_bytes()[:4] == b"\x89PNG"
+    more = _MoreToy("m", [1.0], extra=2)
+    assert list(more.to_dict()) == ["name", "curve", "extra", "doubled", "summary"]
+    assert [p.name for p in more.save(tmp_path / "more")] == ["more.json", "toy_curve.png", "more_extra.png"]
+    with pytest.raises(TypeError, match="summary"):
+
+        @dataclass(frozen=True)
+        class NoSummary(AnalysisResult):
+            json_file: ClassVar[str] = "x.json"
+
+        NoSummary()
+
+
+def test_result_classes_keep_their_file_names():
+    assert (DepthResult.json_file, list(DepthResult.figures.values())) == (
+        "depth.json",
+        ["depth_contributions.png", "depth_logit_lens.png", "depth_skip_effect.png"],
+    )
+    assert (DimsResult.json_file, list(DimsResult.figures.values())) == ("dims.json", ["dims_concentration.png"])
+    assert (SparsityResult.json_file, list(SparsityResult.figures.values())) == (
+        "sparsity.json",
+        ["sparsity_nonzero.png", "sparsity_cett.png", "sparsity_temporal.png"],
+    )
+
+
+def test_layer_means_pool_batches_and_counts():
+    means = LayerMeans(3)
+    means.add(0, torch.tensor([1.0, 2.0]))
+    means.add(0, torch.tensor([6.0]))  # pooled over elements, not a mean of batch means
+    means.add(1, torch.tensor([True, False, False, True]))  # a fraction of hits
+    means.add_sum(1, 3, 4)
+    got = means.means()
+    assert got[:2] == [3.0, 5 / 8] and math.isnan(got[2])  # layer 2 saw nothing
+    first, second = halves([float("nan"), 1.0, 2.0, None, 4.0])  # NaN and None are ignored
+    assert (first, second) == (1.0, 3.0)
+
+
+def test_token_batches_are_lm_pad_batches_sorted_by_length(qwen):
+    rows = [[5, 6, 7], [], [8], [9, 10, 11, 12], [13, 14]]
+    batches = list(token_batches(qwen, rows, batch_size=2))
+    assert [tb.rows for tb in batches] == [(2, 4), (0, 3)]  # shortest first; the empty row is left out
+    pad = qwen.pad_token_id
+    assert torch.equal(batches[0].batch.input_ids, torch.tensor([[pad, 8], [13, 14]]))
+    assert torch.equal(batches[0].batch.attention_mask, torch.tensor([[0, 1], [1, 1]]))
+    assert torch.equal(batches[1].batch.input_ids, torch.tensor([[pad, 5, 6, 7], [9, 10, 11, 12]]))
+    assert torch.equal(batches[1].positions, torch.tensor([[-1, 0, 1, 2], [0, 1, 2, 3]]))
+    for tb in batches:
+        same = qwen.pad([rows[i] for i in tb.rows])
+        assert torch.equal(tb.batch.input_ids, same.input_ids)
+        assert torch.equal(tb.batch.attention_mask, same.attention_mask)
 
 
 # ------------------------------------------------------------------------------------------ edits
@@ -251,6 +359,20 @@ def test_depth_batches_like_one_by_one_and_handles_every_family(lm, tmp_path):
         "depth_skip_effect.png",
     }
     assert json.loads((tmp_path / "depth.json").read_text())["num_layers"] == lm.num_layers
+
+
+def test_depth_takes_a_batch_with_nothing_to_measure(qwen):
+    """A one-token text alone in its batch has no token at position >= 1: it adds nothing (it used to crash)."""
+    texts = [TEXTS[0], "48"]
+    assert [len(r) for r in tokenize(qwen, texts)] == [14, 1]
+    alone = analyze_depth(qwen, texts, batch_size=1)
+    together = analyze_depth(qwen, texts, batch_size=2)
+    assert alone.num_tokens == together.num_tokens == 13 and alone.skip_texts == together.skip_texts == 2
+    assert alone.block_rel == pytest.approx(together.block_rel, rel=1e-5)
+    assert alone.lens_kl == pytest.approx(together.lens_kl, rel=1e-4, abs=1e-6)
+    assert alone.skip_output_kl == pytest.approx(together.skip_output_kl, rel=1e-4, abs=1e-6)
+    for a, b in zip(alone.skip_effect, together.skip_effect, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ sparsity

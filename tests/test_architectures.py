@@ -1,20 +1,117 @@
+import functools
+
 import pytest
 import torch
+from conftest import PROMPTS
 
 from residlab import UnknownArchitectureError
-from residlab.models.architectures import ARCHITECTURES, architecture_for, get_module
+from residlab.models.architectures import ARCHITECTURES, ArchitectureMap, architecture_for, get_module
 from residlab.models.lm import LanguageModel
-from residlab.testing import TINY_FAMILIES, tiny_tokenizer
+from residlab.testing import TINY_FAMILIES, tiny_model, tiny_tokenizer
+
+MAPPED_FAMILIES = (*TINY_FAMILIES, "mistral", "qwen3")  # residlab.testing has no tiny config for the last two
 
 
-def test_every_mapped_path_resolves(lm):
-    arch = lm.arch
-    for path in (arch.decoder, arch.blocks, arch.final_norm, arch.embed, arch.unembed):
-        assert isinstance(get_module(lm.model, path), torch.nn.Module)
+@functools.cache
+def _tiny(family: str) -> LanguageModel:
+    """A tiny random model of ``family``: residlab.testing's, or one built here from a llama-like config."""
+    if family in TINY_FAMILIES:
+        return tiny_model(family)
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    config_class = {"mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config}[family]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return LanguageModel(model, tokenizer, name=f"tiny-{family}", source="testing")
+
+
+@pytest.fixture(params=MAPPED_FAMILIES)
+def any_lm(request) -> LanguageModel:
+    return _tiny(request.param)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _norms(arch: ArchitectureMap) -> dict[str, str | None]:
+    return {
+        "input_norm": arch.input_norm,
+        "post_attn_norm": arch.post_attn_norm,
+        "pre_mlp_norm": arch.pre_mlp_norm,
+        "post_mlp_norm": arch.post_mlp_norm,
+    }
+
+
+def test_every_mapped_path_resolves_to_a_module_of_its_kind(any_lm):
+    lm, arch = any_lm, any_lm.arch
+    assert arch.family == lm.model.config.model_type
+    assert isinstance(get_module(lm.model, arch.blocks), torch.nn.ModuleList)
+    assert get_module(lm.model, arch.decoder) is lm.decoder
+    assert _is_norm(get_module(lm.model, arch.final_norm))
+    assert isinstance(get_module(lm.model, arch.unembed), torch.nn.Linear)
     for block in lm.blocks:
-        for rel in (arch.attn, arch.mlp, arch.mlp_down, *arch.block_norms):
+        for rel in (arch.attn, arch.mlp):
             assert isinstance(get_module(block, rel), torch.nn.Module)
+        down = get_module(block, arch.mlp_down)
+        assert isinstance(down, torch.nn.Linear) or type(down).__name__ == "Conv1D"  # GPT-2's transposed Linear
+        for role, path in _norms(arch).items():
+            if path is not None:
+                assert _is_norm(get_module(block, path)), role
     assert lm.num_layers == 3 and lm.hidden_size == 64
+
+
+def test_norm_roles_match_the_block_wiring(any_lm):
+    """Each norm sits where its role says: input_norm's output is what attention reads, pre_mlp_norm's
+    what the MLP reads, and a post-norm reads its branch's output (Llama's ``post_attention_layernorm``
+    is a pre-MLP norm, Gemma 3's a true post-attention norm: names alone would get this wrong)."""
+    lm, arch = any_lm, any_lm.arch
+    block = lm.blocks[1]
+    seen: dict[str, torch.Tensor] = {}
+
+    def output_of(key):
+        return lambda module, args, output: seen.__setitem__(key, output[0] if isinstance(output, tuple) else output)
+
+    def input_of(key):
+        return lambda module, args, kwargs: seen.__setitem__(key, args[0] if args else kwargs["hidden_states"])
+
+    handles = [
+        get_module(block, arch.attn).register_forward_pre_hook(input_of("attn_in"), with_kwargs=True),
+        get_module(block, arch.attn).register_forward_hook(output_of("attn_out")),
+        get_module(block, arch.mlp).register_forward_pre_hook(input_of("mlp_in"), with_kwargs=True),
+        get_module(block, arch.mlp).register_forward_hook(output_of("mlp_out")),
+    ]
+    for role, path in _norms(arch).items():
+        if path is not None:
+            module = get_module(block, path)
+            handles.append(module.register_forward_pre_hook(input_of(f"{role}_in"), with_kwargs=True))
+            handles.append(module.register_forward_hook(output_of(f"{role}_out")))
+    try:
+        lm.forward(PROMPTS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(seen["input_norm_out"], seen["attn_in"])
+    assert torch.equal(seen["pre_mlp_norm_out"], seen["mlp_in"])
+    for branch in ("attn", "mlp"):
+        post = f"post_{branch}_norm"
+        if _norms(arch)[post] is not None:
+            assert torch.equal(seen[f"{post}_in"], seen[f"{branch}_out"])
+    assert arch.sandwich_norms == (arch.family == "gemma3_text")
+    assert (arch.post_attn_norm is None) == (arch.post_mlp_norm is None) == (not arch.sandwich_norms)
 
 
 def test_block_output_is_hidden_states_plus_one(lm):
@@ -39,6 +136,7 @@ def test_unknown_architecture_is_a_clear_error():
 def test_all_required_families_are_mapped():
     for family in ("llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"):
         assert family in ARCHITECTURES
+    assert {a.family for a in ARCHITECTURES.values()} == {_tiny(f).arch.family for f in MAPPED_FAMILIES}
     assert set(TINY_FAMILIES) <= {a.family.replace("_text", "") for a in ARCHITECTURES.values()}
 
 

@@ -8,16 +8,20 @@
 - :func:`logit_lens`, :func:`top_tokens`: read states or steering directions through the model's head.
 
 Each analysis takes a loaded :class:`~residlab.LanguageModel` and a list of texts (see
-:func:`read_texts`) and returns a result with ``to_dict()``, ``plot(out_dir)`` and ``save(out_dir)``.
+:func:`read_texts`) and returns a result with ``summary()``, ``to_dict()``, ``plot(out_dir)`` and
+``save(out_dir)``, all but ``summary`` from :class:`~residlab.analyses.result.AnalysisResult`, the base a
+new analysis's result builds on (it declares its fields, ``summary()`` and its ``@figure`` methods).
 """
 
 from residlab.analyses.depth import DepthResult, analyze_depth
 from residlab.analyses.dims import DimsResult, analyze_dims
 from residlab.analyses.lens import lens_log_probs, logit_lens, top_tokens
+from residlab.analyses.result import AnalysisResult, figure
 from residlab.analyses.sparsity import CETTCurve, SparsityResult, analyze_sparsity, bisect_increasing, cett
 from residlab.data.texts import read_texts
 
 __all__ = [
+    "AnalysisResult",
     "CETTCurve",
     "DepthResult",
     "DimsResult",
@@ -27,6 +31,7 @@ __all__ = [
     "analyze_sparsity",
     "bisect_increasing",
     "cett",
+    "figure",
     "lens_log_probs",
     "logit_lens",
     "read_texts",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,20 +55,13 @@ def tokenize(lm: LanguageModel, texts: Sequence[str], max_tokens: int | None = N
 
 
 def token_batches(lm: LanguageModel, rows: Sequence[Sequence[int]], batch_size: int = 8) -> Iterator[TokenBatch]:
-    """Left-padded batches of ``rows``, sorted by length to limit padding."""
+    """Batches of the non-empty ``rows``, sorted by length to limit padding, left-padded by ``lm.pad``."""
     if batch_size < 1:
         raise ResidlabError(f"batch_size must be at least 1, got {batch_size}.", hint="pass --batch-size 1 or more.")
     order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        width = max(len(rows[i]) for i in chosen)
-        ids = torch.full((len(chosen), width), lm.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for j, i in enumerate(chosen):
-            n = len(rows[i])
-            ids[j, width - n :] = torch.tensor(list(rows[i]))
-            mask[j, width - n :] = 1
-        yield TokenBatch(tuple(chosen), Batch(ids.to(lm.device), mask.to(lm.device)))
+        yield TokenBatch(tuple(chosen), lm.pad([list(rows[i]) for i in chosen]))
 
 
 @torch.inference_mode()
@@ -102,10 +94,12 @@ def unembed(lm: LanguageModel, normed: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def final_norm(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's final norm applied to residual-stream states ``hidden``."""
     return get_module(lm.model, lm.arch.final_norm)(hidden.to(lm.dtype))
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices of ``range(n)`` of at most ``size`` each (none for ``n == 0``)."""
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -135,6 +129,7 @@ def down_matrix(lm: LanguageModel, layer: int) -> torch.Tensor:
 
 
 def activation_name(lm: LanguageModel) -> str:
+    """The MLP nonlinearity's name as the model's config gives it (``"unknown"`` if it names none)."""
     config = lm.model.config
     for key in ("hidden_act", "hidden_activation", "activation_function"):
         value = getattr(config, key, None)
@@ -144,6 +139,7 @@ def activation_name(lm: LanguageModel) -> str:
 
 
 def is_relu_like(lm: LanguageModel) -> bool:
+    """Whether the MLP activation can be exactly 0 (a ReLU variant), which makes ``a != 0`` meaningful."""
     return activation_name(lm).lower() in RELU_LIKE
 
 
@@ -151,12 +147,3 @@ def safe_name(name: str) -> str:
     """A model name usable as a folder name (a local path gives its last part)."""
     base = Path(name).name if ("/" in name or "\\" in name) and Path(name).name else name
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
-
-
-def halves(values: Sequence[float]) -> tuple[float, float]:
-    """Mean of the first and the second half of a per-layer curve (NaNs ignored)."""
-    n = len(values)
-    first = [v for v in values[: n // 2] if v is not None and math.isfinite(v)]
-    second = [v for v in values[n // 2 :] if v is not None and math.isfinite(v)]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return mean(first), mean(second)

@@ -10,7 +10,7 @@ layer ``l`` in residlab's convention). Three measurements:
    *Parallel residual* (GPT-NeoX): attention and MLP both read ``h_l`` and ``h_l + a_l`` never exists,
    so the MLP is measured against ``h_l``: ``||m_l|| / ||h_l||`` and ``cos(m_l, h_l)``.
    *Sandwich norms* (Gemma 2/3): the branch outputs are normalised again before the residual add,
-   so ``a_l`` and ``m_l`` are taken after ``post_attention_layernorm`` / ``post_feedforward_layernorm``;
+   so ``a_l`` and ``m_l`` are taken after the architecture map's ``post_attn_norm`` / ``post_mlp_norm``;
    in every family ``h_{l+1} = h_l + a_l + m_l`` holds exactly.
 2. **Future effect of skipping a layer**: block ``s``'s output := its input at real positions >=
    ``first_position`` (1 by default, so the first token, often an attention sink, is kept). For every
@@ -31,38 +31,35 @@ every such token counts (all of them, not only the last).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from residlab.analyses.common import (
-    TokenBatch,
-    chunks,
-    halves,
-    run_decoder,
-    token_batches,
-    tokenize,
-    unembed,
-)
+from residlab.analyses.common import TokenBatch, chunks, run_decoder, token_batches, tokenize, unembed
 from residlab.analyses.lens import lens_log_probs
+from residlab.analyses.means import LayerMeans, halves
+from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.errors import ResidlabError
-from residlab.core.io import write_json
-from residlab.core.plotting import pyplot, save_figure
+from residlab.core.types import Log
+from residlab.models.architectures import get_module
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from residlab.models.lm import LanguageModel
 
-Log = Callable[[str], None]
 _SITES = ("block_input", "attn", "mlp", "block")
 _CHUNK = 128  # tokens per vocabulary-sized block of logits
+_CONTRIBUTION_STATS = ("attn_rel", "mlp_rel", "block_rel", "attn_cos", "mlp_cos", "block_cos")
 
 
-@dataclass
-class DepthResult:
+@dataclass(frozen=True)
+class DepthResult(AnalysisResult):
     """Per-layer curves (index = layer) and the skip matrix ``skip_effect[s][l]``."""
+
+    json_file: ClassVar[str] = "depth.json"
 
     model: str
     family: str
@@ -136,21 +133,13 @@ class DepthResult:
             )
         return summary
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["future_effect"] = self.future_effect()
-        data["summary"] = self.summary()
-        return data
+    def derived(self) -> dict[str, Any]:
+        return {"future_effect": self.future_effect()}
 
-    # -- files -------------------------------------------------------------------------------------
-    def plot(self, out_dir: str | Path) -> list[Path]:
-        """Write the PNGs (contributions, logit lens, skip matrix) into ``out_dir``; return their paths."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        plt = pyplot()
+    # -- figures -----------------------------------------------------------------------------------
+    @figure("depth_contributions.png")
+    def _contributions_figure(self, plt: Any) -> Figure:
         layers = list(range(self.num_layers))
-        paths = []
-
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         mlp_label = "MLP ||m|| / ||h||" if self.parallel_residual else "MLP ||m|| / ||h+a||"
         ax1.plot(layers, self.attn_rel, "o-", ms=3, label="attention ||a|| / ||h||")
@@ -170,8 +159,11 @@ class DepthResult:
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
         fig.suptitle(f"{self.model}: contributions per layer ({self.num_tokens} tokens)", fontsize=10)
-        paths.append(save_figure(fig, out / "depth_contributions.png"))
+        return fig
 
+    @figure("depth_logit_lens.png")
+    def _logit_lens_figure(self, plt: Any) -> Figure:
+        layers = list(range(self.num_layers))
         fig, ax = plt.subplots(figsize=(6.5, 4))
         ax.plot(layers, self.lens_kl, "o-", ms=3, color="C3", label="KL(lens || final)")
         ax.set_yscale("symlog", linthresh=0.1)
@@ -183,34 +175,32 @@ class DepthResult:
         twin.set_ylabel("top-5 overlap with the output", color="C0")
         ax.grid(alpha=0.3)
         ax.set_title(f"{self.model}: logit lens", fontsize=10)
-        paths.append(save_figure(fig, out / "depth_logit_lens.png"))
+        return fig
 
-        if self.skip_effect is not None:
-            import numpy as np
+    @figure("depth_skip_effect.png")
+    def _skip_effect_figure(self, plt: Any) -> Figure | None:
+        if self.skip_effect is None:
+            return None
+        import numpy as np
 
-            matrix = np.array(self.skip_effect, dtype=float)
-            masked = np.ma.masked_where(np.tri(self.num_layers, dtype=bool), matrix)  # keep l > s only
-            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
-            image = ax1.imshow(masked, origin="lower", cmap="viridis", aspect="auto", interpolation="nearest")
-            fig.colorbar(image, ax=ax1, label="max_pos ||delta contribution|| / ||contribution||")
-            ax1.set_xlabel("later layer l")
-            ax1.set_ylabel("skipped layer s")
-            ax1.set_title("effect of skipping layer s on layer l", fontsize=10)
-            future = self.future_effect() or []
-            ax2.plot(layers, future, "o-", ms=3, label="mean effect on later layers")
-            ax2.plot(layers, self.skip_output_l2, "s-", ms=3, label="output: max_pos ||delta p||_2")
-            ax2.set_xlabel("skipped layer s")
-            ax2.set_ylim(bottom=0)
-            ax2.legend(fontsize=8)
-            ax2.grid(alpha=0.3)
-            ax2.set_title(f"skip effects ({self.skip_texts} texts)", fontsize=10)
-            paths.append(save_figure(fig, out / "depth_skip_effect.png"))
-        return paths
-
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """Write ``depth.json`` and the plots; return every path written."""
-        out = Path(out_dir)
-        return [write_json(out / "depth.json", self.to_dict()), *self.plot(out)]
+        layers = list(range(self.num_layers))
+        matrix = np.array(self.skip_effect, dtype=float)
+        masked = np.ma.masked_where(np.tri(self.num_layers, dtype=bool), matrix)  # keep l > s only
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+        image = ax1.imshow(masked, origin="lower", cmap="viridis", aspect="auto", interpolation="nearest")
+        fig.colorbar(image, ax=ax1, label="max_pos ||delta contribution|| / ||contribution||")
+        ax1.set_xlabel("later layer l")
+        ax1.set_ylabel("skipped layer s")
+        ax1.set_title("effect of skipping layer s on layer l", fontsize=10)
+        future = self.future_effect() or []
+        ax2.plot(layers, future, "o-", ms=3, label="mean effect on later layers")
+        ax2.plot(layers, self.skip_output_l2, "s-", ms=3, label="output: max_pos ||delta p||_2")
+        ax2.set_xlabel("skipped layer s")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+        ax2.set_title(f"skip effects ({self.skip_texts} texts)", fontsize=10)
+        return fig
 
 
 # --------------------------------------------------------------------------------------------- maths
@@ -228,42 +218,146 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
 
 
-def branch_contributions(lm: LanguageModel, layer: int, attn: torch.Tensor, mlp: torch.Tensor):
-    """What attention and the MLP of ``layer`` add to the residual, from the recorded module outputs
-    (after the post-branch norms of sandwich-norm families such as Gemma 2/3)."""
+@torch.inference_mode()
+def branch_contributions(
+    lm: LanguageModel, layer: int, attn: torch.Tensor, mlp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What attention and the MLP of ``layer`` add to the residual (float32), from the recorded module
+    outputs: after the architecture's post-branch norms where it has them (sandwich norms, Gemma 2/3)."""
     block = lm.blocks[layer]
-    post_mlp = getattr(block, "post_feedforward_layernorm", None)
-    if post_mlp is not None:
-        with torch.inference_mode():
-            return block.post_attention_layernorm(attn).float(), post_mlp(mlp).float()
-    return attn.float(), mlp.float()
-
-
-class _Mean:
-    """Running per-layer means."""
-
-    def __init__(self, n: int) -> None:
-        self.total = [0.0] * n
-        self.count = [0] * n
-
-    def add(self, layer: int, values: torch.Tensor) -> None:
-        self.total[layer] += float(values.double().sum())
-        self.count[layer] += int(values.numel())
-
-    def means(self) -> list[float]:
-        return [t / c if c else float("nan") for t, c in zip(self.total, self.count, strict=True)]
+    post_attn, post_mlp = lm.arch.post_attn_norm, lm.arch.post_mlp_norm
+    a = attn if post_attn is None else get_module(block, post_attn)(attn)
+    m = mlp if post_mlp is None else get_module(block, post_mlp)(mlp)
+    return a.float(), m.float()
 
 
 @torch.inference_mode()
 def _final_log_probs(lm: LanguageModel, normed_valid: torch.Tensor) -> torch.Tensor:
-    return torch.cat(
-        [torch.log_softmax(unembed(lm, normed_valid[p]), -1) for p in chunks(normed_valid.shape[0], _CHUNK)]
-    )
+    parts = [torch.log_softmax(unembed(lm, normed_valid[p]), -1) for p in chunks(normed_valid.shape[0], _CHUNK)]
+    # a batch with no token to measure (one-token texts) still gives a [0, vocab] tensor
+    return torch.cat(parts) if parts else torch.log_softmax(unembed(lm, normed_valid), -1)
 
 
 def _row_max(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[batch] max over valid positions of [batch, tokens] values (0 for a row with none)."""
     return values.masked_fill(~valid, 0.0).amax(dim=1)
+
+
+# --------------------------------------------------------------------------------------------- analysis
+
+
+class _DepthTotals:
+    """What :func:`analyze_depth` accumulates over batches."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.stats = {name: LayerMeans(n_layers) for name in _CONTRIBUTION_STATS}
+        self.lens_kl, self.lens_top5 = LayerMeans(n_layers), LayerMeans(n_layers)
+        self.num_tokens = 0
+        self.skip_rows = 0  # texts the skip runs covered
+        self.effect_sum = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+        self.out_l2_sum = torch.zeros(n_layers, dtype=torch.float64)
+        self.out_kl_sum = torch.zeros(n_layers, dtype=torch.float64)
+        self.out_kl_count = 0
+
+    def skip_means(self) -> tuple[list[list[float]] | None, list[float] | None, list[float] | None]:
+        """The skip matrix, the output L2 change (both averaged over texts) and the output KL (over tokens)."""
+        if not self.skip_rows:
+            return None, None, None
+        return (
+            (self.effect_sum / self.skip_rows).tolist(),
+            (self.out_l2_sum / self.skip_rows).tolist(),
+            (self.out_kl_sum / max(self.out_kl_count, 1)).tolist(),
+        )
+
+
+def _depth_batches(
+    lm: LanguageModel, rows: list[list[int]], n_skip: int, batch_size: int
+) -> Iterator[tuple[TokenBatch, bool]]:
+    """Batches of the first ``n_skip`` texts (flagged for skip runs), then of the others."""
+    for start, stop, do_skip in ((0, n_skip, True), (n_skip, len(rows), False)):
+        part = rows[start:stop]
+        if any(part):
+            for tb in token_batches(lm, part, batch_size):
+                yield TokenBatch(tuple(start + r for r in tb.rows), tb.batch), do_skip
+
+
+@torch.inference_mode()
+def _measure_batch(
+    lm: LanguageModel, tb: TokenBatch, valid: torch.Tensor, totals: _DepthTotals
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Contributions and the logit lens of one batch; return the output log-probs of its valid tokens
+    and each layer's contribution ``h_{l+1} - h_l`` (what the skip runs compare against)."""
+    layers = list(range(lm.num_layers))
+    n_valid = int(valid.sum())
+    with lm.record(layers, positions="all", sites=_SITES) as rec:
+        normed = run_decoder(lm, tb)
+    final_logp = _final_log_probs(lm, normed[valid])
+    final_top = final_logp.topk(5, dim=-1).indices
+    stats = totals.stats
+    contributions = []
+    for layer in layers:
+        h = rec[layer, "block_input"].float()
+        out = rec[layer, "block"].float()
+        a, m = branch_contributions(lm, layer, rec[layer, "attn"], rec[layer, "mlp"])
+        mid = h if lm.arch.parallel_residual else h + a
+        delta = out - h
+        contributions.append(delta)
+        hv, mv, dv, av, mmv = h[valid], mid[valid], delta[valid], a[valid], m[valid]
+        stats["attn_rel"].add(layer, _ratio(_norm(av), _norm(hv)))
+        stats["mlp_rel"].add(layer, _ratio(_norm(mmv), _norm(mv)))
+        stats["block_rel"].add(layer, _ratio(_norm(dv), _norm(hv)))
+        stats["attn_cos"].add(layer, _cos(av, hv))
+        stats["mlp_cos"].add(layer, _cos(mmv, mv))
+        stats["block_cos"].add(layer, _cos(dv, hv))
+        states = out[valid]
+        for part in chunks(n_valid, _CHUNK):
+            logp = lens_log_probs(lm, states[part])
+            totals.lens_kl.add(layer, (logp.exp() * (logp - final_logp[part])).sum(-1))
+            top = logp.topk(5, dim=-1).indices
+            overlap = (top.unsqueeze(-1) == final_top[part].unsqueeze(-2)).any(-1).sum(-1).float() / 5
+            totals.lens_top5.add(layer, overlap)
+    return final_logp, contributions
+
+
+@torch.inference_mode()
+def _measure_skips(
+    lm: LanguageModel,
+    tb: TokenBatch,
+    valid: torch.Tensor,
+    first_position: int,
+    final_logp: torch.Tensor,
+    contributions: list[torch.Tensor],
+    totals: _DepthTotals,
+    log: Log,
+) -> None:
+    """Skip each layer in turn on one batch; add the effects on later layers and on the output."""
+    layers = list(range(lm.num_layers))
+    n_valid = int(valid.sum())
+    totals.skip_rows += len(tb.rows)
+    final_p = final_logp.exp()
+    for s in layers:
+        with (
+            lm.skip([s], from_position=first_position),
+            lm.record(layers, "all", sites=("block_input", "block")) as rec,
+        ):
+            normed = run_decoder(lm, tb)
+        for layer in layers:
+            changed = rec[layer, "block"].float() - rec[layer, "block_input"].float()
+            base = contributions[layer]
+            rel = _ratio(_norm(changed - base), _norm(base))
+            totals.effect_sum[s, layer] += float(_row_max(rel, valid).double().sum())
+        del rec
+        skipped = normed[valid]
+        l2 = torch.empty(n_valid)
+        for part in chunks(n_valid, _CHUNK):
+            logq = torch.log_softmax(unembed(lm, skipped[part]), -1)
+            l2[part] = (logq.exp() - final_p[part]).norm(dim=-1)
+            totals.out_kl_sum[s] += float((final_p[part] * (final_logp[part] - logq)).sum(-1).double().sum())
+        l2_grid = torch.zeros(valid.shape)
+        l2_grid[valid] = l2
+        totals.out_l2_sum[s] += float(_row_max(l2_grid, valid).double().sum())
+        log(f"  skipped layer {s}")
+    totals.out_kl_count += n_valid
 
 
 @torch.inference_mode()
@@ -285,120 +379,51 @@ def analyze_depth(
     """
     log = log or (lambda message: None)
     rows = tokenize(lm, texts, max_tokens)
-    n_layers = lm.num_layers
-    layers = list(range(n_layers))
-    parallel = lm.arch.parallel_residual
     n_skip = 0 if not skip else len(rows) if skip_texts is None else max(0, min(skip_texts, len(rows)))
     if first_position < 0:
         raise ResidlabError(f"first_position must be >= 0, got {first_position}.")
 
-    stats = {name: _Mean(n_layers) for name in ("attn_rel", "mlp_rel", "block_rel", "attn_cos", "mlp_cos")}
-    stats["block_cos"] = _Mean(n_layers)
-    kl, top5 = _Mean(n_layers), _Mean(n_layers)
-    effect_sum = torch.zeros(n_layers, n_layers, dtype=torch.float64)
-    out_l2_sum = torch.zeros(n_layers, dtype=torch.float64)
-    out_kl_sum = torch.zeros(n_layers, dtype=torch.float64)
-    out_kl_count = 0
-    skip_rows = 0
-    num_tokens = 0
-
-    def groups():
-        for start, stop, do_skip in ((0, n_skip, True), (n_skip, len(rows), False)):
-            part = rows[start:stop]
-            if any(part):
-                for tb in token_batches(lm, part, batch_size):
-                    yield TokenBatch(tuple(start + r for r in tb.rows), tb.batch), do_skip
-
-    for tb, do_skip in groups():
+    totals = _DepthTotals(lm.num_layers)
+    for tb, do_skip in _depth_batches(lm, rows, n_skip, batch_size):
         valid = tb.valid(first_position)
         n_valid = int(valid.sum())
-        num_tokens += n_valid
+        totals.num_tokens += n_valid
         log(f"batch of {len(tb.rows)} texts ({n_valid} tokens){' + skip runs' if do_skip else ''}")
-        with lm.record(layers, positions="all", sites=_SITES) as rec:
-            normed = run_decoder(lm, tb)
-        final_logp = _final_log_probs(lm, normed[valid])
-        final_top = final_logp.topk(5, dim=-1).indices
-        contributions = []
-        for layer in layers:
-            h = rec[layer, "block_input"].float()
-            out = rec[layer, "block"].float()
-            a, m = branch_contributions(lm, layer, rec[layer, "attn"], rec[layer, "mlp"])
-            mid = h if parallel else h + a
-            delta = out - h
-            contributions.append(delta)
-            hv, mv, dv, av, mmv = h[valid], mid[valid], delta[valid], a[valid], m[valid]
-            stats["attn_rel"].add(layer, _ratio(_norm(av), _norm(hv)))
-            stats["mlp_rel"].add(layer, _ratio(_norm(mmv), _norm(mv)))
-            stats["block_rel"].add(layer, _ratio(_norm(dv), _norm(hv)))
-            stats["attn_cos"].add(layer, _cos(av, hv))
-            stats["mlp_cos"].add(layer, _cos(mmv, mv))
-            stats["block_cos"].add(layer, _cos(dv, hv))
-            states = out[valid]
-            for part in chunks(n_valid, _CHUNK):
-                logp = lens_log_probs(lm, states[part])
-                target = final_logp[part]
-                kl.add(layer, (logp.exp() * (logp - target)).sum(-1))
-                top = logp.topk(5, dim=-1).indices
-                overlap = (top.unsqueeze(-1) == final_top[part].unsqueeze(-2)).any(-1).sum(-1).float() / 5
-                top5.add(layer, overlap)
-        del rec
-        if not do_skip:
-            continue
-        skip_rows += len(tb.rows)
-        final_p = final_logp.exp()
-        for s in layers:
-            with (
-                lm.skip([s], from_position=first_position),
-                lm.record(layers, "all", sites=("block_input", "block")) as rec2,
-            ):
-                normed2 = run_decoder(lm, tb)
-            for layer in layers:
-                changed = rec2[layer, "block"].float() - rec2[layer, "block_input"].float()
-                base = contributions[layer]
-                rel = _ratio(_norm(changed - base), _norm(base))
-                effect_sum[s, layer] += float(_row_max(rel, valid).double().sum())
-            del rec2
-            skipped = normed2[valid]
-            l2 = torch.empty(n_valid)
-            for part in chunks(n_valid, _CHUNK):
-                logq = torch.log_softmax(unembed(lm, skipped[part]), -1)
-                l2[part] = (logq.exp() - final_p[part]).norm(dim=-1)
-                out_kl_sum[s] += float((final_p[part] * (final_logp[part] - logq)).sum(-1).double().sum())
-            l2_grid = torch.zeros(valid.shape)
-            l2_grid[valid] = l2
-            out_l2_sum[s] += float(_row_max(l2_grid, valid).double().sum())
-            log(f"  skipped layer {s}")
-        out_kl_count += n_valid
+        final_logp, contributions = _measure_batch(lm, tb, valid, totals)
+        if do_skip:
+            _measure_skips(lm, tb, valid, first_position, final_logp, contributions, totals, log)
 
-    if num_tokens == 0:
+    if totals.num_tokens == 0:
         raise ResidlabError(
             f"no token at position >= {first_position} in any text: nothing to average.",
             hint="pass longer texts (or a larger --max-tokens).",
         )
     notes = []
-    if parallel:
+    if lm.arch.parallel_residual:
         notes.append("parallel residual: the MLP is measured against the block input h (h + a does not exist).")
-    if any(hasattr(b, "post_feedforward_layernorm") for b in lm.blocks):
+    if lm.arch.sandwich_norms:
         notes.append("sandwich norms: attention/MLP contributions are taken after their post-norms.")
+    skip_effect, skip_output_l2, skip_output_kl = totals.skip_means()
+    stats = totals.stats
     return DepthResult(
         model=lm.name,
         family=lm.arch.family,
-        num_layers=n_layers,
+        num_layers=lm.num_layers,
         num_texts=len(rows),
-        num_tokens=num_tokens,
+        num_tokens=totals.num_tokens,
         first_position=first_position,
-        parallel_residual=parallel,
+        parallel_residual=lm.arch.parallel_residual,
         attn_rel=stats["attn_rel"].means(),
         mlp_rel=stats["mlp_rel"].means(),
         block_rel=stats["block_rel"].means(),
         attn_cos=stats["attn_cos"].means(),
         mlp_cos=stats["mlp_cos"].means(),
         block_cos=stats["block_cos"].means(),
-        lens_kl=kl.means(),
-        lens_top5=top5.means(),
-        skip_texts=skip_rows,
-        skip_effect=(effect_sum / max(skip_rows, 1)).tolist() if skip_rows else None,
-        skip_output_l2=(out_l2_sum / max(skip_rows, 1)).tolist() if skip_rows else None,
-        skip_output_kl=(out_kl_sum / max(out_kl_count, 1)).tolist() if skip_rows else None,
+        lens_kl=totals.lens_kl.means(),
+        lens_top5=totals.lens_top5.means(),
+        skip_texts=totals.skip_rows,
+        skip_effect=skip_effect,
+        skip_output_l2=skip_output_l2,
+        skip_output_kl=skip_output_kl,
         notes=notes,
     )

@@ -16,22 +16,22 @@ needs 23.9% of its dimensions for 50% of the L1 mass and 64.6% for 90% (:func:`g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from residlab.analyses.common import run_decoder, token_batches, tokenize
+from residlab.analyses.means import LayerMeans, mean
+from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.errors import ResidlabError
-from residlab.core.io import write_json
-from residlab.core.plotting import pyplot, save_figure
+from residlab.core.types import Log
 
 if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+    from matplotlib.figure import Figure
 
-Log = Callable[[str], None]
+    from residlab.models.lm import LanguageModel
 
 
 def mass_fraction(hidden: torch.Tensor, share: float) -> torch.Tensor:
@@ -63,8 +63,12 @@ def top_k_jaccard(x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return inter / (2 * k - inter)
 
 
-@dataclass
-class DimsResult:
+@dataclass(frozen=True)
+class DimsResult(AnalysisResult):
+    """Per-layer concentration curves (index = layer) and their references."""
+
+    json_file: ClassVar[str] = "dims.json"
+
     model: str
     family: str
     num_layers: int
@@ -83,7 +87,7 @@ class DimsResult:
     gaussian_frac90: float = field(default_factory=lambda: gaussian_fraction(0.9))
 
     def summary(self) -> dict[str, Any]:
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        """Means over layers, beside the random and Gaussian references."""
         return {
             "mean_frac50": mean(self.frac50),
             "mean_frac90": mean(self.frac90),
@@ -94,15 +98,8 @@ class DimsResult:
             "mean_shared_dims": mean(self.shared_dims),
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["summary"] = self.summary()
-        return data
-
-    def plot(self, out_dir: str | Path) -> list[Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        plt = pyplot()
+    @figure("dims_concentration.png")
+    def _concentration_figure(self, plt: Any) -> Figure:
         layers = list(range(self.num_layers))
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         ax1.plot(layers, [100 * v for v in self.frac50], "o-", ms=3, label="50% of L1 mass")
@@ -123,11 +120,7 @@ class DimsResult:
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
         ax2.set_title("top-k dimension overlap", fontsize=10)
-        return [save_figure(fig, out / "dims_concentration.png")]
-
-    def save(self, out_dir: str | Path) -> list[Path]:
-        out = Path(out_dir)
-        return [write_json(out / "dims.json", self.to_dict()), *self.plot(out)]
+        return fig
 
 
 @torch.inference_mode()
@@ -149,23 +142,21 @@ def analyze_dims(
     d, n_layers = lm.hidden_size, lm.num_layers
     k = max(1, math.ceil(top_k_fraction * d))
     layers = list(range(n_layers))
-    sums = {name: [0.0] * n_layers for name in ("frac50", "frac90", "jaccard")}
-    pair_count = 0
+    frac50, frac90, jaccard = LayerMeans(n_layers), LayerMeans(n_layers), LayerMeans(n_layers)
     token_count = 0
     membership = torch.zeros(n_layers, d, dtype=torch.float64)
     for tb in token_batches(lm, rows, batch_size):
         valid = tb.valid(first_position)
         pairs = valid[:, 1:] & valid[:, :-1]
         token_count += int(valid.sum())
-        pair_count += int(pairs.sum())
         with lm.record(layers, positions="all", sites=("block",)) as rec:
             run_decoder(lm, tb)
         for layer in layers:
             h = rec[layer].float()
             hv = h[valid]
-            sums["frac50"][layer] += float(mass_fraction(hv, 0.5).double().sum())
-            sums["frac90"][layer] += float(mass_fraction(hv, 0.9).double().sum())
-            sums["jaccard"][layer] += float(top_k_jaccard(h[:, 1:][pairs], h[:, :-1][pairs], k).double().sum())
+            frac50.add(layer, mass_fraction(hv, 0.5))
+            frac90.add(layer, mass_fraction(hv, 0.9))
+            jaccard.add(layer, top_k_jaccard(h[:, 1:][pairs], h[:, :-1][pairs], k))
             top = hv.abs().topk(k, dim=-1).indices.flatten()
             membership[layer] += torch.bincount(top, minlength=d).double()
         del rec
@@ -184,10 +175,10 @@ def analyze_dims(
         num_texts=len(rows),
         num_tokens=token_count,
         first_position=first_position,
-        frac50=[v / token_count for v in sums["frac50"]],
-        frac90=[v / token_count for v in sums["frac90"]],
+        frac50=frac50.means(),
+        frac90=frac90.means(),
         top_k=k,
-        jaccard=[v / pair_count if pair_count else float("nan") for v in sums["jaccard"]],
+        jaccard=jaccard.means(),
         random_jaccard=k / (2 * d - k),
         shared_dims=[int((share[layer] >= 0.5).sum()) for layer in layers],
         top_shared=[share[layer].topk(min(5, d)).indices.tolist() for layer in layers],

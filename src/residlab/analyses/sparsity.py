@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from residlab.analyses.common import (
+    TokenBatch,
     activation_name,
     down_matrix,
     is_relu_like,
@@ -44,14 +44,16 @@ from residlab.analyses.common import (
     token_batches,
     tokenize,
 )
+from residlab.analyses.means import LayerMeans, mean
+from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.errors import ResidlabError
-from residlab.core.io import write_json
-from residlab.core.plotting import pyplot, save_figure
+from residlab.core.types import Log
 
 if TYPE_CHECKING:
-    from residlab.models.lm import LanguageModel
+    from matplotlib.figure import Figure
 
-Log = Callable[[str], None]
+    from residlab.interventions.edit import EditFn
+    from residlab.models.lm import LanguageModel
 
 
 # --------------------------------------------------------------------------------------------- CETT
@@ -179,9 +181,11 @@ def bisect_increasing(
 # --------------------------------------------------------------------------------------------- result
 
 
-@dataclass
-class SparsityResult:
+@dataclass(frozen=True)
+class SparsityResult(AnalysisResult):
     """Per-layer sparsity numbers (index = layer) and the PPL-p% search."""
+
+    json_file: ClassVar[str] = "sparsity.json"
 
     model: str
     family: str
@@ -213,7 +217,7 @@ class SparsityResult:
     ppl_search: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        """Means over layers and the PPL-p% point."""
         return {
             "mean_nonzero_exact": mean(self.nonzero_exact),
             "mean_nonzero_above": mean(self.nonzero_above),
@@ -225,18 +229,9 @@ class SparsityResult:
             "mean_temporal_residual": mean(self.temporal_residual),
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["summary"] = self.summary()
-        return data
-
-    def plot(self, out_dir: str | Path) -> list[Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        plt = pyplot()
+    @figure("sparsity_nonzero.png")
+    def _nonzero_figure(self, plt: Any) -> Figure:
         layers = list(range(self.num_layers))
-        paths = []
-
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(layers, [100 * v for v in self.nonzero_exact], "o-", ms=3, label="a != 0")
         ax.plot(layers, [100 * v for v in self.nonzero_above], "s-", ms=3, label=f"|a| > {self.threshold:g}")
@@ -253,8 +248,11 @@ class SparsityResult:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax.set_title(f"{self.model} ({self.activation}): active MLP neurons per layer", fontsize=10)
-        paths.append(save_figure(fig, out / "sparsity_nonzero.png"))
+        return fig
 
+    @figure("sparsity_cett.png")
+    def _cett_figure(self, plt: Any) -> Figure:
+        layers = list(range(self.num_layers))
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
         cmap = plt.get_cmap("viridis")
         for layer, curve in enumerate(self.cett_curves):
@@ -281,8 +279,11 @@ class SparsityResult:
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
         ax2.set_title(f"PPL-{self.ppl_percent:g}% sparsity = {100 * self.ppl_sparsity:.1f}%", fontsize=10)
-        paths.append(save_figure(fig, out / "sparsity_cett.png"))
+        return fig
 
+    @figure("sparsity_temporal.png")
+    def _temporal_figure(self, plt: Any) -> Figure:
+        layers = list(range(self.num_layers))
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(layers, [100 * v for v in self.temporal_mlp], "o-", ms=3, label="MLP activation")
         ax.plot(layers, [100 * v for v in self.temporal_residual], "s-", ms=3, label="residual stream")
@@ -292,32 +293,10 @@ class SparsityResult:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax.set_title(f"{self.model}: temporal sparsity", fontsize=10)
-        paths.append(save_figure(fig, out / "sparsity_temporal.png"))
-        return paths
-
-    def save(self, out_dir: str | Path) -> list[Path]:
-        out = Path(out_dir)
-        return [write_json(out / "sparsity.json", self.to_dict()), *self.plot(out)]
+        return fig
 
 
 # --------------------------------------------------------------------------------------------- analysis
-
-
-class _Counter:
-    def __init__(self, n: int) -> None:
-        self.hits = [0.0] * n
-        self.total = [0.0] * n
-
-    def add(self, layer: int, hits: torch.Tensor | float, total: int) -> None:
-        self.hits[layer] += float(hits)
-        self.total[layer] += total
-
-    def fractions(self) -> list[float]:
-        return [h / t if t else float("nan") for h, t in zip(self.hits, self.total, strict=True)]
-
-    def overall(self) -> float:
-        total = sum(self.total)
-        return sum(self.hits) / total if total else float("nan")
 
 
 def _temporal(x: torch.Tensor, valid: torch.Tensor, tau: float) -> tuple[float, int]:
@@ -330,9 +309,106 @@ def _temporal(x: torch.Tensor, valid: torch.Tensor, tau: float) -> tuple[float, 
     return float(((cur - prev).abs() <= tau * scale).sum()), cur.numel()
 
 
-def _perplexity(lm: LanguageModel, batches: list) -> float:
+def _perplexity(lm: LanguageModel, batches: list[TokenBatch]) -> float:
     nll = torch.cat([next_token_nll(lm, tb, run_decoder(lm, tb)) for tb in batches])
     return math.exp(float(nll.mean()))
+
+
+def _calibration_keys(
+    rows: list[list[int]], first_position: int, calibration_tokens: int, seed: int
+) -> set[tuple[int, int]]:
+    """A fixed random subset of all (row, position) pairs at positions >= ``first_position``."""
+    valid_keys = [(r, p) for r, row in enumerate(rows) for p in range(first_position, len(row))]
+    if not valid_keys:
+        raise ResidlabError(
+            f"no token at position >= {first_position} in any text: nothing to measure.",
+            hint="pass longer texts (or a larger --max-tokens).",
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return {valid_keys[i] for i in torch.randperm(len(valid_keys), generator=generator)[:calibration_tokens].tolist()}
+
+
+@dataclass
+class _Counts:
+    """What the recording pass of :func:`analyze_sparsity` measures."""
+
+    exact: LayerMeans
+    above: LayerMeans
+    temporal_mlp: LayerMeans
+    temporal_residual: LayerMeans
+    calibration: dict[int, list[torch.Tensor]]  # per layer: the calibration tokens' activations
+    baseline_ppl: float
+    num_tokens: int
+
+
+@torch.inference_mode()
+def _record_counts(
+    lm: LanguageModel,
+    rows: list[list[int]],
+    batches: list[TokenBatch],
+    chosen: set[tuple[int, int]],
+    first_position: int,
+    threshold: float,
+    temporal_tau: float,
+    log: Log,
+) -> _Counts:
+    """One recorded pass over ``batches``: nonzero and temporal counts, calibration activations, perplexity."""
+    layers = list(range(lm.num_layers))
+    n = lm.num_layers
+    counts = _Counts(
+        LayerMeans(n), LayerMeans(n), LayerMeans(n), LayerMeans(n), {layer: [] for layer in layers}, 0.0, 0
+    )
+    nll = []
+    for tb in batches:
+        valid = tb.valid(first_position)
+        counts.num_tokens += int(valid.sum())
+        positions = tb.positions
+        pick = torch.zeros_like(valid)
+        for j, r in enumerate(tb.rows):
+            for p in range(len(rows[r])):
+                if (r, p) in chosen:
+                    pick[j] = pick[j] | (positions[j] == p)
+        with lm.record(layers, positions="all", sites=("mlp_act", "block")) as rec:
+            normed = run_decoder(lm, tb)
+        nll.append(next_token_nll(lm, tb, normed))
+        for layer in layers:
+            act = rec[layer, "mlp_act"]
+            values = act[valid]
+            counts.exact.add(layer, values != 0)
+            counts.above.add(layer, values.abs() > threshold)
+            counts.temporal_mlp.add_sum(layer, *_temporal(act, valid, temporal_tau))
+            counts.temporal_residual.add_sum(layer, *_temporal(rec[layer, "block"], valid, temporal_tau))
+            counts.calibration[layer].append(act[pick].float())
+        del rec
+        log(f"recorded a batch of {len(tb.rows)} texts")
+    counts.baseline_ppl = math.exp(float(torch.cat(nll).mean()))
+    return counts
+
+
+@torch.inference_mode()
+def _perplexity_dropping(
+    lm: LanguageModel, curves: list[CETTCurve], batches: list[TokenBatch], target: float, first_position: int
+) -> tuple[float, list[float], list[float]]:
+    """Perplexity with every neuron whose output norm is at most its layer's threshold for CETT ``target``
+    dropped (at every token); return it, the thresholds and the dropped fraction per layer."""
+    layers = list(range(lm.num_layers))
+    thresholds = [curve.threshold_for(target) for curve in curves]
+    dropped = LayerMeans(lm.num_layers)
+
+    def make(layer: int) -> EditFn:
+        t, norms = thresholds[layer], curves[layer].column_norms.to(lm.device)
+
+        def fn(value: torch.Tensor, ctx: Any) -> torch.Tensor:
+            drop = value.float().abs() * norms <= t
+            ok = ctx.positions >= first_position
+            dropped.add(layer, drop[ok])
+            return value.masked_fill(drop, 0)
+
+        return fn
+
+    with lm.edit(layers, "mlp_act", {layer: make(layer) for layer in layers}):
+        ppl = _perplexity(lm, batches)
+    return ppl, thresholds, dropped.means()
 
 
 @torch.inference_mode()
@@ -370,84 +446,26 @@ def analyze_sparsity(
         raise ResidlabError("CETT targets lie in [0, 1].", hint="pass values such as 0.1,0.2,0.3.")
     rows = tokenize(lm, texts, max_tokens)
     batches = list(token_batches(lm, rows, batch_size))
-    n_layers = lm.num_layers
-    layers = list(range(n_layers))
-
-    # Calibration tokens: a fixed random subset of all valid (row, position) pairs.
-    valid_keys = [(r, p) for r, row in enumerate(rows) for p in range(first_position, len(row))]
-    if not valid_keys:
-        raise ResidlabError(
-            f"no token at position >= {first_position} in any text: nothing to measure.",
-            hint="pass longer texts (or a larger --max-tokens).",
-        )
-    generator = torch.Generator().manual_seed(seed)
-    chosen = {valid_keys[i] for i in torch.randperm(len(valid_keys), generator=generator)[:calibration_tokens].tolist()}
-
-    exact, above = _Counter(n_layers), _Counter(n_layers)
-    temporal_mlp, temporal_res = _Counter(n_layers), _Counter(n_layers)
-    calibration: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    nll = []
-    num_tokens = 0
-    for tb in batches:
-        valid = tb.valid(first_position)
-        num_tokens += int(valid.sum())
-        positions = tb.positions
-        pick = torch.zeros_like(valid)
-        for j, r in enumerate(tb.rows):
-            for p in range(len(rows[r])):
-                if (r, p) in chosen:
-                    pick[j] = pick[j] | (positions[j] == p)
-        with lm.record(layers, positions="all", sites=("mlp_act", "block")) as rec:
-            normed = run_decoder(lm, tb)
-        nll.append(next_token_nll(lm, tb, normed))
-        for layer in layers:
-            act = rec[layer, "mlp_act"]
-            values = act[valid]
-            exact.add(layer, (values != 0).sum(), values.numel())
-            above.add(layer, (values.abs() > threshold).sum(), values.numel())
-            temporal_mlp.add(layer, *_temporal(act, valid, temporal_tau))
-            temporal_res.add(layer, *_temporal(rec[layer, "block"], valid, temporal_tau))
-            calibration[layer].append(act[pick].float())
-        del rec
-        log(f"recorded a batch of {len(tb.rows)} texts")
-    baseline_ppl = math.exp(float(torch.cat(nll).mean()))
+    chosen = _calibration_keys(rows, first_position, calibration_tokens, seed)
+    counts = _record_counts(lm, rows, batches, chosen, first_position, threshold, temporal_tau, log)
+    baseline_ppl = counts.baseline_ppl
 
     log(f"baseline perplexity {baseline_ppl:.3f}; building CETT curves on {len(chosen)} tokens")
-    curves = [CETTCurve(torch.cat(calibration[layer]), down_matrix(lm, layer)) for layer in layers]
-    del calibration
+    curves = [CETTCurve(torch.cat(acts), down_matrix(lm, layer)) for layer, acts in counts.calibration.items()]
+    counts.calibration.clear()
     cett_thresholds = {f"{c:g}": [curve.threshold_for(c) for curve in curves] for c in cett_targets}
     cett_sparsity = {
         key: [curve.dropped_fraction(t) for curve, t in zip(curves, ts, strict=True)]
         for key, ts in cett_thresholds.items()
     }
-    column_norms = [curve.column_norms.to(lm.device) for curve in curves]
-
-    def run_at(target: float) -> tuple[float, list[float], list[float]]:
-        thresholds = [curve.threshold_for(target) for curve in curves]
-        dropped = _Counter(n_layers)
-
-        def make(layer: int):
-            t, norms = thresholds[layer], column_norms[layer]
-
-            def fn(value: torch.Tensor, ctx) -> torch.Tensor:
-                drop = value.float().abs() * norms <= t
-                ok = ctx.positions >= first_position
-                dropped.add(layer, drop[ok].sum(), int(drop[ok].numel()))
-                return value.masked_fill(drop, 0)
-
-            return fn
-
-        with lm.edit(layers, "mlp_act", {layer: make(layer) for layer in layers}):
-            ppl = _perplexity(lm, batches)
-        return ppl, thresholds, dropped.fractions()
 
     search: list[dict[str, float]] = []
     results: dict[float, tuple[float, list[float], list[float]]] = {}
 
     def increase(target: float) -> float:
-        ppl, thresholds, fractions = results[target] = run_at(target)
+        ppl, _, fractions = results[target] = _perplexity_dropping(lm, curves, batches, target, first_position)
         pct = 100 * (ppl / baseline_ppl - 1)
-        overall = sum(fractions) / len(fractions)
+        overall = mean(fractions)
         search.append({"cett": target, "ppl": ppl, "increase_percent": pct, "sparsity": overall})
         log(f"CETT {target:.4f}: perplexity {ppl:.3f} ({pct:+.2f}%), {100 * overall:.1f}% dropped")
         return pct
@@ -463,16 +481,16 @@ def analyze_sparsity(
         family=lm.arch.family,
         activation=activation_name(lm),
         relu_like=is_relu_like(lm),
-        num_layers=n_layers,
+        num_layers=lm.num_layers,
         num_texts=len(rows),
-        num_tokens=num_tokens,
+        num_tokens=counts.num_tokens,
         first_position=first_position,
         threshold=threshold,
-        nonzero_exact=exact.fractions(),
-        nonzero_above=above.fractions(),
+        nonzero_exact=counts.exact.means(),
+        nonzero_above=counts.above.means(),
         temporal_tau=temporal_tau,
-        temporal_mlp=temporal_mlp.fractions(),
-        temporal_residual=temporal_res.fractions(),
+        temporal_mlp=counts.temporal_mlp.means(),
+        temporal_residual=counts.temporal_residual.means(),
         calibration_tokens=len(chosen),
         cett_targets=[float(c) for c in cett_targets],
         cett_thresholds=cett_thresholds,
@@ -485,6 +503,6 @@ def analyze_sparsity(
         ppl_converged=found.converged,
         ppl_thresholds=thresholds,
         ppl_layer_sparsity=fractions,
-        ppl_sparsity=sum(fractions) / len(fractions),
+        ppl_sparsity=mean(fractions),
         ppl_search=search,
     )

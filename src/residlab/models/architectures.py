@@ -1,9 +1,19 @@
 """Declarative per-architecture module maps: a new family is one small table, not new logic.
 
-Every path is a dotted attribute path. ``decoder`` and ``blocks``, ``final_norm``, ``embed`` and
-``unembed`` are relative to the top-level causal-LM module; ``attn``, ``mlp``, ``mlp_down`` and the
-norms are relative to one decoder block. ``mlp_down`` is the MLP's output projection: its *input*
-is the MLP's hidden activation (after the nonlinearity and gating), which sparsity analyses read.
+Every path is a dotted attribute path. ``decoder``, ``blocks``, ``final_norm`` and ``unembed`` are
+relative to the top-level causal-LM module; ``attn``, ``mlp``, ``mlp_down`` and the norms are relative
+to one decoder block. ``mlp_down`` is the MLP's output projection: its *input* is the MLP's hidden
+activation (after the nonlinearity and gating), which sparsity analyses read.
+
+Norms are named by role, not by module name, because the names mislead: Llama's
+``post_attention_layernorm`` is the norm *before the MLP* (``pre_mlp_norm``), while Gemma 3's
+``post_attention_layernorm`` normalises attention's output before the residual add
+(``post_attn_norm``). A pre-norm block computes::
+
+    h = h + post_attn_norm(attn(input_norm(h)))       # post_attn_norm: identity where None
+    h = h + post_mlp_norm(mlp(pre_mlp_norm(h)))       # post_mlp_norm: identity where None
+
+(with a parallel residual, both branches read the block's input ``h``).
 
 Layer convention used everywhere in residlab: layer ``i`` (0-based) is the output of decoder block
 ``i``, i.e. Hugging Face ``hidden_states[i + 1]``.
@@ -11,7 +21,7 @@ Layer convention used everywhere in residlab: layer ``i`` (0-based) is the outpu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,11 +38,18 @@ class ArchitectureMap:
     attn: str
     mlp: str
     mlp_down: str
-    block_norms: tuple[str, ...]
+    input_norm: str  # normalises the residual before attention
+    pre_mlp_norm: str  # normalises the residual before the MLP
     final_norm: str
-    embed: str
     unembed: str
+    post_attn_norm: str | None = None  # normalises attention's output before the residual add (Gemma 2/3)
+    post_mlp_norm: str | None = None  # normalises the MLP's output before the residual add (Gemma 2/3)
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX, GPT-J)
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Whether a branch's output is normalised again before it is added to the residual."""
+        return self.post_attn_norm is not None or self.post_mlp_norm is not None
 
 
 _LLAMA_LIKE = dict(
@@ -41,9 +58,9 @@ _LLAMA_LIKE = dict(
     attn="self_attn",
     mlp="mlp",
     mlp_down="mlp.down_proj",
-    block_norms=("input_layernorm", "post_attention_layernorm"),
+    input_norm="input_layernorm",
+    pre_mlp_norm="post_attention_layernorm",  # the name says "post attention": it normalises the MLP's input
     final_norm="model.norm",
-    embed="model.embed_tokens",
     unembed="lm_head",
 )
 
@@ -56,12 +73,9 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
         family="gemma3_text",
         **{
             **_LLAMA_LIKE,
-            "block_norms": (
-                "input_layernorm",
-                "post_attention_layernorm",
-                "pre_feedforward_layernorm",
-                "post_feedforward_layernorm",
-            ),
+            "post_attn_norm": "post_attention_layernorm",  # here the name is right: attention's output
+            "pre_mlp_norm": "pre_feedforward_layernorm",
+            "post_mlp_norm": "post_feedforward_layernorm",
         },
     ),
     "gpt2": ArchitectureMap(
@@ -71,9 +85,9 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
         attn="attn",
         mlp="mlp",
         mlp_down="mlp.c_proj",
-        block_norms=("ln_1", "ln_2"),
+        input_norm="ln_1",
+        pre_mlp_norm="ln_2",
         final_norm="transformer.ln_f",
-        embed="transformer.wte",
         unembed="lm_head",
     ),
     "gpt_neox": ArchitectureMap(
@@ -83,9 +97,9 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
         attn="attention",
         mlp="mlp",
         mlp_down="mlp.dense_4h_to_h",
-        block_norms=("input_layernorm", "post_attention_layernorm"),
+        input_norm="input_layernorm",
+        pre_mlp_norm="post_attention_layernorm",  # the MLP's input norm (of h itself with a parallel residual)
         final_norm="gpt_neox.final_layer_norm",
-        embed="gpt_neox.embed_in",
         unembed="lm_head",
         parallel_residual=True,
     ),
@@ -102,12 +116,12 @@ def architecture_for(model: torch.nn.Module) -> ArchitectureMap:
             f"residlab has no architecture map for model_type={model_type!r} ({type(model).__name__}).",
             hint=(
                 "add an ArchitectureMap entry for it in residlab/models/architectures.py: the dotted paths "
-                "of its decoder stack, block list, attention, MLP, MLP down-projection, norms, final norm, "
-                f"embedding and unembedding. Known families: {', '.join(sorted(ARCHITECTURES))}."
+                "of its decoder stack, block list, attention, MLP, MLP down-projection, norms (by role), "
+                f"final norm and unembedding. Known families: {', '.join(sorted(ARCHITECTURES))}."
             ),
         )
     if model_type == "gpt_neox" and not getattr(model.config, "use_parallel_residual", True):
-        return ArchitectureMap(**{**arch.__dict__, "parallel_residual": False})
+        return replace(arch, parallel_residual=False)
     return arch
 
 
