@@ -6,6 +6,7 @@ Used by the test suite and handy for trying residlab's machinery in seconds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def tiny_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 
     """A transformers config for a tiny model of ``family`` (llama, qwen2, gemma3, gpt2, gpt_neox)."""
     import transformers as tf
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,

@@ -122,7 +122,7 @@ def down_matrix(lm: LanguageModel, layer: int) -> torch.Tensor:
     """The MLP down-projection of ``layer`` as a float32 [d_model, d_mlp] matrix (column i = neuron i's
     output direction), whatever the module type (``nn.Linear`` or GPT-2's transposed ``Conv1D``)."""
     module = get_module(lm.blocks[layer], lm.arch.mlp_down)
-    weight = module.weight.detach().float()
+    weight = torch.as_tensor(module.weight).detach().float()
     if isinstance(module, torch.nn.Linear):
         return weight
     return weight.T  # transformers' Conv1D stores [in, out]

@@ -22,6 +22,7 @@ Layer convention used everywhere in residlab: layer ``i`` (0-based) is the outpu
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ class ArchitectureMap:
         return self.post_attn_norm is not None or self.post_mlp_norm is not None
 
 
-_LLAMA_LIKE = dict(
+_LLAMA_LIKE: dict[str, Any] = dict(
     decoder="model",
     blocks="model.layers",
     attn="self_attn",

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from tqdm.auto import tqdm
 
@@ -105,7 +105,7 @@ def _download(requirements: list[str]) -> None:
 
 
 @contextmanager
-def _open_part(requirement: str, member: str) -> Iterator[BinaryIO]:
+def _open_part(requirement: str, member: str) -> Iterator[IO[bytes]]:
     installed = _installed_member(requirement, member)
     if installed is not None:
         with open(installed, "rb") as fh:

@@ -148,8 +148,8 @@ def _from_dir(path: Path, name: str, source: str, dtype: torch.dtype, device: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
     return LanguageModel(model, tokenizer, name=name, source=source)
 
 
@@ -282,8 +282,8 @@ def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hub_id)
-    model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype).to(device)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
     return LanguageModel(model, tokenizer, name=hub_id, source=f"hub:{hub_id}")
 
 

@@ -18,7 +18,7 @@ def load_vector(path: str | Path, model: ModelShape | None = None, *, strict: bo
     if path.suffix == ".gguf":
         return import_control_vector(path, model, strict=strict)
     if path.suffix == ".safetensors":
-        return SteeringVector.load(path, model=model, strict=strict)  # type: ignore[arg-type]
+        return SteeringVector.load(path, model=model, strict=strict)
     raise ResidlabError(
         f"{path} is neither a .safetensors steering vector nor a .gguf control vector.",
         hint="residlab reads its own .safetensors vectors and llama.cpp / repeng control-vector .gguf files.",

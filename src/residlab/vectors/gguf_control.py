@@ -113,7 +113,7 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
         except (KeyError, ValueError) as err:
             raise ResidlabError(f"{path} has malformed residlab metadata ({err}).") from None
         if model is not None:
-            vector.check_compatible(model, strict_name=strict)  # type: ignore[arg-type]
+            vector.check_compatible(model, strict_name=strict)
         return vector
     if model is None:
         raise ResidlabError(
