@@ -74,3 +74,20 @@ def test_analyze_errors_are_one_line_with_a_hint(tiny_dir, tmp_path):
     assert no_file.exit_code == 2 and "--text-file" in no_file.output
     bad = runner.invoke(app, ["analyze", "sparsity", "-m", tiny_dir, "--text-file", __file__, "--cett-targets", "x"])
     assert bad.exit_code == 2 and "cett-targets" in bad.output
+
+
+def test_analyze_shared_options_are_checked_before_any_work(tiny_dir, tmp_path):
+    # No text file given: without the dtype check at parse time the error would be "no texts to analyse".
+    bad = runner.invoke(app, ["analyze", "dims", "-m", tiny_dir, "--dtype", "half"])
+    assert bad.exit_code == 2
+    error, hint = bad.output.strip().splitlines()
+    assert error == "error: unknown dtype 'half'." and hint.startswith("hint: use auto or one of float32")
+
+
+def test_analyze_times_and_writes_to_the_out_dir(tiny_dir, questions, tmp_path):
+    out = tmp_path / "dims-bf16"
+    args = ["analyze", "dims", "-m", tiny_dir, "--text-file", str(questions), "--dtype", "bfloat16"]
+    result = _run([*args, "--max-tokens", "4", "--out", str(out)])
+    assert "loaded tiny-qwen (3 layers) in" in result.stderr and "; 3 texts" in result.stderr
+    assert f"wrote 2 files to {out} in" in result.stdout
+    assert json.loads((out / "dims.json").read_text())["num_texts"] == 3

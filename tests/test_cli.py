@@ -85,3 +85,69 @@ def test_vector_for_another_model(tiny_dir, tmp_path):
     path = random_vector(other, [1]).save(tmp_path / "other.safetensors")
     result = runner.invoke(app, ["generate", "-m", tiny_dir, "-p", "x", "--vector", str(path)])
     assert result.exit_code == 2 and "was made for tiny-llama" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--layers", "abc"], "cannot read layers 'abc'"),
+        (["generate", "--layers", "20:8"], "select no layer"),
+        (["vector", "export", "v.safetensors", "v.gguf", "--layers", "abc"], "cannot read layers 'abc'"),
+        (["generate", "--strength", "nan"], "strength 'nan' is not a finite number"),
+        (["generate", "--strength", "-inf"], "strength '-inf' is not a finite number"),
+        (["generate", "--strength", "strong"], "cannot read strength 'strong'"),
+        (["serve", "--strength", "inf"], "not a finite number"),
+        (["generate", "--positions", "0,,1"], "unknown position rule"),
+        (["serve", "--positions", "sometimes"], "unknown position rule"),
+        (["generate", "--dtype", "f8"], "unknown dtype 'f8'"),
+        (["info", "--dtype", "half"], "unknown dtype 'half'"),
+        (["generate", "--engine", "gpu"], "unknown engine 'gpu'"),
+    ],
+)
+def test_shared_options_reject_bad_values_before_anything_loads(args, message):
+    # No prompt and no such model: had the option not been checked while the command line is read,
+    # the error would be "no prompt given" or "no model at".
+    model = [] if args[0] == "vector" else ["-m", "./missing-model"]
+    result = runner.invoke(app, [*args, *model])
+    assert result.exit_code == 2, result.output
+    error, hint = result.output.strip().splitlines()
+    assert error.startswith("error: ") and message in error and hint.startswith("hint: ")
+    assert "Traceback" not in result.output and "Invalid value" not in result.output
+
+
+def test_shared_options_accept_good_values(tiny_dir, tmp_path):
+    lm = load(tiny_dir)
+    vec_path = random_vector(lm, [0, 1, 2]).save(tmp_path / "v.safetensors")
+    args = ["generate", "-m", tiny_dir, "-p", "Natalia sold", "--max-new-tokens", "3", "--vector", str(vec_path)]
+    steered = runner.invoke(app, [*args, "--layers", "1:3", "--positions", "0,-1", "--strength", "2.5"])
+    assert steered.exit_code == 0, steered.output
+    assert "steered (strength 2.5, 0,-1)" in steered.stderr
+    exported = runner.invoke(app, ["vector", "export", str(vec_path), str(tmp_path / "v.gguf"), "--layers", "1,2"])
+    assert exported.exit_code == 0, exported.output
+    assert "layers [1, 2]" in exported.output
+
+
+def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
+    import residlab.serving.server as server_module
+
+    seen = {}
+
+    class FakeServer:
+        server_address = ("127.0.0.1", 1234)
+
+        def __init__(self, runner, host, port, *, vector, strength, positions):
+            seen.update(strength=strength, positions=positions)
+
+        def serve_forever(self):
+            pass
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(server_module, "ModelServer", FakeServer)
+    result = runner.invoke(app, ["serve", "-m", tiny_dir, "--strength", "0.5", "--positions", "0,-1"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"strength": 0.5, "positions": (0, -1)}
+    default = runner.invoke(app, ["serve", "-m", tiny_dir])
+    assert default.exit_code == 0, default.output
+    assert seen == {"strength": 1.0, "positions": "prompt_last+generated"}

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from residlab.cli.errors import handle_errors
+from residlab.cli.errors import err_console, handle_errors
+from residlab.cli.options import DtypeOption, ModelOption
+from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
 
 analyze_app = typer.Typer(
     name="analyze",
@@ -19,9 +25,7 @@ analyze_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(highlight=False, soft_wrap=True)
-err_console = Console(highlight=False, soft_wrap=True, stderr=True)
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Packaged name, model dir, .gguf file or HF id.")]
 TextFile = Annotated[
     Path | None,
     typer.Option(help="Texts to analyse: one per non-empty line, or a .jsonl file (its 'question' field, as GSM8K)."),
@@ -29,7 +33,6 @@ TextFile = Annotated[
 Limit = Annotated[int | None, typer.Option(min=1, help="Use the first N texts.")]
 MaxTokens = Annotated[int, typer.Option(min=2, help="Cut each text to this many tokens.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Texts per forward pass.")]
-Dtype = Annotated[str, typer.Option(help="float32 (recommended for analyses), bfloat16 or float16.")]
 Out = Annotated[Path | None, typer.Option(help="Output folder (default: ./residlab-out/analyses/<model>/<analysis>).")]
 FirstPosition = Annotated[
     int, typer.Option(min=0, help="Average over positions >= this (1 leaves out the first token, an attention sink).")
@@ -40,27 +43,40 @@ def _log(message: str) -> None:
     err_console.print(message, markup=False)
 
 
-def _setup(model: str, text_file: Path | None, limit: int | None, dtype: str):
-    from residlab.core.errors import ResidlabError
+@dataclass(frozen=True)
+class _Run:
+    """What every analysis starts from: the model, its texts, where results go and when it started."""
+
+    lm: LanguageModel
+    texts: list[str]
+    out_dir: Path
+    started: float
+
+    def finish(self, paths: list[Path]) -> None:
+        """Print where the results went."""
+        console.print(f"wrote {len(paths)} files to {paths[0].parent} in {time.perf_counter() - self.started:.0f} s:")
+        for path in paths:
+            console.print(f"  {path}")
+
+
+def _start(analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None) -> _Run:
+    """Read the texts and load the model (texts first: a bad file fails before a slow load)."""
+    from residlab.analyses.common import safe_name
     from residlab.data.texts import read_texts
     from residlab.models.loading import load
 
+    started = time.perf_counter()
     if text_file is None:
         raise ResidlabError(
             "no texts to analyse.",
             hint="pass --text-file FILE (one text per line, or a .jsonl such as GSM8K's test.jsonl).",
         )
     texts = read_texts(text_file, limit=limit)
-    started = time.perf_counter()
+    loading = time.perf_counter()
     lm = load(model, dtype=dtype)
-    _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - started:.1f} s; {len(texts)} texts")
-    return lm, texts
-
-
-def _out_dir(out: Path | None, lm, analysis: str) -> Path:
-    from residlab.analyses.common import safe_name
-
-    return out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
+    _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - loading:.1f} s; {len(texts)} texts")
+    out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
+    return _Run(lm, texts, out_dir, started)
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -69,16 +85,10 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def _finish(paths: list[Path], started: float) -> None:
-    console.print(f"wrote {len(paths)} files to {paths[0].parent} in {time.perf_counter() - started:.0f} s:")
-    for path in paths:
-        console.print(f"  {path}")
-
-
 @analyze_app.command()
 @handle_errors
 def depth(
-    model: Model = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     text_file: TextFile = None,
     limit: Limit = None,
     max_tokens: MaxTokens = 128,
@@ -86,17 +96,16 @@ def depth(
     first_position: FirstPosition = 1,
     skip: Annotated[bool, typer.Option(help="Measure the layer-skip matrix (one extra pass per layer).")] = True,
     skip_texts: Annotated[int | None, typer.Option(min=1, help="Skip matrix on the first N texts only.")] = None,
-    dtype: Dtype = "float32",
+    dtype: DtypeOption = "float32",
     out: Out = None,
 ) -> None:
     """Per-layer contributions, the effect of skipping each layer on later ones, and the logit lens."""
     from residlab.analyses.depth import analyze_depth
 
-    started = time.perf_counter()
-    lm, texts = _setup(model, text_file, limit, dtype)
+    run = _start("depth", model, text_file, limit, dtype, out)
     result = analyze_depth(
-        lm,
-        texts,
+        run.lm,
+        run.texts,
         max_tokens=max_tokens,
         batch_size=batch_size,
         first_position=first_position,
@@ -104,7 +113,7 @@ def depth(
         skip_texts=skip_texts,
         log=_log,
     )
-    paths = result.save(_out_dir(out, lm, "depth"))
+    paths = result.save(run.out_dir)
     future = result.future_effect()
     mlp = "||m||/||h||" if result.parallel_residual else "||m||/||h+a||"
     table = Table(
@@ -144,13 +153,13 @@ def depth(
         )
     for note in result.notes:
         console.print(f"note: {note}")
-    _finish(paths, started)
+    run.finish(paths)
 
 
 @analyze_app.command()
 @handle_errors
 def sparsity(
-    model: Model = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     text_file: TextFile = None,
     limit: Limit = None,
     max_tokens: MaxTokens = 128,
@@ -165,22 +174,20 @@ def sparsity(
     ppl_tolerance: Annotated[float, typer.Option(min=0.0, help="Search stops within tolerance * p points.")] = 0.1,
     max_search_steps: Annotated[int, typer.Option(min=1, help="Forward passes of the PPL search, at most.")] = 10,
     calibration_tokens: Annotated[int, typer.Option(min=1, help="Tokens for the per-layer CETT thresholds.")] = 256,
-    dtype: Dtype = "float32",
+    dtype: DtypeOption = "float32",
     out: Out = None,
 ) -> None:
     """MLP activation sparsity: nonzero %, CETT and PPL-p% sparsity, temporal sparsity."""
     from residlab.analyses.sparsity import analyze_sparsity
-    from residlab.core.errors import ResidlabError
 
     try:
         targets = [float(x) for x in cett_targets.split(",") if x.strip()]
     except ValueError:
         raise ResidlabError(f"bad --cett-targets {cett_targets!r}.", hint="pass numbers such as 0.1,0.2,0.3.") from None
-    started = time.perf_counter()
-    lm, texts = _setup(model, text_file, limit, dtype)
+    run = _start("sparsity", model, text_file, limit, dtype, out)
     result = analyze_sparsity(
-        lm,
-        texts,
+        run.lm,
+        run.texts,
         max_tokens=max_tokens,
         batch_size=batch_size,
         first_position=first_position,
@@ -193,7 +200,7 @@ def sparsity(
         calibration_tokens=calibration_tokens,
         log=_log,
     )
-    paths = result.save(_out_dir(out, lm, "sparsity"))
+    paths = result.save(run.out_dir)
     p = f"{result.ppl_percent:g}"
     table = Table(
         title=f"{result.model} ({result.activation}): MLP sparsity, {result.num_tokens} tokens",
@@ -225,13 +232,13 @@ def sparsity(
         f"(perplexity {result.baseline_ppl:.3f} -> {result.ppl_increase_percent:+.2f}%"
         f"{'' if result.ppl_converged else ', search did not reach the tolerance'})"
     )
-    _finish(paths, started)
+    run.finish(paths)
 
 
 @analyze_app.command()
 @handle_errors
 def dims(
-    model: Model = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     text_file: TextFile = None,
     limit: Limit = None,
     max_tokens: MaxTokens = 128,
@@ -240,24 +247,23 @@ def dims(
     top_k_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Top-k dims for the overlap, as a fraction of d.")
     ] = 0.1,
-    dtype: Dtype = "float32",
+    dtype: DtypeOption = "float32",
     out: Out = None,
 ) -> None:
     """Hidden-dimension concentration: dims holding 50% / 90% of the L1 mass, top-k overlap of neighbours."""
     from residlab.analyses.dims import analyze_dims
 
-    started = time.perf_counter()
-    lm, texts = _setup(model, text_file, limit, dtype)
+    run = _start("dims", model, text_file, limit, dtype, out)
     result = analyze_dims(
-        lm,
-        texts,
+        run.lm,
+        run.texts,
         max_tokens=max_tokens,
         batch_size=batch_size,
         first_position=first_position,
         top_k_fraction=top_k_fraction,
         log=_log,
     )
-    paths = result.save(_out_dir(out, lm, "dims"))
+    paths = result.save(run.out_dir)
     table = Table(title=f"{result.model}: hidden-dimension concentration (d = {result.hidden_size})")
     for column in ("layer", "% dims 50% mass", "% dims 90% mass", f"top-{result.top_k} Jaccard", "shared dims"):
         table.add_column(column, justify="right")
@@ -274,4 +280,4 @@ def dims(
         f"references: random top-{result.top_k} subsets overlap {result.random_jaccard:.3f}; an i.i.d. Gaussian "
         f"vector needs {100 * result.gaussian_frac50:.1f}% / {100 * result.gaussian_frac90:.1f}% of its dims"
     )
-    _finish(paths, started)
+    run.finish(paths)

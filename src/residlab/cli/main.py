@@ -13,6 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from residlab.cli.errors import handle_errors
+from residlab.cli.options import (
+    DEFAULT_POSITIONS,
+    DtypeOption,
+    EngineOption,
+    ModelOption,
+    OptionalLayersOption,
+    PositionsOption,
+    StrengthOption,
+)
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -24,21 +33,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(highlight=False, soft_wrap=True)
-
-ModelOption = Annotated[
-    str,
-    typer.Option("--model", "-m", help="Packaged model name, local model dir, .gguf file or Hugging Face id."),
-]
-DtypeOption = Annotated[
-    str,
-    typer.Option(
-        help="Torch engine: auto (bfloat16 where the CPU runs it natively, else float32), float32, bfloat16 or float16."
-    ),
-]
-EngineOption = Annotated[
-    str,
-    typer.Option(help="auto (llamacpp when installed and the model is a GGUF, else torch), torch or llamacpp."),
-]
 
 
 def _size(num_bytes: float) -> str:
@@ -137,11 +131,9 @@ def generate(
     vector: Annotated[
         Path | None, typer.Option(help="A steering vector to add (.safetensors, or a llama.cpp control-vector .gguf).")
     ] = None,
-    strength: Annotated[float, typer.Option(help="Multiplies the vector as stored.")] = 1.0,
-    positions: Annotated[
-        str, typer.Option(help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.")
-    ] = "prompt_last+generated",
-    layers: Annotated[str | None, typer.Option(help="Comma-separated subset of the vector's layers.")] = None,
+    strength: StrengthOption = 1.0,
+    positions: PositionsOption = DEFAULT_POSITIONS,
+    layers: OptionalLayersOption = None,
     allow_other_model: Annotated[bool, typer.Option(help="Accept a vector saved for a model of another name.")] = False,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
     system: Annotated[str | None, typer.Option(help="A system message (chat only).")] = None,
@@ -152,7 +144,6 @@ def generate(
 ) -> None:
     """Generate text, optionally with a steering vector added to the residual stream."""
     from residlab.engines import SteeringSpec, open_engine
-    from residlab.interventions.positions import STEERING_RULES, parse_rule
     from residlab.vectors.files import load_vector
 
     prompts = list(prompt or [])
@@ -162,14 +153,12 @@ def generate(
         prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
-    rule = parse_rule(positions, STEERING_RULES)
-    layer_list = [int(x) for x in layers.split(",")] if layers else None
     runner = open_engine(model, engine, dtype=dtype)
     use_chat = chat and runner.has_chat_template
     steering = None
     if vector is not None:
         vec = load_vector(vector, runner, strict=not allow_other_model)
-        steering = SteeringSpec(vec, strength, rule, tuple(layer_list) if layer_list else None)  # type: ignore[arg-type]
+        steering = SteeringSpec(vec, strength, positions.rule, layers)  # type: ignore[arg-type]
     started = time.perf_counter()
     results = runner.generate(
         prompts,
@@ -205,8 +194,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: int = 8000,
     vector: Annotated[Path | None, typer.Option(help="Serve with this steering vector applied.")] = None,
-    strength: float = 1.0,
-    positions: str = "prompt_last+generated",
+    strength: StrengthOption = 1.0,
+    positions: PositionsOption = DEFAULT_POSITIONS,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
 ) -> None:
@@ -217,7 +206,7 @@ def serve(
 
     runner = open_engine(model, engine, dtype=dtype)
     vec = load_vector(vector, runner) if vector is not None else None
-    server = ModelServer(runner, host, port, vector=vec, strength=strength, positions=positions)
+    server = ModelServer(runner, host, port, vector=vec, strength=strength, positions=positions.rule)  # type: ignore[arg-type]
     address = f"http://{host}:{server.server_address[1]}/v1"
     print(f"serving {runner.name} ({runner.kind} engine) on {address} (Ctrl-C stops)", file=sys.stderr)
     try:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from residlab.cli.errors import handle_errors
+from residlab.cli.options import OptionalLayersOption
 
 vector_app = typer.Typer(help="Inspect steering vectors; convert to and from llama.cpp control-vector GGUF files.")
 console = Console(highlight=False, soft_wrap=True)
@@ -36,7 +37,7 @@ def export(
     scale: Annotated[
         float | None, typer.Option(help="Multiply the directions (default: the strength recorded in the vector, or 1).")
     ] = None,
-    layers: Annotated[str | None, typer.Option(help="Comma-separated subset of the vector's layers.")] = None,
+    layers: OptionalLayersOption = None,
     model_hint: Annotated[str, typer.Option(help="llama.cpp architecture name for the file (e.g. qwen2).")] = "",
 ) -> None:
     """Write a llama.cpp control vector (for `llama-cli --control-vector FILE`, llama-cpp-python, repeng)."""
@@ -45,7 +46,7 @@ def export(
 
     vec = SteeringVector.load(source)
     if layers:
-        vec = vec.select([int(x) for x in layers.split(",")])
+        vec = vec.select(list(layers))
     out = export_control_vector(vec, target, scale=scale, model_hint=model_hint)
     used = scale if scale is not None else float(vec.info.get("strength", 1.0))
     console.print(
