@@ -194,3 +194,79 @@ def test_garbled_converted_weights_are_converted_again(tmp_path, monkeypatch, ca
     assert weights.read_bytes() == good and "converting it again" in capsys.readouterr().err
     (target / "tokenizer.json").write_text("{}")
     assert "tokenizer.json" in loading.converted_damage(target)
+
+
+def test_verify_cached_deletes_what_is_damaged(tmp_path, monkeypatch):
+    from residlab.models import assets
+    from residlab.models.loading import verify_cached
+
+    model, joined = _demo_packaged(tmp_path, monkeypatch)
+    path = assets.ensure_gguf(model)
+    assert verify_cached(model) == [f"{path.name}: ok"]
+    data = bytearray(joined)
+    data[-1] ^= 0x01  # the last byte: even a sampled check reads it, but --verify hashes all
+    path.write_bytes(bytes(data))
+    (line,) = verify_cached(model)
+    assert "damaged" in line and "deleted" in line and not path.exists()
+    assert assets.ensure_gguf(model).read_bytes() == joined  # the next use rebuilds it
+
+
+# --------------------------------------------------------------------------- CLI: files that must not be lost
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+
+    return CliRunner(env={"COLUMNS": "200"}).invoke(app, list(args))
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_vector_convert_never_overwrites_its_source(tmp_path, qwen, command):
+    import torch
+
+    from residlab import SteeringVector
+    from residlab.vectors.gguf_control import export_control_vector
+
+    vec = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1)
+    source = vec.save(tmp_path / "v.safetensors") if command == "export" else tmp_path / "v.gguf"
+    if command == "import":
+        export_control_vector(vec, source)
+    before = source.read_bytes()
+    same = _cli("vector", command, str(source), str(source))
+    assert same.exit_code == 2 and "destroy the only copy" in same.output and "hint:" in same.output
+    assert source.read_bytes() == before
+    other = tmp_path / ("out.gguf" if command == "export" else "out.safetensors")
+    other.write_bytes(b"keep me")
+    refused = _cli("vector", command, str(source), str(other))
+    assert refused.exit_code == 2 and "exists already" in refused.output and other.read_bytes() == b"keep me"
+    forced = _cli("vector", command, str(source), str(other), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert other.read_bytes() != b"keep me"
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0"])
+def test_vector_export_refuses_a_useless_scale(tmp_path, qwen, scale):
+    import torch
+
+    from residlab import SteeringVector
+
+    source = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1).save(
+        tmp_path / "v.safetensors"
+    )
+    result = _cli("vector", "export", str(source), str(tmp_path / "v.gguf"), "--scale", scale)
+    assert result.exit_code == 2 and "cannot export with scale" in result.output
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_serve_on_a_port_in_use_is_a_clear_error_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = _cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
+    # the port is checked first: the missing model is never reached
+    assert result.exit_code == 2 and f"cannot serve on 127.0.0.1:{port}" in result.output and "hint:" in result.output

@@ -49,12 +49,26 @@ def _dir_size(path: Path) -> int:
 
 @app.command()
 @handle_errors
-def models() -> None:
+def models(
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash every cached file in full against the checksums recorded when it was written; "
+            "delete what is damaged (the next use rebuilds it).",
+        ),
+    ] = False,
+) -> None:
     """List the packaged models (and other converted models in the cache), their sizes and status."""
     from residlab.core.cache import cache_dir
     from residlab.models.assets import gguf_path, part_status
-    from residlab.models.loading import converted_dir, is_converted
+    from residlab.models.loading import converted_dir, is_converted, verify_cached
     from residlab.models.registry import PACKAGED_MODELS
+
+    if verify:
+        for m in PACKAGED_MODELS.values():
+            for line in verify_cached(m):
+                console.print(f"verify {m.name}: {line}", markup=False)
 
     table = Table(title=f"Packaged models (cache: {cache_dir()})")
     table.add_column("name", no_wrap=True)
@@ -198,15 +212,31 @@ def serve(
     positions: PositionsOption = DEFAULT_POSITIONS,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most new tokens one request may ask for.")] = 2048,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt (tokens) a request may send.")] = 4096,
+    max_body_kb: Annotated[int, typer.Option(min=1, help="Largest request body in KiB (413 above it).")] = 1024,
 ) -> None:
     """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
     from residlab.engines import open_engine
-    from residlab.serving.server import ModelServer
+    from residlab.serving.schema import ServerLimits
+    from residlab.serving.server import ModelServer, check_port_free
     from residlab.vectors.files import load_vector
 
+    check_port_free(host, port)  # before the model loads
+    limits = ServerLimits(
+        max_body_bytes=max_body_kb * 1024, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_tokens_limit
+    )
     runner = open_engine(model, engine, dtype=dtype)
     vec = load_vector(vector, runner) if vector is not None else None
-    server = ModelServer(runner, host, port, vector=vec, strength=strength, positions=positions.rule)  # type: ignore[arg-type]
+    server = ModelServer(
+        runner,
+        host,
+        port,
+        vector=vec,
+        strength=strength,
+        positions=positions.rule,
+        limits=limits,
+    )
     address = f"http://{host}:{server.server_address[1]}/v1"
     print(f"serving {runner.name} ({runner.kind} engine) on {address} (Ctrl-C stops)", file=sys.stderr)
     try:

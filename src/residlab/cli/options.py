@@ -141,3 +141,6 @@ PositionsOption = Annotated[
     ),
 ]
 StrengthOption = Annotated[float, typer.Option(parser=_parser(parse_strength), help="Multiplies the vector as stored.")]
+
+
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace the output file if it exists.")]

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from residlab.cli.errors import handle_errors
-from residlab.cli.options import OptionalLayersOption
+from residlab.cli.options import ForceOption, OptionalLayersOption
 
 vector_app = typer.Typer(help="Inspect steering vectors; convert to and from llama.cpp control-vector GGUF files.")
 console = Console(highlight=False, soft_wrap=True)
@@ -39,11 +39,14 @@ def export(
     ] = None,
     layers: OptionalLayersOption = None,
     model_hint: Annotated[str, typer.Option(help="llama.cpp architecture name for the file (e.g. qwen2).")] = "",
+    force: ForceOption = False,
 ) -> None:
     """Write a llama.cpp control vector (for `llama-cli --control-vector FILE`, llama-cpp-python, repeng)."""
+    from residlab.core.io import check_output_file
     from residlab.vectors.gguf_control import export_control_vector
     from residlab.vectors.steering_vector import SteeringVector
 
+    check_output_file(target, inputs=(source,), overwrite=force)
     vec = SteeringVector.load(source)
     if layers:
         vec = vec.select(list(layers))
@@ -65,11 +68,14 @@ def import_(
         typer.Option("--model", "-m", help="The model it is for (needed for files not written by residlab)."),
     ] = None,
     allow_other_model: Annotated[bool, typer.Option(help="Accept a vector saved for a model of another name.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Read a llama.cpp control vector into a residlab vector, checked against the model."""
+    from residlab.core.io import check_output_file
     from residlab.models.loading import model_shape
     from residlab.vectors.gguf_control import import_control_vector
 
+    check_output_file(target, inputs=(source,), overwrite=force)
     shape = model_shape(model) if model else None
     vec = import_control_vector(source, shape, strict=not allow_other_model)
     vec.save(target)

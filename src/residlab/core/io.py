@@ -130,3 +130,48 @@ def read_text_file(path: str | os.PathLike[str], *, what: str = "text file") -> 
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ResidlabError(f"{path} is not UTF-8 text ({err.reason}).", hint="save the file as UTF-8.") from None
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file (through links and relative parts)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output_file(
+    target: str | os.PathLike[str], *, inputs: tuple[str | os.PathLike[str], ...] = (), overwrite: bool = False
+) -> Path:
+    """``target`` as a file this command may write: never one of its ``inputs`` (that would destroy
+    the only copy), not an existing file unless ``overwrite``, and in a folder that can be written."""
+    target = Path(target).expanduser()
+    for source in inputs:
+        if same_file(source, target):
+            raise ResidlabError(
+                f"{target} is also the input file: writing it would destroy the only copy.",
+                hint="write to another path.",
+            )
+    if target.is_dir():
+        raise ResidlabError(f"{target} is a folder.", hint="give a file path to write.")
+    if target.exists() and not overwrite:
+        raise ResidlabError(f"{target} exists already.", hint="pass --force to replace it, or write elsewhere.")
+    check_writable_dir(target.parent)
+    return target
+
+
+def check_writable_dir(directory: str | os.PathLike[str]) -> Path:
+    """Create ``directory`` if needed and prove it can be written (a file created and removed), so a
+    long run fails before its first expensive step rather than after it."""
+    directory = Path(directory).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".residlab-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ResidlabError(
+            f"cannot write to {directory} ({err.strerror or err}).",
+            hint="choose a folder you can write to (--work-dir / --out), or fix its permissions.",
+        ) from None
+    return directory

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from residlab.core.errors import ResidlabError
 from residlab.engines import Engine, SteeringSpec, as_engine
+from residlab.interventions.positions import PositionRule
 from residlab.models.lm import LanguageModel
 from residlab.serving.schema import ChatCompletionRequest, ServerLimits
 from residlab.vectors.steering_vector import SteeringVector
@@ -117,6 +118,23 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(422, f"invalid request: {problems}") from None
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A clear error now, before a model is loaded, if ``host:port`` cannot be bound."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ResidlabError(
+                f"cannot serve on {host}:{port}: {err.strerror or err}.",
+                hint="another program (or residlab serve) holds that port: pass --port with a free one "
+                "(0 picks any), or stop the other server.",
+            ) from None
+
+
 class ModelServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -127,7 +145,7 @@ class ModelServer(ThreadingHTTPServer):
         port: int = 8000,
         vector: SteeringVector | None = None,
         strength: float = 0.0,
-        positions: str = "prompt_last+generated",
+        positions: PositionRule = "prompt_last+generated",
         limits: ServerLimits | None = None,
     ) -> None:
         super().__init__((host, port), _Handler)
