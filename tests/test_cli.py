@@ -135,8 +135,8 @@ def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
     class FakeServer:
         server_address = ("127.0.0.1", 1234)
 
-        def __init__(self, runner, host, port, *, vector, strength, positions):
-            seen.update(strength=strength, positions=positions)
+        def __init__(self, runner, host, port, *, vector, strength, positions, limits):
+            seen.update(strength=strength, positions=positions, max_new_tokens=limits.max_new_tokens)
 
         def serve_forever(self):
             pass
@@ -145,9 +145,10 @@ def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
             pass
 
     monkeypatch.setattr(server_module, "ModelServer", FakeServer)
-    result = runner.invoke(app, ["serve", "-m", tiny_dir, "--strength", "0.5", "--positions", "0,-1"])
+    args = ["serve", "-m", tiny_dir, "--port", "0", "--strength", "0.5", "--positions", "0,-1", "--max-tokens-limit", "7"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert seen == {"strength": 0.5, "positions": (0, -1)}
-    default = runner.invoke(app, ["serve", "-m", tiny_dir])
+    assert seen == {"strength": 0.5, "positions": (0, -1), "max_new_tokens": 7}
+    default = runner.invoke(app, ["serve", "-m", tiny_dir, "--port", "0"])
     assert default.exit_code == 0, default.output
-    assert seen == {"strength": 1.0, "positions": "prompt_last+generated"}
+    assert seen == {"strength": 1.0, "positions": "prompt_last+generated", "max_new_tokens": 2048}
