@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python (the llama.cpp engine) from a wheel built once on this machine.
 # PyPI ships it as source only: the build takes a few minutes on 2 cores. The built wheel is kept in
-# $RESIDLAB_CACHE/build-wheels/<cpu flags hash>/ (llama.cpp compiles for the host CPU, so a wheel is
-# only reused on a CPU with the same instruction set), and later installs take seconds.
+# $RESIDLAB_CACHE/build-wheels/<cpu flags hash>[-noamx]/ (llama.cpp compiles for the host CPU, so a
+# wheel is only reused on a CPU with the same instruction set), and later installs take seconds.
+#
+# AMX: some (virtual) machines list AMX in CPUID but do not enable its tile state, so the first AMX
+# instruction faults and llama.cpp, compiled with -march=native, crashes on its first matrix product
+# (a general protection fault in ggml_backend_amx_mul_mat). A tiny probe runs one AMX instruction;
+# where it fails, llama.cpp is built without AMX (every other native instruction kept).
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 PIN="$("$PYTHON" - <<'PY'
@@ -12,14 +17,69 @@ print(next(r for r in extras["llamacpp"] if r.startswith("llama-cpp-python")))
 PY
 )"
 VERSION="${PIN##*==}"
-if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$VERSION')" 2>/dev/null; then
-  exit 0
+
+amx_usable() {
+  grep -qw amx_tile /proc/cpuinfo 2>/dev/null || return 1
+  local dir rc
+  dir="$(mktemp -d)"
+  cat > "$dir/amx.c" <<'C'
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+  /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18), as ggml asks before using AMX */
+  if (syscall(SYS_arch_prctl, 0x1023, 18)) return 1;
+  unsigned char config[64];
+  memset(config, 0, sizeof config);
+  config[0] = 1;   /* palette 1 */
+  config[16] = 64; /* tile 0: 64 bytes a row */
+  config[48] = 16; /* tile 0: 16 rows */
+  _tile_loadconfig(config);
+  _tile_zero(0);
+  _tile_release();
+  return 0;
+}
+C
+  rc=1
+  if cc -O1 -mamx-tile -o "$dir/amx" "$dir/amx.c" 2>/dev/null; then
+    # in a subshell, so that the shell's own "Illegal instruction" notice is silenced too
+    ( "$dir/amx" ) >/dev/null 2>&1 && rc=0
+  fi
+  rm -rf "$dir"
+  return $rc
+}
+
+FLAVOUR=native
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! amx_usable; then
+  FLAVOUR=noamx
 fi
+SITE="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+MARKER="$SITE/llama_cpp/.residlab-build"
+if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$VERSION')" 2>/dev/null; then
+  if [ "$FLAVOUR" = native ] || [ "$(cat "$MARKER" 2>/dev/null)" = "$FLAVOUR" ]; then
+    exit 0
+  fi
+  echo "the installed llama-cpp-python uses AMX, which this machine cannot run: rebuilding it without AMX" >&2
+fi
+
 CPU="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12 || echo generic)"
 WHEELS="${RESIDLAB_CACHE:-$HOME/.cache/residlab}/build-wheels/$CPU"
+CMAKE_EXTRA=""
+if [ "$FLAVOUR" = noamx ]; then
+  WHEELS="$WHEELS-noamx"
+  # Explicit -mno-* flags win over -march=native whatever their order on GCC's command line.
+  NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_EXTRA="-DCMAKE_C_FLAGS='$NOAMX' -DCMAKE_CXX_FLAGS='$NOAMX'"
+  echo "this machine lists AMX but cannot run it: building llama.cpp without AMX" >&2
+fi
 mkdir -p "$WHEELS"
 if ! ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   echo "building $PIN from source once (a few minutes); the wheel is cached in $WHEELS" >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PYTHON" -m pip wheel -q --no-deps "$PIN" -w "$WHEELS"
+  CMAKE_ARGS="${CMAKE_ARGS:-} $CMAKE_EXTRA" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir "$PIN" -w "$WHEELS"
 fi
+# The wheel of this flavour exactly (never one pip cached from another build), then its dependencies.
+"$PYTHON" -m pip install -q --force-reinstall --no-deps --no-index --find-links "$WHEELS" "$PIN"
 "$PYTHON" -m pip install -q --find-links "$WHEELS" "$PIN"
+echo "$FLAVOUR" > "$MARKER"
