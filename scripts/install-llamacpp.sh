@@ -43,8 +43,8 @@ int main(void) {
 C
   rc=1
   if cc -O1 -mamx-tile -o "$dir/amx" "$dir/amx.c" 2>/dev/null; then
-    # in a subshell, so that the shell's own "Illegal instruction" notice is silenced too
-    ( "$dir/amx" ) >/dev/null 2>&1 && rc=0
+    # grouped, so that the shell's own "Illegal instruction" notice is silenced too
+    { "$dir/amx"; } >/dev/null 2>&1 && rc=0
   fi
   rm -rf "$dir"
   return $rc
