@@ -16,7 +16,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from residlab.engines import Engine, SteeringSpec, as_engine
+from residlab.core.errors import ResidlabError
+from residlab.engines import Engine, SamplingParams, SteeringSpec, as_engine
 from residlab.models.lm import LanguageModel
 from residlab.vectors.steering_vector import SteeringVector
 
@@ -57,7 +58,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as err:
             self._error(400, f"bad request: {err}")
             return
-        self._send(200, self.server.complete(request))
+        try:
+            reply = self.server.complete(request)
+        except ResidlabError as err:  # e.g. sampling parameters out of range
+            self._error(400, f"bad request: {err.message}" + (f" ({err.hint})" if err.hint else ""))
+            return
+        self._send(200, reply)
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -79,15 +85,13 @@ class ModelServer(ThreadingHTTPServer):
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            generation = self.engine.generate(
-                [request["messages"]],
-                steering=self.steering,
+            sampling = SamplingParams(
                 max_new_tokens=int(request.get("max_tokens") or 256),
                 temperature=float(request.get("temperature") or 0.0),
                 top_p=float(request.get("top_p") or 1.0),
                 seed=request.get("seed"),
-                chat=True,
-            )[0]
+            )
+            generation = self.engine.generate([request["messages"]], sampling, steering=self.steering, chat=True)[0]
         prompt_tokens = len(self.engine.tokenize(generation.prompt))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
