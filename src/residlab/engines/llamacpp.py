@@ -101,7 +101,7 @@ class LlamaCppEngine(Engine):
             )
         self._num_layers = int(lib.llama_model_n_layer(self._model))
         self._hidden_size = int(lib.llama_model_n_embd(self._model))
-        self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        self.vocab_size: int = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self._ctx: Any = None
         self._ctx_shape = (0, 0)  # (sequences, cells)
