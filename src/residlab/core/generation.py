@@ -219,7 +219,7 @@ class DecodedBatch(NamedTuple):
 
 # An engine's own part of generation: decode one batch with these sampling parameters, drawing from
 # the call's generator (shared by its batches, so a seeded call is reproducible).
-BatchDecoder = Callable[[PromptBatch, SamplingParams, "torch.Generator | None"], DecodedBatch]
+BatchDecoder = Callable[[PromptBatch, SamplingParams, torch.Generator | None], DecodedBatch]
 
 
 def generate_batched(
