@@ -25,8 +25,11 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
 def _tokens_per_s(engine, prompts, steering, new_tokens: int, batch: int) -> float:
+    from residlab.engines import SamplingParams
+
+    fixed_length = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     started = time.perf_counter()
-    out = engine.generate(prompts, steering=steering, max_new_tokens=new_tokens, batch_size=batch, ignore_eos=True)
+    out = engine.generate(prompts, fixed_length, steering=steering, batch_size=batch)
     seconds = time.perf_counter() - started
     assert all(g.num_tokens == new_tokens for g in out)
     return sum(g.num_tokens for g in out) / seconds
@@ -34,7 +37,9 @@ def _tokens_per_s(engine, prompts, steering, new_tokens: int, batch: int) -> flo
 
 def measure(engine, prompts, spec, new_tokens: int, batch: int, repeats: int) -> dict:
     rows = prompts[:batch]
-    engine.generate(rows[:1], max_new_tokens=2, batch_size=1)  # warm-up
+    from residlab.engines import SamplingParams
+
+    engine.generate(rows[:1], SamplingParams(max_new_tokens=2), batch_size=1)  # warm-up
     plain, steered = [], []
     for _ in range(repeats):
         plain.append(_tokens_per_s(engine, rows, None, new_tokens, batch))
@@ -82,13 +87,12 @@ def main() -> None:
         ("llamacpp", lambda: open_engine(MODEL, "llamacpp"), args.llamacpp_batches),
     ]
     for name, make, batches in engines:
-        engine = make()
-        results[name] = []
-        for batch in (int(b) for b in batches.split(",")):
-            row = measure(engine, questions, spec, args.new_tokens, batch, args.repeats)
-            results[name].append(row)
-            print(name, json.dumps(row), flush=True)
-        del engine
+        with make() as engine:
+            results[name] = []
+            for batch in (int(b) for b in batches.split(",")):
+                row = measure(engine, questions, spec, args.new_tokens, batch, args.repeats)
+                results[name].append(row)
+                print(name, json.dumps(row), flush=True)
 
     def best(name: str, key: str = "tokens_per_s_unsteered") -> float:
         return max(r[key] for r in results[name])

@@ -145,7 +145,19 @@ def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
             pass
 
     monkeypatch.setattr(server_module, "ModelServer", FakeServer)
-    args = ["serve", "-m", tiny_dir, "--port", "0", "--strength", "0.5", "--positions", "0,-1", "--max-tokens-limit", "7"]
+    args = [
+        "serve",
+        "-m",
+        tiny_dir,
+        "--port",
+        "0",
+        "--strength",
+        "0.5",
+        "--positions",
+        "0,-1",
+        "--max-tokens-limit",
+        "7",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen == {"strength": 0.5, "positions": (0, -1), "max_new_tokens": 7}

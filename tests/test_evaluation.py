@@ -35,17 +35,17 @@ def test_runner_resumes_after_a_kill_without_loss_or_duplicates(qwen, tmp_path, 
     problems = synthetic_problems(6, seed=3)
     condition = Condition("baseline", "{question}")
     decoding = Decoding(max_new_tokens=4, batch_size=2)
-    real_generate = qwen.generate
+    real_decode = qwen.decode_batch
     calls = []
     kill = {"at": 2}
 
-    def dying_generate(prompts, **kwargs):
-        calls.append(len(prompts))
+    def dying_decode(batch, *args, **kwargs):
+        calls.append(len(batch.rows))
         if len(calls) == kill["at"]:
             raise SimulatedKill  # killed during the second batch
-        return real_generate(prompts, **kwargs)
+        return real_decode(batch, *args, **kwargs)
 
-    monkeypatch.setattr(qwen, "generate", dying_generate)
+    monkeypatch.setattr(qwen, "decode_batch", dying_decode)
     with pytest.raises(SimulatedKill):
         evaluate(qwen, problems, condition, decoding, tmp_path, progress=False)
     path = records_path(tmp_path, condition, decoding, qwen)

@@ -12,13 +12,14 @@ Skipped where llama-cpp-python is not installed, except under CI (CI=true), wher
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from residlab import ModelMismatchError, ResidlabError, SteeringVector
-from residlab.engines import SteeringSpec, llama_cpp_available, open_engine
+from residlab.engines import SamplingParams, SteeringSpec, llama_cpp_available, open_engine
 
 pytestmark = [pytest.mark.real_model, pytest.mark.llamacpp]
 
@@ -55,8 +56,12 @@ def engines():
             mp.setenv("RESIDLAB_CACHE", os.environ["RESIDLAB_REAL_CACHE"])
         llama = open_engine(MODEL, "llamacpp")
         torch_engine = open_engine(MODEL, "torch", dtype="float32")
-    yield torch_engine, llama
-    llama.close()
+    with llama, torch_engine:
+        yield torch_engine, llama
+
+
+def greedy(tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -127,8 +132,8 @@ def test_position_rules_match_the_torch_engine(engines):
     vec = _vec({10: _direction(5, torch_engine.hidden_size)})
     for rule in ("prompt_last+generated", "all", "generated", "prompt"):
         spec = SteeringSpec(vec, 4.0, rule)
-        got = llama.generate(PROMPTS, steering=spec, max_new_tokens=20, batch_size=4)
-        want = torch_engine.generate(PROMPTS, steering=spec, max_new_tokens=20, batch_size=4)
+        got = llama.generate(PROMPTS, greedy(20), steering=spec, batch_size=4)
+        want = torch_engine.generate(PROMPTS, greedy(20), steering=spec, batch_size=4)
         shared = sum(_common_prefix(g.token_ids, w.token_ids) for g, w in zip(got, want, strict=True))
         assert shared >= 0.75 * sum(len(w.token_ids) for w in want), (rule, [g.text for g in got])
 
@@ -136,15 +141,14 @@ def test_position_rules_match_the_torch_engine(engines):
 def test_generated_rule_leaves_the_first_token_alone(engines):
     _, llama = engines
     vec = _vec({8: _direction(1, llama.hidden_size)})
-    plain = [g.token_ids[0] for g in llama.generate(PROMPTS, max_new_tokens=1)]
+    plain = [g.token_ids[0] for g in llama.generate(PROMPTS, greedy(1))]
     strong = 200.0  # so strong that any steered position changes the argmax
     generated = [
-        g.token_ids[0]
-        for g in llama.generate(PROMPTS, max_new_tokens=1, steering=SteeringSpec(vec, strong, "generated"))
+        g.token_ids[0] for g in llama.generate(PROMPTS, greedy(1), steering=SteeringSpec(vec, strong, "generated"))
     ]
     from_last = [
         g.token_ids[0]
-        for g in llama.generate(PROMPTS, max_new_tokens=1, steering=SteeringSpec(vec, strong, "prompt_last+generated"))
+        for g in llama.generate(PROMPTS, greedy(1), steering=SteeringSpec(vec, strong, "prompt_last+generated"))
     ]
     assert generated == plain
     assert from_last != plain
@@ -153,8 +157,8 @@ def test_generated_rule_leaves_the_first_token_alone(engines):
 def test_batched_generation_keeps_rows_apart(engines):
     _, llama = engines
     prompts = [*PROMPTS, "Reply with the single word: yes."]
-    batched = llama.generate(prompts, max_new_tokens=40, batch_size=5)
-    single = llama.generate(prompts, max_new_tokens=40, batch_size=1)
+    batched = llama.generate(prompts, greedy(40), batch_size=5)
+    single = llama.generate(prompts, greedy(40), batch_size=1)
     assert sum(b.token_ids == s.token_ids for b, s in zip(batched, single, strict=True)) >= 3
     short = batched[-1]
     assert not short.hit_limit and short.num_tokens < 10 and "yes" in short.text.lower()
@@ -178,10 +182,30 @@ def test_unsupported_requests_are_clear_errors(engines):
     torch_engine, llama = engines
     vec = _vec({0: _direction(0, llama.hidden_size)})
     with pytest.raises(ResidlabError, match="layer 0"):
-        llama.generate(PROMPTS[:1], max_new_tokens=2, steering=SteeringSpec(vec, 1.0, "all"))
+        llama.generate(PROMPTS[:1], greedy(2), steering=SteeringSpec(vec, 1.0, "all"))
     vec = _vec({4: _direction(0, llama.hidden_size)})
     with pytest.raises(ResidlabError, match="position rules"):
-        llama.generate(PROMPTS[:1], max_new_tokens=2, steering=SteeringSpec(vec, 1.0, (0, -1)))  # type: ignore[arg-type]
+        llama.generate(PROMPTS[:1], greedy(2), steering=SteeringSpec(vec, 1.0, (0, -1)))  # type: ignore[arg-type]
     other = SteeringVector({1: torch.ones(64)}, model_name="tiny", hidden_size=64, num_layers=3)
     with pytest.raises(ModelMismatchError, match="hidden size"):
-        llama.generate(PROMPTS[:1], max_new_tokens=2, steering=SteeringSpec(other, 1.0))
+        llama.generate(PROMPTS[:1], greedy(2), steering=SteeringSpec(other, 1.0))
+
+
+def test_seeded_sampling_is_reproducible(engines):
+    _, llama = engines
+    hot = SamplingParams(max_new_tokens=12, temperature=1.2, top_p=0.95, seed=11)
+    first = [g.token_ids for g in llama.generate(PROMPTS, hot, batch_size=2)]
+    assert first == [g.token_ids for g in llama.generate(PROMPTS, hot, batch_size=2)]
+    assert first != [g.token_ids for g in llama.generate(PROMPTS, replace(hot, seed=12), batch_size=2)]
+    fixed = llama.generate(PROMPTS[:2], SamplingParams(max_new_tokens=7, ignore_eos=True))
+    assert all(g.num_tokens == 7 and g.hit_limit for g in fixed)
+
+
+def test_engine_frees_llama_cpp_on_leaving_the_with_block(engines):
+    from residlab.engines.llamacpp import LlamaCppEngine
+
+    torch_engine, llama = engines
+    with LlamaCppEngine(llama.gguf_path, llama.tokenizer, name=MODEL, eos_ids=llama.eos_ids) as extra:
+        ids = torch_engine.tokenize(TEXT)[:8]
+        np.testing.assert_allclose(extra.score(ids), llama.score(ids), rtol=1e-4, atol=1e-4)
+    assert extra._model is None and extra._ctx is None

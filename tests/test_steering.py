@@ -218,3 +218,38 @@ def test_rows_that_finish_early_leave_the_batch_correctly(lm, monkeypatch):
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
     assert batched[0].num_tokens <= 3 and not batched[0].hit_limit
     assert any(g.num_tokens > 3 for g in batched)  # someone went on after row 0 left
+
+
+def _contexts() -> list:
+    """Synthetic forward passes: a left-padded prompt pass (prompts of 1, 2 and 5 tokens), a pass that
+    re-feeds prompt and generated tokens without a cache, and one cached step of generated tokens."""
+    from residlab.interventions.positions import ForwardContext
+
+    lengths = torch.tensor([1, 2, 5])
+    prompt_pass = torch.tensor([[-1, -1, -1, -1, 0], [-1, -1, -1, 0, 1], [0, 1, 2, 3, 4]])
+    uncached = torch.tensor([[-1, -1, -1, -1, 0, 1, 2, 3], [-1, -1, -1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
+    cached_step = torch.tensor([[4], [5], [8]])
+    return [ForwardContext(p, lengths, torch.arange(3)) for p in (prompt_pass, uncached, cached_step)]
+
+
+def _steered_by_phases(phases, position: int, prompt_length: int) -> bool:
+    if position < 0:  # padding
+        return False
+    if position < prompt_length - 1:
+        return phases.prompt_body
+    return phases.prompt_last if position == prompt_length - 1 else phases.generated
+
+
+def test_phase_table_agrees_with_the_position_rules():
+    """The phases llama.cpp switches its control vector between (prompt minus its last token, last
+    prompt token, generated tokens) select exactly the positions ``steering_mask`` steers."""
+    from residlab.interventions.positions import PHASED_RULES, STEERING_RULES, steering_mask, steering_phases
+
+    assert set(PHASED_RULES) == set(STEERING_RULES)  # every named rule runs on every engine
+    assert steering_phases((0, -1)) is None and steering_phases("sometimes") is None
+    for rule, phases in PHASED_RULES.items():
+        assert steering_phases(rule) == phases
+        for ctx in _contexts():
+            rows = zip(ctx.positions.tolist(), ctx.prompt_lengths.tolist(), strict=True)
+            expected = torch.tensor([[_steered_by_phases(phases, p, n) for p in row] for row, n in rows])
+            assert torch.equal(steering_mask(rule, ctx), expected), (rule, ctx.positions)

@@ -157,7 +157,7 @@ def generate(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
 ) -> None:
     """Generate text, optionally with a steering vector added to the residual stream."""
-    from residlab.engines import SteeringSpec, open_engine
+    from residlab.engines import SamplingParams, SteeringSpec, open_engine
     from residlab.vectors.files import load_vector
 
     prompts = list(prompt or [])
@@ -176,13 +176,10 @@ def generate(
     started = time.perf_counter()
     results = runner.generate(
         prompts,
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         steering=steering,
-        max_new_tokens=max_new_tokens,
         chat=use_chat,
         system=system,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
         batch_size=batch_size,
     )
     seconds = time.perf_counter() - started

@@ -5,12 +5,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from residlab.core.errors import ResidlabError
+from residlab.core.generation import SamplingParams
 from residlab.engines.base import ENGINES, Engine, SteeringSpec
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel
 
-__all__ = ["ENGINES", "Engine", "SteeringSpec", "as_engine", "llama_cpp_available", "open_engine", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "SamplingParams",
+    "SteeringSpec",
+    "as_engine",
+    "llama_cpp_available",
+    "open_engine",
+    "resolve_engine",
+]
 
 
 def llama_cpp_available() -> bool:
@@ -48,7 +58,8 @@ def open_engine(
     ``engine``: ``torch``, ``llamacpp`` or ``auto`` (see :func:`resolve_engine`).
 
     ``lm``: an already loaded model to reuse for the torch engine. ``dtype`` applies to torch only
-    (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only.
+    (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only. The engine is a
+    context manager: ``with open_engine(...) as engine:`` closes it (frees llama.cpp's memory) on exit.
     """
     engine = resolve_engine(model, engine)
     if engine == "torch":

@@ -1,22 +1,32 @@
-"""The engine interface: generate a batch of prompts, optionally steered, and score token sequences.
+"""The engine base: generate a batch of prompts, optionally steered, and score token sequences.
 
-Two implementations: :class:`~residlab.engines.torch_engine.TorchEngine` (transformers plus
+Two engines build on it: :class:`~residlab.engines.torch_engine.TorchEngine` (transformers plus
 residlab's hooks: every position rule, per-row vectors, any dtype) and
 :class:`~residlab.engines.llamacpp.LlamaCppEngine` (llama.cpp's control-vector adapter on the
 quantised GGUF: several times faster on a CPU). Both render prompts with the same tokenizer and
-chat template and feed the same token ids, so their outputs are directly comparable.
+chat template (in the shared base) and feed the same token ids, so their outputs are directly comparable.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
 from residlab.core.errors import ResidlabError
-from residlab.core.generation import Generation, Prompt
+from residlab.core.generation import (
+    BatchDecoder,
+    Generation,
+    Prompt,
+    SamplingParams,
+    generate_batched,
+    has_chat_template,
+    render_prompt,
+)
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector
@@ -53,67 +63,101 @@ class SteeringSpec:
         }
 
 
-class Engine(Protocol):
-    """What the evaluation runner, the CLI and the benchmarks need from an inference engine."""
+class Engine(ABC):
+    """An inference engine: generate completions for a batch of prompts, optionally steered, and score
+    token sequences; what the evaluation runner, the CLI, the server and the benchmarks use.
 
-    kind: str  # "torch" | "llamacpp"
-    name: str  # the model's name (as vectors record it)
+    The engine base does the shared part of ``generate`` (prompts rendered through the chat template,
+    tokenised, checked, sorted into batches; seeding; see :func:`~residlab.core.generation.generate_batched`),
+    so every engine feeds the model the same token ids. A subclass gives the model's facts, its batch
+    decoder under a steering (:meth:`_steered`) and :meth:`score`. Engines are context managers
+    (``with open_engine(...) as engine:``) that :meth:`close` on exit.
+    """
 
+    kind: ClassVar[str]  # "torch" | "llamacpp"
+    # Token ids at or beyond this are rejected before decoding (None: the engine does not check).
+    vocab_size: int | None = None
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self.tokenizer = tokenizer
+        self.name = name  # the model's name (as vectors record it)
+
+    # -- facts ------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def num_layers(self) -> int: ...
 
     @property
+    @abstractmethod
     def hidden_size(self) -> int: ...
 
     @property
+    @abstractmethod
     def identity(self) -> str:
         """Everything about the engine that changes outputs (kind, weights, dtype): part of record fingerprints."""
-        ...
 
     @property
-    def has_chat_template(self) -> bool: ...
+    def has_chat_template(self) -> bool:
+        return has_chat_template(self.tokenizer)
 
-    def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str: ...
+    # -- text -> tokens -----------------------------------------------------------------------
+    def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
+        """A prompt as the model sees it (see :func:`~residlab.core.generation.render_prompt`)."""
+        return render_prompt(self.tokenizer, prompt, chat=chat, system=system, model_name=self.name)
 
+    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of an already formatted text."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # -- running ------------------------------------------------------------------------------
     def generate(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Prompt | Sequence[Prompt],
+        sampling: SamplingParams = SamplingParams(),
         *,
         steering: SteeringSpec | None = None,
-        max_new_tokens: int = 256,
         chat: bool | None = None,
         system: str | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
         batch_size: int = 8,
-        ignore_eos: bool = False,
         progress: bool = False,
     ) -> list[Generation]:
-        """One completion per prompt, in the caller's order (greedy when ``temperature`` is 0)."""
-        ...
+        """One completion per prompt, in the caller's order (greedy by default; see :class:`SamplingParams`).
 
+        ``chat``/``system`` choose how prompts are rendered (default: through the chat template when
+        there is one); ``batch_size`` and ``progress`` how the work is scheduled and shown.
+        """
+        with self._steered(steering) as decode:
+            return generate_batched(
+                self.tokenizer,
+                prompts,
+                sampling,
+                decode,
+                chat=chat,
+                system=system,
+                batch_size=batch_size,
+                progress=progress,
+                model_name=self.name,
+                vocab_size=self.vocab_size,
+            )
+
+    @abstractmethod
+    def _steered(self, steering: SteeringSpec | None) -> AbstractContextManager[BatchDecoder]:
+        """Check ``steering`` against the model and put it in effect for the ``with`` block, yielding
+        the batch decoder that generates under it (``None``: unsteered)."""
+
+    @abstractmethod
     def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:
         """Teacher-forced logits [len(token_ids), vocab] (float32) for one token sequence; steering
         here applies at every position (rule ``all``)."""
-        ...
 
-    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
+    # -- lifetime -----------------------------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Free what the engine holds outside Python's memory (llama.cpp's model and context); the
+        engine is unusable afterwards. Called on leaving a ``with`` block."""
 
+    def __enter__(self) -> Self:
+        return self
 
-def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
-    """Greedy (``temperature`` <= 0) or temperature / nucleus sampling from one row of logits."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = (logits.astype(np.float64) - logits.max()) / temperature
-    probs = np.exp(scaled)
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        sorted_probs = probs[order]
-        keep = np.cumsum(sorted_probs) - sorted_probs < top_p
-        probs = np.zeros_like(probs)
-        probs[order[keep]] = sorted_probs[keep]
-        probs /= probs.sum()
-    rng = rng if rng is not None else np.random.default_rng()
-    return int(rng.choice(probs.shape[0], p=probs))
+    def __exit__(self, *exc: object) -> None:
+        self.close()

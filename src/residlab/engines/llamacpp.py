@@ -7,8 +7,9 @@ residlab layer is passed through unchanged (tested against the torch engine).
 
 Positions: a control vector is a context-wide setting, so the engine switches it between the
 phases of a generation: the prompt minus its last token, the last prompt token, and the generated
-tokens. That gives exactly residlab's rules ``all``, ``prompt``, ``generated`` and
-``prompt_last+generated``; token-index rules and per-row vectors are torch-engine only.
+tokens (:class:`~residlab.interventions.positions.SteeringPhases`). That gives exactly residlab's
+rules ``all``, ``prompt``, ``generated`` and ``prompt_last+generated``; token-index rules and
+per-row vectors are torch-engine only.
 
 Batching: up to ``batch_size`` prompts run as parallel llama.cpp sequences in one context, all of
 them decoded in one ``llama_decode`` call per step; finished sequences leave the batch. Token ids
@@ -17,26 +18,23 @@ come from the same Hugging Face tokenizer as the torch engine, so both engines s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from residlab.core.errors import ModelMismatchError, ResidlabError
-from residlab.core.generation import Generation, Prompt, generate_in_sorted_batches, render_prompt
-from residlab.engines.base import SteeringSpec, sample_next
+from residlab.core.errors import ResidlabError
+from residlab.core.generation import BatchDecoder, DecodedBatch, PromptBatch, SamplingParams, pick_next_tokens
+from residlab.engines.base import Engine, SteeringSpec
+from residlab.interventions.positions import NO_STEERING, PHASED_RULES, SteeringPhases, steering_phases
 
-# Control vector on/off for (prompt minus last token, last prompt token, generated tokens).
-_PHASES = {
-    "all": (True, True, True),
-    "prompt_last+generated": (False, True, True),
-    "generated": (False, False, True),
-    "prompt": (True, True, False),
-}
 _quiet_callback: Any = None  # kept alive: llama.cpp holds the pointer
 
 
@@ -71,7 +69,7 @@ def _silence(lib: Any) -> None:
         lib.llama_log_set(_quiet_callback, ctypes.c_void_p())
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     """Generate and score with llama.cpp. Build one with :func:`residlab.engines.open_engine`."""
 
     kind = "llamacpp"
@@ -90,8 +88,7 @@ class LlamaCppEngine:
         self.gguf_path = Path(gguf_path)
         if not self.gguf_path.is_file():
             raise ResidlabError(f"no GGUF file at {self.gguf_path}.", hint="check the path.")
-        self.tokenizer = tokenizer
-        self.name = name
+        super().__init__(tokenizer, name)
         self.threads = threads or max(1, os.cpu_count() or 1)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
@@ -104,7 +101,7 @@ class LlamaCppEngine:
             )
         self._num_layers = int(lib.llama_model_n_layer(self._model))
         self._hidden_size = int(lib.llama_model_n_embd(self._model))
-        self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        self.vocab_size: int = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self._ctx: Any = None
         self._ctx_shape = (0, 0)  # (sequences, cells)
@@ -126,16 +123,6 @@ class LlamaCppEngine:
     def identity(self) -> str:
         stat = self.gguf_path.stat()
         return f"llamacpp:{self.gguf_path.name}:{stat.st_size}"
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
-        return render_prompt(self.tokenizer, prompt, chat=chat, system=system, model_name=self.name)
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     # -- llama.cpp state ----------------------------------------------------------------------
     def _context(self, sequences: int, cells: int) -> Any:
@@ -198,9 +185,10 @@ class LlamaCppEngine:
         layer 1..n_layer-1 (layer 0 has no slot), zeros elsewhere. ``None`` when nothing steers."""
         if steering is None or steering.strength == 0:
             return None
-        if steering.positions not in _PHASES:
+        if steering_phases(steering.positions) is None:
             raise ResidlabError(
-                f"the llama.cpp engine supports the position rules {', '.join(_PHASES)}, not {steering.positions!r}.",
+                f"the llama.cpp engine supports the position rules {', '.join(PHASED_RULES)}, "
+                f"not {steering.positions!r}.",
                 hint="use one of those rules, or --engine torch for token-index rules.",
             )
         steering.vector.check_compatible(self, strict_name=False)  # type: ignore[arg-type]
@@ -246,81 +234,44 @@ class LlamaCppEngine:
         return np.ctypeslib.as_array(pointer, shape=(rows, self.vocab_size))
 
     # -- the engine interface -----------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        steering: SteeringSpec | None = None,
-        max_new_tokens: int = 256,
-        chat: bool | None = None,
-        system: str | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        batch_size: int = 8,
-        ignore_eos: bool = False,
-        progress: bool = False,
-    ) -> list[Generation]:
-        """See :meth:`residlab.engines.base.Engine.generate`; prompts run as parallel sequences."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]  # type: ignore[list-item]
+    @contextlib.contextmanager
+    def _steered(self, steering: SteeringSpec | None) -> Iterator[BatchDecoder]:
+        """Prompts run as parallel sequences, the control vector switched per phase of the rule."""
         cvec = self.control_vector(steering)
-        phases = _PHASES[steering.positions] if cvec is not None else (False, False, False)  # type: ignore[union-attr]
-        texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
-        special = not (self.has_chat_template if chat is None else chat)
-        encoded = [self.tokenize(t, add_special_tokens=special) for t in texts]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ResidlabError(f"prompt {i} tokenised to nothing.", hint="pass non-empty prompts.")
-            if max(ids) >= self.vocab_size:
-                raise ModelMismatchError(
-                    f"the tokenizer produced id {max(ids)}, beyond the GGUF's vocabulary of {self.vocab_size}.",
-                    hint="the tokenizer does not belong to this GGUF.",
-                )
-        rng = np.random.default_rng(seed)
+        phases = steering_phases(steering.positions) if cvec is not None else NO_STEERING  # type: ignore[union-attr]
+        yield functools.partial(self._decode_batch, cvec=cvec, phases=phases)  # type: ignore[arg-type]
 
-        def decode(rows: list[int]) -> tuple[list[list[int]], list[bool]]:
-            outputs, finished = self._generate_batch(
-                [encoded[i] for i in rows], cvec, phases, max_new_tokens, temperature, top_p, rng, ignore_eos
-            )
-            return outputs, [not f for f in finished]
-
-        return generate_in_sorted_batches(texts, encoded, batch_size, decode, self.tokenizer, progress)
-
-    def _generate_batch(
+    def _decode_batch(
         self,
-        rows: list[list[int]],
+        prompts: PromptBatch,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        *,
         cvec: _ControlVector | None,
-        phases: tuple[bool, bool, bool],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        rng: np.random.Generator,
-        ignore_eos: bool,
-    ) -> tuple[list[list[int]], list[bool]]:
+        phases: SteeringPhases,
+    ) -> DecodedBatch:
+        rows = prompts.token_ids
         count = len(rows)
+        max_new_tokens = sampling.max_new_tokens
         self._context(count, sum(len(r) for r in rows) + count * (max_new_tokens + 1))
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
         # Prompt minus its last token, then the last prompt tokens (whose logits give the first
         # generated token), then one token per active sequence per step; the control vector is
         # switched between these phases as the position rule says.
-        self.set_control_vector(cvec if phases[0] else None)
+        self.set_control_vector(cvec if phases.prompt_body else None)
         self._decode([(tok, pos, seq, False) for seq, r in enumerate(rows) for pos, tok in enumerate(r[:-1])])
-        self.set_control_vector(cvec if phases[1] else None)
+        self.set_control_vector(cvec if phases.prompt_last else None)
         self._decode([(r[-1], len(r) - 1, seq, True) for seq, r in enumerate(rows)])
-        self.set_control_vector(cvec if phases[2] else None)
+        self.set_control_vector(cvec if phases.generated else None)
         active = list(range(count))
         positions = [len(r) for r in rows]
         outputs: list[list[int]] = [[] for _ in rows]
         finished = [False] * count
-        eos = frozenset() if ignore_eos else self.eos_ids
+        eos = frozenset() if sampling.ignore_eos else self.eos_ids
         memory = self._lib.llama_get_memory(self._ctx)
         for step in range(max_new_tokens):
-            logits = self._logits(len(active))
-            if temperature <= 0:
-                picks = logits.argmax(axis=1).tolist()
-            else:
-                picks = [sample_next(row, temperature, top_p, rng) for row in logits]
+            logits = torch.from_numpy(self._logits(len(active)))  # a view of llama.cpp's buffer
+            picks = pick_next_tokens(logits, sampling, generator).tolist()
             still: list[int] = []
             for seq, token in zip(active, picks, strict=True):
                 outputs[seq].append(token)
@@ -333,7 +284,7 @@ class LlamaCppEngine:
             if not active or step == max_new_tokens - 1:
                 break
             self._decode([(outputs[seq][-1], positions[seq] + step, seq, True) for seq in active])
-        return outputs, finished
+        return DecodedBatch(outputs, [not f for f in finished])
 
     def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:
         """Teacher-forced logits [tokens, vocab] for one sequence (steering at every position)."""

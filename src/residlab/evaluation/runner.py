@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from residlab.core.generation import SamplingParams
 from residlab.core.records import JsonlStore
 from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
@@ -114,13 +115,10 @@ def evaluate(
         seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
         generations = engine.generate(
             prompts,
+            SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
             steering=steering,
-            max_new_tokens=decoding.max_new_tokens,
             chat=use_chat if use_chat else False,
             system=condition.system if use_chat else None,
-            temperature=decoding.temperature,
-            top_p=decoding.top_p,
-            seed=seed,
             batch_size=decoding.batch_size,
         )
         fresh = []

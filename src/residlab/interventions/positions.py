@@ -24,6 +24,36 @@ PositionRule = str | Sequence[int]
 
 
 @dataclass(frozen=True)
+class SteeringPhases:
+    """Whether a steering rule acts in each phase of a generation: the prompt minus its last token,
+    the last prompt token (whose logits give the first generated token), and the generated tokens.
+
+    An engine that can only switch steering on and off between these phases (llama.cpp's
+    context-wide control vector) runs exactly the rules that decompose this way
+    (:data:`PHASED_RULES`); tests check the table against :func:`steering_mask`.
+    """
+
+    prompt_body: bool
+    prompt_last: bool
+    generated: bool
+
+
+NO_STEERING = SteeringPhases(False, False, False)
+PHASED_RULES: dict[str, SteeringPhases] = {
+    "all": SteeringPhases(True, True, True),
+    "prompt": SteeringPhases(True, True, False),
+    "generated": SteeringPhases(False, False, True),
+    "prompt_last+generated": SteeringPhases(False, True, True),
+}
+
+
+def steering_phases(rule: PositionRule) -> SteeringPhases | None:
+    """``rule`` as on/off per generation phase, or ``None`` when it is not expressible that way
+    (token-index rules select positions inside the prompt body)."""
+    return PHASED_RULES.get(rule) if isinstance(rule, str) else None
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     """What one forward pass covers.
 

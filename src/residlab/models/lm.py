@@ -14,7 +14,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from residlab.core.errors import ResidlabError
-from residlab.core.generation import Generation, Prompt, eos_token_ids, generate_in_sorted_batches, render_prompt
+from residlab.core.generation import (
+    DecodedBatch,
+    Generation,
+    Prompt,
+    PromptBatch,
+    SamplingParams,
+    eos_token_ids,
+    generate_batched,
+    has_chat_template,
+    pick_next_tokens,
+    render_prompt,
+)
 from residlab.core.types import check_layer_index
 from residlab.interventions.edit import Edit, EditFn, skip_blocks
 from residlab.interventions.positions import PositionRule
@@ -107,7 +118,7 @@ class LanguageModel:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return has_chat_template(self.tokenizer)
 
     # -- text -> tokens -----------------------------------------------------------------------
     def format_prompt(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> str:
@@ -176,41 +187,46 @@ class LanguageModel:
     ) -> list[Generation]:
         """Generate a completion for each prompt (greedy when ``temperature`` is 0).
 
-        Prompts are sorted by length into batches of ``batch_size`` to limit padding; results come
-        back in the caller's order, and per-row steering vectors follow their rows. ``ignore_eos``
-        always generates ``max_new_tokens`` tokens (for speed measurements).
+        The sampling keywords are those of :class:`~residlab.core.generation.SamplingParams`
+        (checked there). Prompts are sorted by length into batches of ``batch_size`` to limit
+        padding; results come back in the caller's order, and per-row steering vectors follow their
+        rows. ``ignore_eos`` always generates ``max_new_tokens`` tokens (for speed measurements).
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]  # type: ignore[list-item]
-        texts = [self.format_prompt(p, chat=chat, system=system) for p in prompts]  # type: ignore[arg-type]
-        special = not (self.has_chat_template if chat is None else chat)
-        encoded = [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        sampling = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos
+        )
 
-        def decode(rows: list[int]) -> tuple[list[list[int]], list[bool]]:
-            batch = self.pad([encoded[i] for i in rows])
-            caller_rows = torch.tensor(rows, device=self.device)
-            return self._generate_batch(
-                batch, caller_rows, max_new_tokens, temperature, top_p, generator, use_cache, ignore_eos
-            )
+        def decode(batch: PromptBatch, sampling: SamplingParams, generator: torch.Generator | None) -> DecodedBatch:
+            return self.decode_batch(batch, sampling, generator, use_cache=use_cache)
 
-        return generate_in_sorted_batches(texts, encoded, batch_size, decode, self.tokenizer, progress)
+        return generate_batched(
+            self.tokenizer,
+            prompts,
+            sampling,
+            decode,
+            chat=chat,
+            system=system,
+            batch_size=batch_size,
+            progress=progress,
+            model_name=self.name,
+        )
 
     @torch.inference_mode()
-    def _generate_batch(
+    def decode_batch(
         self,
-        batch: Batch,
-        caller_rows: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
+        prompts: PromptBatch,
+        sampling: SamplingParams,
         generator: torch.Generator | None,
-        use_cache: bool,
-        ignore_eos: bool = False,
-    ) -> tuple[list[list[int]], list[bool]]:
-        """Decode one left-padded batch. Rows that finish are dropped from the batch (and the KV cache),
-        so a long straggler does not make every finished row keep paying for forward passes."""
-        eos = torch.tensor([] if ignore_eos else self.eos_token_ids or [-1], dtype=torch.long, device=self.device)
+        *,
+        use_cache: bool = True,
+    ) -> DecodedBatch:
+        """Generate for one batch of tokenised prompts (left-padded here): the torch engine's batch
+        decoder. Rows that finish are dropped from the batch (and the KV cache), so a long straggler
+        does not make every finished row keep paying for forward passes."""
+        batch = self.pad(prompts.token_ids)
+        caller_rows = torch.tensor(prompts.rows, device=self.device)
+        eos_ids = [] if sampling.ignore_eos else self.eos_token_ids or [-1]
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         ids, mask = batch.input_ids, batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         prompt_lengths = batch.lengths
@@ -221,10 +237,10 @@ class LanguageModel:
         step_ids, step_mask, step_pos = ids, mask, positions
         tracker = self.tracker
         try:
-            for _ in range(max_new_tokens):
+            for _ in range(sampling.max_new_tokens):
                 tracker.row_index, tracker.prompt_lengths = caller_rows[active], prompt_lengths
                 out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
-                next_token = _pick(out.logits[:, -1, :].float(), temperature, top_p, generator)
+                next_token = pick_next_tokens(out.logits[:, -1, :].float(), sampling, generator)
                 for row, token in zip(active.tolist(), next_token.tolist(), strict=True):
                     generated[row].append(token)
                 done = torch.isin(next_token, eos)
@@ -251,7 +267,7 @@ class LanguageModel:
                     step_ids, step_mask, step_pos = ids, mask, positions
         finally:
             tracker.row_index = tracker.prompt_lengths = None
-        return generated, [not f for f in finished_by_eos]
+        return DecodedBatch(generated, [not f for f in finished_by_eos])
 
     # -- interventions ------------------------------------------------------------------------
     def record(
@@ -324,19 +340,6 @@ class LanguageModel:
             f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.num_layers}, "
             f"d_model={self.hidden_size}, dtype={self.dtype})"
         )
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
-    choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
-    return choice.to(logits.device)
 
 
 def _returned_cache(out: Any) -> Any:

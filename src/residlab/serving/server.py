@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from residlab.core.errors import ResidlabError
-from residlab.engines import Engine, SteeringSpec, as_engine
+from residlab.engines import Engine, SamplingParams, SteeringSpec, as_engine
 from residlab.interventions.positions import PositionRule
 from residlab.models.lm import LanguageModel
 from residlab.serving.schema import ChatCompletionRequest, ServerLimits
@@ -176,16 +176,11 @@ class ModelServer(ThreadingHTTPServer):
         messages = [m.model_dump() for m in request.messages]
         prompt_tokens = len(self.engine.tokenize(self.engine.format_prompt(messages, chat=True)))
         budget = self._budget(request, prompt_tokens)
+        sampling = SamplingParams(
+            max_new_tokens=budget, temperature=request.temperature, top_p=request.top_p, seed=request.seed
+        )
         with self._lock:
-            generation = self.engine.generate(
-                [messages],
-                steering=self.steering,
-                max_new_tokens=budget,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                chat=True,
-            )[0]
+            generation = self.engine.generate([messages], sampling, steering=self.steering, chat=True)[0]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
