@@ -270,3 +270,50 @@ def test_serve_on_a_port_in_use_is_a_clear_error_before_loading(tmp_path):
         result = _cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
     # the port is checked first: the missing model is never reached
     assert result.exit_code == 2 and f"cannot serve on 127.0.0.1:{port}" in result.output and "hint:" in result.output
+
+
+# --------------------------------------------------------------------------- silently wrong steering
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_strengths_are_refused_everywhere(qwen, strength):
+    import torch
+
+    from residlab import SteeringVector
+    from residlab.engines import SteeringSpec
+
+    vec = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1)
+    with pytest.raises(ResidlabError, match="strength must be finite"):
+        SteeringSpec(vec, strength)
+    with pytest.raises(ResidlabError, match="NaN or infinite"):
+        with qwen.steer(vec, strength=strength):
+            pass
+    assert qwen.tracker._users == 0  # nothing left attached
+
+
+@pytest.mark.parametrize("index", [999, -999])
+def test_out_of_range_steering_index_is_an_error_not_a_no_op(qwen, index):
+    import torch
+
+    from residlab import SteeringVector
+
+    vec = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1)
+    with pytest.raises(ResidlabError, match=f"steering position {index} is outside the prompt"):
+        with qwen.steer(vec, strength=3.0, positions=[index]):
+            qwen.generate(["Natalia sold clips"], max_new_tokens=2, chat=False)
+    with qwen.steer(vec, strength=3.0, positions=[0, -1]):  # in range: fine
+        qwen.generate(["Natalia sold clips"], max_new_tokens=2, chat=False)
+
+
+def test_cli_generate_with_out_of_range_position_fails_clearly(tmp_path, qwen):
+    import torch
+
+    from residlab import SteeringVector
+    from residlab.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    vec = SteeringVector.from_tensor(torch.ones(qwen.hidden_size), model=qwen, layer=1)
+    path = vec.save(tmp_path / "v.safetensors")
+    result = _cli("generate", "-m", str(model), "-p", "hello", "--vector", str(path), "--allow-other-model",
+                  "--positions", "999", "--max-new-tokens", "2", "--dtype", "float32")  # fmt: skip
+    assert result.exit_code == 2 and "outside the prompt" in result.output and "steered" not in result.output

@@ -253,3 +253,20 @@ def test_phase_table_agrees_with_the_position_rules():
             rows = zip(ctx.positions.tolist(), ctx.prompt_lengths.tolist(), strict=True)
             expected = torch.tensor([[_steered_by_phases(phases, p, n) for p in row] for row, n in rows])
             assert torch.equal(steering_mask(rule, ctx), expected), (rule, ctx.positions)
+
+
+def test_vector_accepted_for_another_model_name_can_steer(qwen, tmp_path):
+    # Regression: load(..., strict=False) accepted the vector, then steering checked the name again and
+    # raised a ModelMismatchError whose hint named the flag already given.
+    from residlab import LanguageModel, ModelMismatchError, SteeringVector
+
+    renamed = LanguageModel(qwen.model, qwen.tokenizer, name="my-own-wrapper")
+    path = random_vector(qwen, [1]).save(tmp_path / "v.safetensors")
+    with pytest.raises(ModelMismatchError):
+        SteeringVector.load(path, model=renamed)
+    vec = SteeringVector.load(path, model=renamed, strict=False)
+    with pytest.raises(ModelMismatchError):
+        renamed.steer(vec)  # still refused unless asked
+    with renamed.steer(vec, strength=2.0, allow_other_model=True):
+        steered = renamed.generate(PROMPTS[:1], max_new_tokens=3, chat=False)[0]
+    assert steered.token_ids != renamed.generate(PROMPTS[:1], max_new_tokens=3, chat=False)[0].token_ids

@@ -172,7 +172,7 @@ def generate(
     steering = None
     if vector is not None:
         vec = load_vector(vector, runner, strict=not allow_other_model)
-        steering = SteeringSpec(vec, strength, positions.rule, layers)  # type: ignore[arg-type]
+        steering = SteeringSpec(vec, strength, positions.rule, layers, allow_other_model=allow_other_model)
     started = time.perf_counter()
     results = runner.generate(
         prompts,

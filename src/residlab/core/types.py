@@ -32,3 +32,20 @@ def check_layer_index(layer: int, num_layers: int, model_name: str = "the model"
             hint="layer i is the output of decoder block i (Hugging Face hidden_states[i + 1]).",
         )
     return index
+
+
+def finite_number(value: object, name: str = "strength") -> float:
+    """``value`` as a finite float, or a clear error (NaN or infinity would silently empty every output)."""
+    import math
+
+    from residlab.core.errors import ResidlabError
+
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ResidlabError(
+            f"{name} must be a number, got {value!r}.", hint=f"pass a finite number as {name}."
+        ) from None
+    if not math.isfinite(number):
+        raise ResidlabError(f"{name} must be finite, got {number}.", hint=f"pass a finite number as {name}.")
+    return number

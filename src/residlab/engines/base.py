@@ -27,6 +27,8 @@ from residlab.core.generation import (
     has_chat_template,
     render_prompt,
 )
+from residlab.core.types import finite_number
+from residlab.interventions.positions import STEERING_RULES, PositionRule, validate_rule
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector
@@ -42,8 +44,13 @@ class SteeringSpec:
 
     vector: SteeringVector
     strength: float = 1.0
-    positions: str = "prompt_last+generated"
+    positions: PositionRule = "prompt_last+generated"
     layers: tuple[int, ...] | None = None
+    allow_other_model: bool = False  # a vector recorded for a model of another name (same shape) is fine
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strength", finite_number(self.strength, "strength"))
+        object.__setattr__(self, "positions", validate_rule(self.positions, STEERING_RULES))
 
     @property
     def chosen_layers(self) -> list[int]:

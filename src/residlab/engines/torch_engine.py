@@ -43,6 +43,7 @@ class TorchEngine(Engine):
             strength=steering.strength,
             positions=positions or steering.positions,
             layers=steering.chosen_layers,
+            allow_other_model=steering.allow_other_model,
         )
 
     @contextlib.contextmanager

@@ -123,6 +123,15 @@ def steering_mask(rule: PositionRule, ctx: ForwardContext) -> torch.Tensor:
     if rule == "prompt_last+generated":
         return ctx.real & (pos >= prompt_len - 1)
     wanted = _resolve_indices(rule, ctx.prompt_lengths)  # type: ignore[arg-type]
+    outside = (wanted < 0) | (wanted >= prompt_len)
+    if bool(outside.any()):
+        row, k = outside.nonzero()[0].tolist()
+        raise ResidlabError(
+            f"steering position {rule[k]} is outside the prompt of batch row {row}, which has "  # type: ignore[index]
+            f"{int(ctx.prompt_lengths[row])} tokens: it would steer nothing.",
+            hint="token indices count prompt tokens from 0, or back from the prompt's end with -1; "
+            "use 'generated' or 'all' to steer generated tokens.",
+        )
     return ctx.real & (pos.unsqueeze(-1) == wanted.unsqueeze(1)).any(-1)
 
 

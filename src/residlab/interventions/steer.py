@@ -28,6 +28,11 @@ class Steering:
             for layer, d in deltas.items()
         }
         for layer, d in self.deltas.items():
+            if not bool(torch.isfinite(d).all()):
+                raise ResidlabError(
+                    f"the steering delta for layer {layer} holds NaN or infinite values.",
+                    hint="use a finite strength and a finite vector.",
+                )
             if d.shape[-1] != lm.hidden_size:
                 raise ModelMismatchError(
                     f"steering delta for layer {layer} has size {d.shape[-1]}, the model's hidden size is "

@@ -282,12 +282,16 @@ class LanguageModel:
         strength: float | Sequence[float] | torch.Tensor = 1.0,
         positions: PositionRule = "prompt_last+generated",
         layers: Iterable[int] | None = None,
+        *,
+        allow_other_model: bool = False,
     ) -> Steering:
         """Add ``strength * vector`` to the residual stream while the ``with`` block runs.
 
         ``vector`` is one :class:`SteeringVector` or one per prompt; ``strength`` a number or one per
         prompt. The strength multiplies the vector as stored (call ``vector.normalized()`` first to
         steer with unit directions). ``layers`` restricts steering to some of the vector's layers.
+        A vector recorded for a model of another name is refused unless ``allow_other_model`` (the
+        shapes must match either way).
         """
         from residlab.vectors.steering_vector import SteeringVector
 
@@ -295,7 +299,7 @@ class LanguageModel:
         if not vectors:
             raise ResidlabError("no steering vector was given.")
         for v in vectors:
-            v.check_compatible(self)
+            v.check_compatible(self, strict_name=not allow_other_model)
         chosen = sorted(vectors[0].layers) if layers is None else [self.check_layer(x) for x in layers]
         for v in vectors:
             missing = [x for x in chosen if x not in v.layers]
