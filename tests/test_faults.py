@@ -317,3 +317,24 @@ def test_cli_generate_with_out_of_range_position_fails_clearly(tmp_path, qwen):
     result = _cli("generate", "-m", str(model), "-p", "hello", "--vector", str(path), "--allow-other-model",
                   "--positions", "999", "--max-new-tokens", "2", "--dtype", "float32")  # fmt: skip
     assert result.exit_code == 2 and "outside the prompt" in result.output and "steered" not in result.output
+
+
+# --------------------------------------------------------------------------- plain user mistakes
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # (tests run as root, for whom chmod alone blocks nothing)
+    texts = tmp_path / "t.txt"
+    texts.write_text("one text\n")
+    result = _cli("analyze", "dims", "--model", str(tmp_path / "no-model"), "--text-file", str(texts),
+                  "--out", str(blocker / "out"))  # fmt: skip
+    # the folder is checked before the model is looked for
+    assert result.exit_code == 2 and "cannot write to" in result.output and "hint:" in result.output
+
+
+def test_non_utf8_prompt_file_is_a_clear_error(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"caf\xe9\n")
+    result = _cli("generate", "--model", str(tmp_path / "no-model"), "--prompt-file", str(prompts))
+    assert result.exit_code == 2 and "not UTF-8" in result.output and "hint:" in result.output

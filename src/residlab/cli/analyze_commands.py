@@ -62,6 +62,7 @@ class _Run:
 def _start(analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None) -> _Run:
     """Read the texts and load the model (texts first: a bad file fails before a slow load)."""
     from residlab.analyses.common import safe_name
+    from residlab.core.io import check_writable_dir
     from residlab.data.texts import read_texts
     from residlab.models.loading import load
 
@@ -72,6 +73,7 @@ def _start(analysis: str, model: str, text_file: Path | None, limit: int | None,
             hint="pass --text-file FILE (one text per line, or a .jsonl such as GSM8K's test.jsonl).",
         )
     texts = read_texts(text_file, limit=limit)
+    check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")  # before the slow part
     loading = time.perf_counter()
     lm = load(model, dtype=dtype)
     _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - loading:.1f} s; {len(texts)} texts")

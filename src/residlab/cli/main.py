@@ -157,14 +157,14 @@ def generate(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
 ) -> None:
     """Generate text, optionally with a steering vector added to the residual stream."""
+    from residlab.core.io import read_text_file
     from residlab.engines import SamplingParams, SteeringSpec, open_engine
     from residlab.vectors.files import load_vector
 
     prompts = list(prompt or [])
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise ResidlabError(f"no prompt file at {prompt_file}.", hint="check the path.")
-        prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        text = read_text_file(prompt_file, what="prompt file")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
     runner = open_engine(model, engine, dtype=dtype)
