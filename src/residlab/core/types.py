@@ -12,7 +12,8 @@ class ModelShape(Protocol):
     """What a vector or file check needs to know of a model: a LanguageModel, an engine, or the
     metadata of a model on disk all satisfy it."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def num_layers(self) -> int: ...

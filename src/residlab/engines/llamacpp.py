@@ -191,7 +191,7 @@ class LlamaCppEngine(Engine):
                 f"not {steering.positions!r}.",
                 hint="use one of those rules, or --engine torch for token-index rules.",
             )
-        steering.vector.check_compatible(self, strict_name=False)  # type: ignore[arg-type]
+        steering.vector.check_compatible(self, strict_name=False)
         deltas = steering.deltas()
         if 0 in deltas:
             raise ResidlabError(

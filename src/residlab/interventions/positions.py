@@ -127,7 +127,7 @@ def steering_mask(rule: PositionRule, ctx: ForwardContext) -> torch.Tensor:
     if bool(outside.any()):
         row, k = outside.nonzero()[0].tolist()
         raise ResidlabError(
-            f"steering position {rule[k]} is outside the prompt of batch row {row}, which has "  # type: ignore[index]
+            f"steering position {rule[k]} is outside the prompt of batch row {row}, which has "
             f"{int(ctx.prompt_lengths[row])} tokens: it would steer nothing.",
             hint="token indices count prompt tokens from 0, or back from the prompt's end with -1; "
             "use 'generated' or 'all' to steer generated tokens.",
@@ -153,7 +153,7 @@ def select_positions(hidden: torch.Tensor, rule: PositionRule, ctx: ForwardConte
     if not bool(found.all()):
         row, k = (~found).nonzero()[0].tolist()
         raise ResidlabError(
-            f"position {rule[k]} does not exist in batch row {row} of this forward pass.",  # type: ignore[index]
+            f"position {rule[k]} does not exist in batch row {row} of this forward pass.",
             hint="record with positions='all' or pick indices that every text has.",
         )
     token_index = hit.float().argmax(dim=1)  # [batch, k]

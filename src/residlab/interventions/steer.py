@@ -52,7 +52,9 @@ class Steering:
             mask = tracker.steering_mask(self.rule, hidden.dtype)
             d = delta3
             if per_row:
-                rows = tracker.context.row_index
+                context = tracker.context
+                assert context is not None  # set by the tracker's pre-hook before any block runs
+                rows = context.row_index
                 if int(rows.max()) >= d.shape[0]:
                     raise ResidlabError(
                         f"a per-row steering vector has {d.shape[0]} rows but the batch has more rows.",

@@ -62,7 +62,7 @@ class LanguageModel:
         self.source = source
         self.arch: ArchitectureMap = architecture_for(model)
         self.decoder = get_module(model, self.arch.decoder)
-        self.blocks = list(get_module(model, self.arch.blocks))
+        self.blocks: list[torch.nn.Module] = list(get_module(model, self.arch.blocks))  # type: ignore[call-overload]
         self.tracker = ForwardTracker(self.decoder)
         params = inspect.signature(type(model).forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -75,7 +75,7 @@ class LanguageModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 
     @property
     def device(self) -> torch.device:
