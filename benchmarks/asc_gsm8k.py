@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--stem", default=None, help="results file name (default: asc_gsm8k[_<engine>])")
     args = parser.parse_args()
 
-    from residlab.methods.asc.pipeline import CompressConfig, run_compress
+    from residlab.methods.asc import CompressConfig, parse_strength, run_compress
 
     cfg = CompressConfig(
         model=args.model,
@@ -54,7 +54,7 @@ def main() -> None:
         project_out=args.project_out,
         read=args.read,
         layer=args.layer,
-        strength=args.strength if args.strength in (None, "auto") else float(args.strength),
+        strength=parse_strength(args.strength),
         positions=args.positions,
         eval_dataset="gsm8k",
         limit=args.limit,

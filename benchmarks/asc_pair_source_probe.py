@@ -42,10 +42,7 @@ def main() -> None:
     from residlab.engines import open_engine
     from residlab.evaluation.report import summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
-    from residlab.methods.asc import prompts
-    from residlab.methods.asc.pairs import build_pairs
-    from residlab.methods.asc.pipeline import run_dir_for
-    from residlab.methods.asc.vector import extract_vector
+    from residlab.methods.asc import build_pairs, extract_vector, prompts, run_dir_for
     from residlab.models.loading import load
 
     run_dir = run_dir_for(args.work_dir, args.model)

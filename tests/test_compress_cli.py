@@ -45,6 +45,10 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     ):
         assert (run_dir / name).is_file(), name
     assert "accuracy (95% CI)" in (run_dir / "report.md").read_text()
+    # The tiny model is not tuned: the layer comes from the separation, the strength is the default,
+    # and the config in the report shows the strength the run used.
+    assert report["steering_sources"] == {"layer": "separation", "strength": "default"}
+    assert report["config"]["strength"] == 0.25 and report["config"]["layer"] is None
 
     # A second run reuses every record: no new lines anywhere.
     sizes = {p: p.stat().st_size for p in run_dir.rglob("*.jsonl")}
@@ -64,9 +68,36 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     assert len(strict_json(run_dir / "sweep.json")["rows"]) == 3 * 2 * 3  # results accumulate
 
     eval_args = ["--dataset", "synthetic", "--limit", "2", "--strength", "auto"]
+    eval_args += ["--calibration-dataset", "synthetic", "--calibration-states", "2"]
     evaluated = runner.invoke(app, ["eval", *common, *eval_args, "--vector", str(run_dir / "concise.safetensors")])
     assert evaluated.exit_code == 0, evaluated.output
     assert "baseline+vector" in evaluated.output
+    assert f"auto strength at layer {report['layer']}:" in evaluated.output  # the layer the vector records
+    # A multi-layer vector records no steering layer: auto cannot guess one.
+    multi = runner.invoke(app, ["eval", *common, *eval_args, "--vector", vector_file])
+    assert multi.exit_code == 2 and "records no steering layer" in multi.output, multi.output
+
+
+def test_eval_auto_strength_is_the_calibration_compress_ran(tmp_path):
+    """One calibration for both: on the problems compress calibrated on, eval's auto strength for the
+    saved vector is the KL-bound strength compress reported."""
+    import pytest
+
+    from residlab import SteeringVector
+    from residlab.methods.asc import CalibrationProblems, CompressConfig, calibrate_vector
+
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    args = "--dtype float32 --max-new-tokens 8 --batch-size 4 --pairs 4 --pairs-dataset synthetic --keep all"
+    args += " --eval synthetic --limit 2 --calibration-states 2 --strength auto"
+    result = runner.invoke(app, ["compress", "--model", model, "--work-dir", str(tmp_path / "out"), *args.split()])
+    assert result.exit_code == 0, result.output
+    report = strict_json(tmp_path / "out" / "tiny" / "report.json")
+    assert report["strength"] == report["calibration"]["strength"] and report["config"]["strength"] == "auto"
+    saved = SteeringVector.load(report["vector"])
+    cfg = CompressConfig(model=model, pairs_dataset="synthetic", pairs=4, calibration_states=2)
+    unit, calibrated = calibrate_vector(model, saved, CalibrationProblems.after_pairs(cfg), eps=1e-3)
+    assert unit.layers == [report["layer"]]
+    assert calibrated.strength == pytest.approx(report["strength"], rel=1e-4)
 
 
 def test_compress_with_missing_data_dir_is_a_clear_error(tmp_path):

@@ -5,6 +5,7 @@ import torch
 
 from residlab import ResidlabError
 from residlab.data import synthetic_problems
+from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.runner import Decoding
 from residlab.methods.asc import prompts
 from residlab.methods.asc.pairs import TracePair, build_pairs, reference_trace, shortest_correct
@@ -54,12 +55,19 @@ def test_pair_filtering(qwen, tmp_path):
         build_pairs(qwen, problems, source="oracle", work_dir=tmp_path, decoding=DECODING)
 
 
+def _record(output, tokens, correct, hit_limit):
+    return EvalRecord(
+        id="p", condition="sample", output=output, tokens=tokens, hit_limit=hit_limit, seconds=0.1,
+        batch_seconds=0.4, batch_size=4, extracted=None, rule="none", gold="1", correct=correct, time=0.0,
+    )  # fmt: skip
+
+
 def test_shortest_correct_prefers_correct_then_short():
     records = [
-        {"output": "long right", "tokens": 90, "correct": True, "hit_limit": False},
-        {"output": "short wrong", "tokens": 10, "correct": False, "hit_limit": False},
-        {"output": "short right", "tokens": 40, "correct": True, "hit_limit": False},
-        {"output": "cut off", "tokens": 5, "correct": True, "hit_limit": True},
+        _record("long right", 90, True, False),
+        _record("short wrong", 10, False, False),
+        _record("short right", 40, True, False),
+        _record("cut off", 5, True, True),
     ]
     assert shortest_correct(records) == ("short right", True)
     assert shortest_correct(records[1:2] + records[3:]) == ("cut off", False)  # nothing counts as correct

@@ -80,7 +80,7 @@ def compress(
     work_dir: WorkDir = Path("residlab-out"),
 ) -> None:
     """Build a concise-reasoning steering vector and prove its effect (the ASC pipeline)."""
-    from residlab.methods.asc.pipeline import CompressConfig, run_compress
+    from residlab.methods.asc import CompressConfig, parse_strength, run_compress
 
     cfg = CompressConfig(
         model=model,
@@ -100,7 +100,7 @@ def compress(
         read=read,
         method=method,
         layer=layer,
-        strength=strength if strength in (None, "auto", "auto-centred") else float(strength),
+        strength=parse_strength(strength),
         eps=eps,
         positions=positions,
         eval_dataset=eval_dataset,
@@ -141,46 +141,42 @@ def evaluate_command(
     engine: Engine = "auto",
     data_dir: DataDir = None,
     work_dir: WorkDir = Path("residlab-out"),
+    calibration_dataset: Annotated[
+        str, typer.Option(help="With --strength auto: the dataset whose train split calibrates (as compress).")
+    ] = "gsm8k",
+    calibration_states: Annotated[
+        int, typer.Option(min=1, help="With --strength auto: states for the KL-bound estimate (as compress).")
+    ] = 16,
 ) -> None:
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
-    from residlab.core.errors import ResidlabError
     from residlab.data import load_problems
     from residlab.engines import open_engine
     from residlab.evaluation.report import markdown_table, summarize
     from residlab.evaluation.runner import Condition, Decoding, evaluate
-    from residlab.methods.asc import prompts
-    from residlab.models.loading import load
+    from residlab.methods.asc import CalibrationProblems, calibrate_vector, run_dir_for
+    from residlab.methods.asc import template as template_named
     from residlab.vectors.files import load_vector
 
-    templates = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}
-    if template not in templates:
-        raise ResidlabError(f"unknown template {template!r}.", hint="use baseline or concise_prompt.")
+    prompt = template_named(template)
+    folder = str(data_dir) if data_dir else None
     runner = open_engine(model, engine, dtype=dtype)
-    problems = load_problems(dataset, split, data_dir=str(data_dir) if data_dir else None, limit=limit, offset=offset)
+    problems = load_problems(dataset, split, data_dir=folder, limit=limit, offset=offset)
     vec, value = None, 0.0
     if vector is not None:
         vec = load_vector(vector, runner)
         if strength == "auto":
-            from residlab.recipes.calibration import calibrate
-
-            train = load_problems("gsm8k", "train", data_dir=str(data_dir) if data_dir else None, limit=32)
-            layer = vec.layers[0]
-            # Calibration differentiates through the torch model, in float32.
-            calib_lm = load(model, dtype="float32")
-            texts = [calib_lm.format_prompt(prompts.VERBOSE.format(question=p.question)) for p in train]
-            cal = calibrate(calib_lm, texts[:16], texts[16:], layer, vec.directions[layer], eps=eps)
-            vec, value = vec.select([layer]).normalized(), cal.strength
+            states = CalibrationProblems(dataset=calibration_dataset, states=calibration_states, data_dir=folder)
+            vec, calibrated = calibrate_vector(model, vec, states, eps=eps)
+            value, cal = calibrated.strength, calibrated.calibration
             _log(
-                f"auto strength at layer {layer}: {value:.4g} on the unit vector (a={cal.a:.3g}, L={cal.lipschitz:.3g},"
-                f" measured KL median {cal.measured_kl_median:.2e})"
+                f"auto strength at layer {cal.layer}: {value:.4g} on the unit vector (a={cal.a:.3g}, "
+                f"L={cal.lipschitz:.3g}, measured KL median {cal.measured_kl_median:.2e})"
             )
         else:
             value = float(strength)
     name = template if vec is None else f"{template}+vector"
-    condition = Condition(name, templates[template], vector=vec, strength=value, positions=positions)
+    condition = Condition(name, prompt, vector=vec, strength=value, positions=positions)
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    from residlab.methods.asc.pipeline import run_dir_for
-
     runs = run_dir_for(work_dir, model) / "runs"
     records = evaluate(runner, problems, condition, decoding, runs)
     print(markdown_table([summarize(name, records)], name))
@@ -207,7 +203,7 @@ def sweep(
 ) -> None:
     """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
     from residlab.interventions.positions import STEERING_RULES, validate_rule
-    from residlab.methods.sweep import SweepConfig, parse_layers, run_sweep
+    from residlab.methods.sweep import SweepConfig, run_sweep
 
     rules = tuple(str(validate_rule(p, STEERING_RULES)) for p in positions.split(","))
     cfg = SweepConfig(
@@ -215,7 +211,7 @@ def sweep(
         dtype=dtype,
         engine=engine,
         vector=str(vector),
-        layers=parse_layers(layers),
+        layers=_parse_layers(layers),
         strengths=tuple(float(s) for s in strengths.split(",")),
         positions=rules,
         template=template,
@@ -229,6 +225,19 @@ def sweep(
         work_dir=str(work_dir),
     )
     run_sweep(cfg, log=_log)
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    """``8:20:2`` (start:stop:step), ``8,12,16`` or ``12``."""
+    # Stays here until the layers parser moves to the shared CLI options.
+    from residlab.core.errors import ResidlabError
+
+    try:
+        if ":" in text:
+            return tuple(range(*(int(x) for x in text.split(":"))))
+        return tuple(int(x) for x in text.split(","))
+    except (TypeError, ValueError):
+        raise ResidlabError(f"cannot read layers {text!r}.", hint="use 8:20:2, 8,12,16 or 12.") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.core.plotting import pyplot, save_figure
+from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.stats import PairedComparison, compare_paired, wilson_interval
 
 
@@ -26,10 +27,11 @@ class ConditionSummary:
     extraction_rules: dict[str, int]
 
 
-def summarize(name: str, records: Sequence[Mapping[str, Any]]) -> ConditionSummary:
+def summarize(name: str, records: Sequence[EvalRecord]) -> ConditionSummary:
+    """Accuracy (with its Wilson interval), token counts, cut-offs and time of one condition's records."""
     n = len(records)
-    correct = sum(bool(r["correct"]) for r in records)
-    tokens = [int(r["tokens"]) for r in records]
+    correct = sum(r.correct for r in records)
+    tokens = [r.tokens for r in records]
     return ConditionSummary(
         name=name,
         n=n,
@@ -37,18 +39,19 @@ def summarize(name: str, records: Sequence[Mapping[str, Any]]) -> ConditionSumma
         accuracy_ci95=wilson_interval(correct, n),
         mean_tokens=statistics.fmean(tokens) if tokens else float("nan"),
         median_tokens=statistics.median(tokens) if tokens else float("nan"),
-        cut_off_share=sum(bool(r["hit_limit"]) for r in records) / n if n else float("nan"),
-        seconds_per_problem=statistics.fmean(float(r["seconds"]) for r in records) if n else float("nan"),
-        extraction_rules=dict(Counter(r["rule"] for r in records)),
+        cut_off_share=sum(r.hit_limit for r in records) / n if n else float("nan"),
+        seconds_per_problem=statistics.fmean(r.seconds for r in records) if n else float("nan"),
+        extraction_rules=dict(Counter(r.rule for r in records)),
     )
 
 
-def compare(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> PairedComparison:
+def compare(base: Sequence[EvalRecord], other: Sequence[EvalRecord]) -> PairedComparison:
+    """Paired comparison of two conditions' records on the same problems, in the same order."""
     return compare_paired(
-        [bool(r["correct"]) for r in base],
-        [bool(r["correct"]) for r in other],
-        [int(r["tokens"]) for r in base],
-        [int(r["tokens"]) for r in other],
+        [r.correct for r in base],
+        [r.correct for r in other],
+        [r.tokens for r in base],
+        [r.tokens for r in other],
     )
 
 

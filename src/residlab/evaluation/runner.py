@@ -9,13 +9,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from residlab.core.generation import SamplingParams
+from residlab.core.errors import ResidlabError
+from residlab.core.generation import Generation, SamplingParams
 from residlab.core.records import JsonlStore
 from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
+from residlab.evaluation.records import EvalRecord
 from residlab.models.lm import LanguageModel
 from residlab.vectors.steering_vector import SteeringVector
 
@@ -86,7 +87,7 @@ def evaluate(
     out_dir: str | Path,
     *,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[EvalRecord]:
     """Generate and grade every problem under ``condition``; return one record per problem, in order.
 
     Records already in the condition's file (same fingerprint) are reused, so a killed or smaller
@@ -94,7 +95,7 @@ def evaluate(
     """
     engine = as_engine(model)
     store = JsonlStore(records_path(Path(out_dir), condition, decoding, engine))
-    done = {r["id"]: r for r in store.read()}
+    done = {r.id: r for r in read_records(store)}
     todo = [p for p in problems if p.id not in done]
     bar = None
     if progress and todo:
@@ -121,30 +122,42 @@ def evaluate(
             system=condition.system if use_chat else None,
             batch_size=decoding.batch_size,
         )
-        fresh = []
-        for problem, gen in zip(chunk, generations, strict=True):
-            extraction, correct = grade(gen.text, problem.answer, dataset=problem.dataset)
-            fresh.append(
-                {
-                    "id": problem.id,
-                    "condition": condition.name,
-                    "output": gen.text,
-                    "tokens": gen.num_tokens,
-                    "hit_limit": gen.hit_limit,
-                    "seconds": round(gen.seconds, 4),
-                    "batch_seconds": round(gen.batch_seconds, 4),
-                    "batch_size": gen.batch_size,
-                    "extracted": extraction.value,
-                    "rule": extraction.rule,
-                    "gold": problem.answer,
-                    "correct": bool(correct),
-                    "time": round(time.time(), 1),
-                }
-            )
-        store.append(fresh)
-        done.update((r["id"], r) for r in fresh)
+        fresh = [graded_record(p, condition.name, g) for p, g in zip(chunk, generations, strict=True)]
+        store.append(r.to_json() for r in fresh)
+        done.update((r.id, r) for r in fresh)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return [done[p.id] for p in problems]
+
+
+def graded_record(problem: Problem, condition: str, generation: Generation) -> EvalRecord:
+    """Grade one generation against its problem's gold answer (times rounded as they are stored)."""
+    extraction, correct = grade(generation.text, problem.answer, dataset=problem.dataset)
+    return EvalRecord(
+        id=problem.id,
+        condition=condition,
+        output=generation.text,
+        tokens=generation.num_tokens,
+        hit_limit=generation.hit_limit,
+        seconds=round(generation.seconds, 4),
+        batch_seconds=round(generation.batch_seconds, 4),
+        batch_size=generation.batch_size,
+        extracted=extraction.value,
+        rule=extraction.rule,
+        gold=problem.answer,
+        correct=bool(correct),
+        time=round(time.time(), 1),
+    )
+
+
+def read_records(store: JsonlStore) -> list[EvalRecord]:
+    """Every complete record in ``store``; a record that is not an evaluation record names its file."""
+    records = []
+    for number, data in enumerate(store.read(), start=1):
+        try:
+            records.append(EvalRecord.from_json(data))
+        except ResidlabError as err:
+            raise ResidlabError(f"{store.path}, record {number}: {err.message}", hint=err.hint) from None
+    return records

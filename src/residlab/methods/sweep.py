@@ -6,24 +6,25 @@ that results are reported on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from residlab.core.errors import ResidlabError
 from residlab.core.io import write_json
 from residlab.core.plotting import pyplot, save_figure
+from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import open_engine
-from residlab.evaluation.report import summarize
+from residlab.evaluation.report import ConditionSummary, summarize
 from residlab.evaluation.runner import Condition, Decoding, evaluate
-from residlab.methods.asc import prompts
-from residlab.methods.asc.pipeline import run_dir_for
+from residlab.methods.asc.conditions import template
+from residlab.methods.asc.config import run_dir_for
 from residlab.models.registry import DEFAULT_MODEL
 from residlab.vectors.files import load_vector
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
     """A grid of layers x strengths x position rules, evaluated on a tuning split (train by default)."""
 
@@ -45,25 +46,36 @@ class SweepConfig:
     work_dir: str = "residlab-out"
 
 
-def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...]:
-    """``8:20:2`` (start:stop:step), ``8,12,16`` or ``12``."""
-    try:
-        if ":" in text:
-            parts = [int(x) for x in text.split(":")]
-            return tuple(range(*parts))
-        return tuple(int(x) for x in text.split(","))
-    except (TypeError, ValueError):
-        raise ResidlabError(f"cannot read layers {text!r}.", hint="use 8:20:2, 8,12,16 or 12.") from None
+@dataclass(frozen=True)
+class SweepPoint:
+    """One grid point: where it steered, how strongly, on what, and the summary of its records."""
+
+    engine: str
+    vector: str
+    template: str
+    dataset: str
+    split: str
+    offset: int
+    layer: int
+    relative_strength: float  # x the residual norm at the layer
+    strength: float  # on the unit vector
+    positions: str
+    summary: ConditionSummary
+
+    def to_json(self) -> dict[str, Any]:
+        """The row of sweep.json: the settings, then the summary's fields."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "summary"}
+        return {**settings, **asdict(self.summary)}
 
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, log: Log = print) -> dict[str, Any]:
     """Accuracy and tokens for every grid point; results in ``<run dir>/sweep.json`` and a plot."""
+    prompt = template(cfg.template)
     lm = open_engine(cfg.model, cfg.engine, dtype=cfg.dtype)
     raw = load_vector(cfg.vector, lm)
     residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
     problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    template = {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}[cfg.template]
     run_dir = run_dir_for(cfg.work_dir, cfg.model)
     rows = []
     for layer in cfg.layers:
@@ -76,23 +88,23 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
                 strength = rel * scale
                 name = "baseline" if rel == 0 else f"L{layer}-s{rel:g}-{positions}"
                 condition = Condition(
-                    name, template, vector=unit if rel else None, strength=strength, positions=positions
+                    name, prompt, vector=unit if rel else None, strength=strength, positions=positions
                 )
                 summary = summarize(name, evaluate(lm, problems, condition, decoding, run_dir / "runs"))
-                row = {
-                    "engine": lm.identity,
-                    "vector": cfg.vector,
-                    "template": cfg.template,
-                    "dataset": cfg.dataset,
-                    "split": cfg.split,
-                    "offset": cfg.offset,
-                    "layer": layer,
-                    "relative_strength": rel,
-                    "strength": strength,
-                    "positions": positions,
-                    **asdict(summary),
-                }
-                rows.append(row)
+                point = SweepPoint(
+                    engine=lm.identity,
+                    vector=cfg.vector,
+                    template=cfg.template,
+                    dataset=cfg.dataset,
+                    split=cfg.split,
+                    offset=cfg.offset,
+                    layer=layer,
+                    relative_strength=rel,
+                    strength=strength,
+                    positions=positions,
+                    summary=summary,
+                )
+                rows.append(point.to_json())
                 log(
                     f"layer {layer:>2} strength {rel:<5g} ({strength:6.2f}) {positions:<22} acc {summary.accuracy:6.1%}"
                     f"  tokens {summary.mean_tokens:6.1f}  cut {summary.cut_off_share:5.1%}"

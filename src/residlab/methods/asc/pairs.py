@@ -1,38 +1,40 @@
-"""Paired reasoning traces for one calibration problem each: the model's own verbose chain of thought
-and a concise, math-centric one from a chosen source.
+"""ASC stage 1: paired reasoning traces for one calibration problem each: the model's own verbose chain
+of thought and a concise, math-centric one from a chosen source.
 
-Sources of the concise side: ``reference`` (the dataset's solution), ``self`` (the model under the
-concise prompt), ``sampled`` (the shortest correct of N of the model's own samples under the plain
-prompt: same style, same prompt, only shorter), ``teacher`` (an OpenAI-compatible endpoint) and
-``file``."""
+Sources of the concise side (a registry, :data:`CONCISE_SOURCES`, of plain callables): ``reference``
+(the dataset's solution), ``self`` (the model under the concise prompt), ``sampled`` (the shortest
+correct of N of the model's own samples under the plain prompt: same style, same prompt, only
+shorter), ``teacher`` (an OpenAI-compatible endpoint) and ``file``."""
 
 from __future__ import annotations
 
-import json
-import re
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from residlab.core.errors import ResidlabError
 from residlab.core.io import iter_jsonl
 from residlab.data import Problem
 from residlab.engines import Engine
 from residlab.evaluation.grading import grade
+from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.methods.asc import prompts
+from residlab.methods.asc.config import CompressConfig
+from residlab.methods.asc.teacher import TeacherClient, teacher_traces
 from residlab.models.lm import LanguageModel
 
-CONCISE_SOURCES = ("reference", "self", "sampled", "teacher", "file")
 # The ``sampled`` source decodes like the ASC paper (temperature 0.7, top-p 0.9).
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_TOP_P = 0.9
+KEEP_FILTERS = ("both_correct", "concise_correct", "all")
 
 
 @dataclass(frozen=True)
 class TracePair:
+    """One problem's verbose and concise traces, their lengths and grades."""
+
     id: str
     question: str
     verbose: str
@@ -44,6 +46,32 @@ class TracePair:
     concise_source: str
 
 
+class ConciseTrace(NamedTuple):
+    """A concise trace and whether it reaches the gold answer."""
+
+    text: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """What a concise source is given: the problems, their verbose records, and how to generate and cache."""
+
+    runner: LanguageModel | Engine
+    problems: Sequence[Problem]
+    verbose: Sequence[EvalRecord]  # one per problem, in order
+    decoding: Decoding
+    work_dir: Path
+    keep: str
+    samples: int
+    teacher: TeacherClient | None
+    pairs_file: Path | None
+    progress: bool
+
+
+ConciseSource = Callable[[PairRequest], list[ConciseTrace]]  # one trace per problem, in order
+
+
 def reference_trace(problem: Problem) -> str:
     """The dataset's solution (calculator marks already removed), ending in ``\\boxed{answer}`` like the
     model's own traces do."""
@@ -53,38 +81,60 @@ def reference_trace(problem: Problem) -> str:
     return solution
 
 
-class TeacherClient:
-    """Concise traces from any OpenAI-compatible chat-completions endpoint (``--teacher-url``)."""
+def _graded(text: str, problem: Problem) -> ConciseTrace:
+    return ConciseTrace(text, grade(text, problem.answer, dataset=problem.dataset)[1])
 
-    def __init__(self, url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0) -> None:
-        self.url = url.rstrip("/")
-        if not self.url.endswith("/chat/completions"):
-            self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
-        self.model = model
-        self.api_key = api_key
-        self.timeout = timeout
 
-    def complete(self, question: str, max_tokens: int) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompts.CONCISE.format(question=question)}],
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-            return payload["choices"][0]["message"]["content"]
-        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as err:
-            raise ResidlabError(
-                f"the teacher endpoint {self.url} failed: {err}",
-                hint="check --teacher-url (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1) and "
-                "--teacher-model.",
-            ) from None
+def reference_source(request: PairRequest) -> list[ConciseTrace]:
+    """The dataset's solutions (correct by definition)."""
+    return [ConciseTrace(reference_trace(p), True) for p in request.problems]
+
+
+def self_source(request: PairRequest) -> list[ConciseTrace]:
+    """The model's own greedy traces under the concise prompt."""
+    condition = Condition("concise_self", prompts.CONCISE)
+    records = evaluate(
+        request.runner, request.problems, condition, request.decoding, request.work_dir, progress=request.progress
+    )
+    return [ConciseTrace(r.output, r.correct) for r in records]
+
+
+def sampled_source(request: PairRequest) -> list[ConciseTrace]:
+    """The shortest correct of ``samples`` samples under the plain prompt (see :func:`shortest_correct`)."""
+    # With both_correct, problems whose verbose trace is wrong are dropped anyway: sample only the rest.
+    wanted = [
+        p for p, v in zip(request.problems, request.verbose, strict=True) if request.keep != "both_correct" or v.correct
+    ]
+    shortest = _shortest_correct_samples(request, wanted)
+    return [shortest.get(p.id, ConciseTrace("", False)) for p in request.problems]
+
+
+def teacher_source(request: PairRequest) -> list[ConciseTrace]:
+    """A teacher endpoint's traces under the concise prompt (cached)."""
+    if request.teacher is None:
+        raise ResidlabError("the teacher source needs a teacher endpoint.", hint="pass --teacher-url.")
+    texts = teacher_traces(request.teacher, request.problems, request.work_dir, request.decoding.max_new_tokens)
+    return [_graded(text, p) for text, p in zip(texts, request.problems, strict=True)]
+
+
+def file_source(request: PairRequest) -> list[ConciseTrace]:
+    """A user's JSONL file of ``id`` and ``concise`` traces (see :func:`read_pairs_file`)."""
+    if request.pairs_file is None:
+        raise ResidlabError("the file source needs a pairs file.", hint="pass --pairs-file FILE.jsonl.")
+    traces = read_pairs_file(request.pairs_file)
+    missing = [p.id for p in request.problems if p.id not in traces]
+    if missing:
+        raise ResidlabError(f"the pairs file has no concise trace for {len(missing)} problem(s), e.g. {missing[:3]}.")
+    return [_graded(traces[p.id], p) for p in request.problems]
+
+
+CONCISE_SOURCES: dict[str, ConciseSource] = {
+    "reference": reference_source,
+    "self": self_source,
+    "sampled": sampled_source,
+    "teacher": teacher_source,
+    "file": file_source,
+}
 
 
 def read_pairs_file(path: str | Path) -> dict[str, str]:
@@ -127,111 +177,119 @@ def build_pairs(
     runner = engine if engine is not None else lm
     if source not in CONCISE_SOURCES:
         raise ResidlabError(f"unknown concise source {source!r}.", hint=f"use one of {', '.join(CONCISE_SOURCES)}.")
-    if keep not in ("both_correct", "concise_correct", "all"):
+    if keep not in KEEP_FILTERS:
         raise ResidlabError(f"unknown filter {keep!r}.", hint="use both_correct, concise_correct or all.")
     work_dir = Path(work_dir)
     verbose = evaluate(runner, problems, Condition("verbose", prompts.VERBOSE), decoding, work_dir, progress=progress)
-    if source == "self":
-        concise_records = evaluate(
-            runner, problems, Condition("concise_self", prompts.CONCISE), decoding, work_dir, progress=progress
-        )
-        concise = [(r["output"], bool(r["correct"])) for r in concise_records]
-    elif source == "sampled":
-        # With both_correct, problems whose verbose trace is wrong are dropped anyway: sample only the rest.
-        wanted = [p for p, v in zip(problems, verbose, strict=True) if keep != "both_correct" or v["correct"]]
-        shortest = _shortest_correct_samples(runner, wanted, decoding, work_dir, samples, progress)
-        concise = [shortest.get(p.id, ("", False)) for p in problems]
-    elif source == "reference":
-        concise = [(reference_trace(p), True) for p in problems]
-    elif source == "teacher":
-        if teacher is None:
-            raise ResidlabError("the teacher source needs a teacher endpoint.", hint="pass --teacher-url.")
-        concise = _teacher_traces(teacher, problems, work_dir, decoding.max_new_tokens)
-    else:
-        if pairs_file is None:
-            raise ResidlabError("the file source needs a pairs file.", hint="pass --pairs-file FILE.jsonl.")
-        traces = read_pairs_file(pairs_file)
-        missing = [p.id for p in problems if p.id not in traces]
-        if missing:
-            raise ResidlabError(
-                f"the pairs file has no concise trace for {len(missing)} problem(s), e.g. {missing[:3]}."
-            )
-        concise = [(traces[p.id], grade(traces[p.id], p.answer, dataset=p.dataset)[1]) for p in problems]
-
-    pairs, dropped = [], {"verbose_wrong": 0, "concise_wrong": 0, "concise_not_shorter": 0}
-    for problem, v, (c_text, c_correct) in zip(problems, verbose, concise, strict=True):
-        if keep == "both_correct" and not v["correct"]:
-            dropped["verbose_wrong"] += 1
-            continue
-        pair = TracePair(
+    request = PairRequest(
+        runner, problems, verbose, decoding, work_dir, keep, samples, teacher, _path(pairs_file), progress
+    )
+    concise = CONCISE_SOURCES[source](request)
+    pairs = [
+        TracePair(
             id=problem.id,
             question=problem.question,
-            verbose=v["output"],
-            concise=c_text,
-            verbose_tokens=int(v["tokens"]),
-            concise_tokens=len(lm.tokenizer(c_text)["input_ids"]),
-            verbose_correct=bool(v["correct"]),
-            concise_correct=c_correct,
+            verbose=v.output,
+            concise=c.text,
+            verbose_tokens=v.tokens,
+            concise_tokens=len(lm.tokenizer(c.text)["input_ids"]),
+            verbose_correct=v.correct,
+            concise_correct=c.correct,
             concise_source=source,
         )
-        if keep != "all" and not pair.concise_correct:
+        for problem, v, c in zip(problems, verbose, concise, strict=True)
+    ]
+    return _filter(pairs, keep, max_concise_ratio)
+
+
+def _path(path: str | Path | None) -> Path | None:
+    return Path(path) if path is not None else None
+
+
+def _filter(
+    pairs: Sequence[TracePair], keep: str, max_concise_ratio: float | None
+) -> tuple[list[TracePair], dict[str, int]]:
+    """The pairs ``keep`` and ``max_concise_ratio`` let through, and how many each reason dropped."""
+    kept, dropped = [], {"verbose_wrong": 0, "concise_wrong": 0, "concise_not_shorter": 0}
+    for pair in pairs:
+        if keep == "both_correct" and not pair.verbose_correct:
+            dropped["verbose_wrong"] += 1
+        elif keep != "all" and not pair.concise_correct:
             dropped["concise_wrong"] += 1
-            continue
-        if max_concise_ratio is not None and pair.concise_tokens > max_concise_ratio * pair.verbose_tokens:
+        elif max_concise_ratio is not None and pair.concise_tokens > max_concise_ratio * pair.verbose_tokens:
             dropped["concise_not_shorter"] += 1
-            continue
-        pairs.append(pair)
-    return pairs, dropped
+        else:
+            kept.append(pair)
+    return kept, dropped
 
 
-def _shortest_correct_samples(
-    runner: LanguageModel | Engine,
-    problems: Sequence[Problem],
-    decoding: Decoding,
-    work_dir: Path,
-    samples: int,
-    progress: bool,
-) -> dict[str, tuple[str, bool]]:
-    """id -> (trace, correct): the shortest correct of ``samples`` sampled traces under the plain prompt,
-    else the shortest sample (marked wrong). Traces cut off at the token limit never count as correct.
-    Each sample index is its own cached condition (its seed)."""
-    if samples < 1:
+def _shortest_correct_samples(request: PairRequest, problems: Sequence[Problem]) -> dict[str, ConciseTrace]:
+    """id -> the shortest correct of ``request.samples`` sampled traces under the plain prompt, else the
+    shortest sample (marked wrong). Each sample index is its own cached condition (its seed)."""
+    if request.samples < 1:
         raise ResidlabError(
-            f"the sampled source needs at least one sample, got {samples}.", hint="pass --pair-samples 4."
+            f"the sampled source needs at least one sample, got {request.samples}.", hint="pass --pair-samples 4."
         )
-    samples_per_id: dict[str, list[dict]] = {}
-    for index in range(samples):
-        sampling = replace(decoding, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=index)
-        records = evaluate(
-            runner, problems, Condition("sample", prompts.VERBOSE), sampling, work_dir, progress=progress
-        )
+    samples_per_id: dict[str, list[EvalRecord]] = {}
+    for index in range(request.samples):
+        sampling = replace(request.decoding, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=index)
+        condition = Condition("sample", prompts.VERBOSE)
+        records = evaluate(request.runner, problems, condition, sampling, request.work_dir, progress=request.progress)
         for record in records:
-            samples_per_id.setdefault(record["id"], []).append(record)
+            samples_per_id.setdefault(record.id, []).append(record)
     return {key: shortest_correct(records) for key, records in samples_per_id.items()}
 
 
-def shortest_correct(records: Sequence[dict]) -> tuple[str, bool]:
-    """(output, correct) of the shortest correct generation record, else of the shortest one. A record
+def shortest_correct(records: Sequence[EvalRecord]) -> ConciseTrace:
+    """The shortest correct generation record's output, else the shortest one's (marked wrong). A record
     cut off at the token limit never counts as correct (its answer was not reached by the trace)."""
-
-    def key(record: dict) -> tuple[bool, int]:
-        return (not (record["correct"] and not record["hit_limit"]), int(record["tokens"]))
-
-    best = min(records, key=key)
-    return best["output"], not key(best)[0]
+    best = min(records, key=lambda r: (not r.solved, r.tokens))
+    return ConciseTrace(best.output, best.solved)
 
 
-def _teacher_traces(
-    teacher: TeacherClient, problems: Sequence[Problem], work_dir: Path, max_tokens: int
-) -> list[tuple[str, bool]]:
-    from residlab.core.records import JsonlStore
+@dataclass(frozen=True)
+class PairStats:
+    """How many pairs one concise source gave and how long their two sides are (for the report)."""
 
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher.url}-{teacher.model}")[-80:]
-    store = JsonlStore(work_dir / f"teacher-{safe}.jsonl")
-    done = {r["id"]: r["concise"] for r in store.read()}
-    for problem in problems:
-        if problem.id not in done:
-            text = teacher.complete(problem.question, max_tokens)
-            store.append([{"id": problem.id, "concise": text}])
-            done[problem.id] = text
-    return [(done[p.id], grade(done[p.id], p.answer, dataset=p.dataset)[1]) for p in problems]
+    n_problems: int
+    n_pairs: int
+    dropped: dict[str, int]
+    mean_verbose_tokens: float
+    mean_concise_tokens: float
+
+
+def compress_pairs(
+    lm: LanguageModel,
+    cfg: CompressConfig,
+    source: str,
+    problems: Sequence[Problem],
+    work_dir: Path,
+    engine: Engine | None = None,
+) -> tuple[list[TracePair], PairStats]:
+    """Pairs from one concise source, filtered as ``cfg`` says, and their statistics; fewer than two is an error."""
+    pairs, dropped = build_pairs(
+        lm,
+        problems,
+        source=source,
+        work_dir=work_dir,
+        decoding=Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
+        keep=cfg.keep,
+        teacher=TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None,
+        pairs_file=cfg.pairs_file,
+        engine=engine,
+        samples=cfg.pair_samples,
+        max_concise_ratio=cfg.max_concise_ratio,
+    )
+    if len(pairs) < 2:
+        raise ResidlabError(
+            f"only {len(pairs)} usable {source} pair(s) out of {len(problems)} ({dropped}).",
+            hint="raise --pairs, or use --keep concise_correct / --keep all.",
+        )
+    stats = PairStats(
+        n_problems=len(problems),
+        n_pairs=len(pairs),
+        dropped=dropped,
+        mean_verbose_tokens=sum(p.verbose_tokens for p in pairs) / len(pairs),
+        mean_concise_tokens=sum(p.concise_tokens for p in pairs) / len(pairs),
+    )
+    return pairs, stats

@@ -1,13 +1,28 @@
-"""ASC stage 2: the concise-minus-verbose vector, read with both traces under the same prompt."""
+"""ASC stage 2: the concise-minus-verbose vector, read with both traces under the same prompt.
+
+:func:`extract_vector` turns pairs into a vector at every layer; :func:`build_concise_vector` is the
+stage as ``compress`` runs it (pairs, extraction, optionally a second source's direction projected
+out); :func:`steering_vector` is the one-layer unit vector compress saves, with its provenance.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from residlab.analyses.lens import top_tokens
+from residlab.core.types import Log
+from residlab.data import load_problems
+from residlab.engines import Engine
 from residlab.methods.asc import prompts
-from residlab.methods.asc.pairs import TracePair
+from residlab.methods.asc.config import CompressConfig
+from residlab.methods.asc.pairs import PairStats, TracePair, compress_pairs
 from residlab.models.lm import LanguageModel
 from residlab.recipes.extraction import ExtractionResult, contrast_vector
+from residlab.vectors.steering_vector import SteeringVector
+
+LENS_TOKENS = 12  # how many promoted and suppressed tokens the report lists
 
 
 def extract_vector(
@@ -44,4 +59,91 @@ def extract_vector(
             "mean_concise_tokens": sum(p.concise_tokens for p in pairs) / max(1, len(pairs)),
             "mean_verbose_tokens": sum(p.verbose_tokens for p in pairs) / max(1, len(pairs)),
         },
+    )
+
+
+@dataclass(frozen=True)
+class ProjectedOut:
+    """The second pair source whose direction was removed from the vector."""
+
+    source: str
+    pairs: PairStats
+    cosine_per_layer: dict[str, float]  # of the vector before projection with the removed direction
+
+
+@dataclass(frozen=True)
+class ConciseVector:
+    """The stage's result: the extraction (its vector already projected, if asked) and the pairs behind it."""
+
+    extraction: ExtractionResult
+    pairs: PairStats
+    projected_out: ProjectedOut | None = None
+
+    @property
+    def vector(self) -> SteeringVector:
+        """The vector at every layer, as extracted (not normalised)."""
+        return self.extraction.vector
+
+
+def build_concise_vector(
+    lm: LanguageModel, cfg: CompressConfig, pairs_dir: Path, engine: Engine | None = None, log: Log = print
+) -> ConciseVector:
+    """Pairs from ``cfg.pairs`` train problems of ``cfg.pairs_dataset`` (cached under ``pairs_dir``), the
+    concise-minus-verbose vector at every layer, minus ``cfg.project_out``'s direction if set."""
+    problems = load_problems(cfg.pairs_dataset, "train", data_dir=cfg.data_dir, limit=cfg.pairs)
+    log(f"[1/4] traces for {len(problems)} {cfg.pairs_dataset} train problems (concise: {cfg.pair_source})")
+    pairs, stats = compress_pairs(lm, cfg, cfg.pair_source, problems, pairs_dir, engine)
+    log(
+        f"      {stats.n_pairs} pairs kept; verbose {stats.mean_verbose_tokens:.0f} tokens, "
+        f"concise {stats.mean_concise_tokens:.0f} tokens on average"
+    )
+    log(f"[2/4] extracting the vector ({cfg.method}, read={cfg.read}) at all {lm.num_layers} layers")
+    batch_size = max(1, cfg.batch_size // 2)
+    extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=batch_size)
+    if not cfg.project_out:
+        return ConciseVector(extraction, stats)
+    log(f"      and the control direction to project out (concise source {cfg.project_out})")
+    control_pairs, control_stats = compress_pairs(lm, cfg, cfg.project_out, problems, pairs_dir, engine)
+    control = extract_vector(lm, control_pairs, read=cfg.read, method=cfg.method, batch_size=batch_size).vector
+    vector = extraction.vector.project_out(control)
+    cosines = {str(k): round(extraction.vector.cosine(control, k), 4) for k in vector.layers}
+    projected = replace(vector, info={**vector.info, "projected_out": cfg.project_out})
+    return ConciseVector(
+        replace(extraction, vector=projected), stats, ProjectedOut(cfg.project_out, control_stats, cosines)
+    )
+
+
+def steering_vector(
+    concise: ConciseVector, layer: int, strength: float, positions: str, kl_bound_strength: float
+) -> SteeringVector:
+    """The unit vector at ``layer`` that compress saves, recording how strongly and where to apply it."""
+    raw = concise.vector
+    unit = raw.select([layer]).normalized()
+    return replace(
+        unit,
+        position_rule=positions,
+        info={
+            **unit.info,
+            "strength": strength,
+            "layer": layer,
+            "raw_norm": raw.norm(layer),
+            "residual_norm": concise.extraction.residual_norm[layer],
+            "kl_bound_strength": kl_bound_strength,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class VectorLens:
+    """The tokens whose logits a vector raises and lowers most, read through the unembedding."""
+
+    promotes: list[str]
+    suppresses: list[str]
+
+
+def vector_lens(lm: LanguageModel, vector: SteeringVector, k: int = LENS_TOKENS) -> VectorLens:
+    """The logit lens of ``vector``: its ``k`` most promoted and most suppressed tokens."""
+    return VectorLens(
+        promotes=[t for t, _ in top_tokens(lm, vector, k=k)],
+        suppresses=[t for t, _ in top_tokens(lm, vector, k=k, largest=False)],
     )

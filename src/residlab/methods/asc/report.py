@@ -1,0 +1,155 @@
+"""ASC stage 5: what a compress run found, as report.json, report.md and two plots in the run dir."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from residlab.core.io import atomic_write_text, write_json
+from residlab.core.types import Log
+from residlab.evaluation.records import EvalRecord
+from residlab.evaluation.report import (
+    ConditionSummary,
+    compare,
+    comparison_dict,
+    markdown_table,
+    plot_accuracy_vs_tokens,
+    plot_token_histograms,
+    summarize,
+)
+from residlab.methods.asc.calibration import CalibratedStrength
+from residlab.methods.asc.config import CompressConfig
+from residlab.methods.asc.steering import SteeringChoice
+from residlab.methods.asc.vector import ConciseVector, VectorLens
+
+
+@dataclass(frozen=True)
+class CompressOutcome:
+    """Everything a compress run produced that its report shows."""
+
+    config: CompressConfig  # as given
+    model_name: str
+    engine_kind: str
+    engine_identity: str
+    dtype: str  # the torch dtype of the generating model, or "GGUF weights"
+    concise: ConciseVector
+    steering: SteeringChoice
+    calibrated: CalibratedStrength
+    lens: VectorLens
+    records: dict[str, list[EvalRecord]]  # per condition, in the config's order (the first is the baseline)
+    n_eval: int
+    vector_path: Path
+    seconds: float
+
+    @property
+    def summaries(self) -> dict[str, ConditionSummary]:
+        return {name: summarize(name, records) for name, records in self.records.items()}
+
+    @property
+    def baseline(self) -> str:
+        return self.config.conditions[0]
+
+
+def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
+    """report.json: the run's settings, the vector's statistics, the calibration and every comparison."""
+    cfg, concise = outcome.config, outcome.concise
+    summaries = outcome.summaries
+    pairs: dict[str, Any] = asdict(concise.pairs)
+    if concise.projected_out is not None:
+        control = concise.projected_out
+        pairs["projected_out"] = {
+            **asdict(control.pairs),
+            "source": control.source,
+            "cosine_per_layer": control.cosine_per_layer,
+        }
+    return {
+        "model": outcome.model_name,
+        "engine": outcome.engine_kind,
+        "engine_identity": outcome.engine_identity,
+        "dtype": outcome.dtype,
+        # The config with the strength it left open filled in (what the run used).
+        "config": asdict(replace(cfg, strength=outcome.steering.strength)),
+        "n_pairs": concise.pairs.n_pairs,
+        "n_eval": outcome.n_eval,
+        "layer": outcome.steering.layer,
+        "strength": outcome.calibrated.strength,
+        "strength_applies_to": "unit vector",
+        "positions": cfg.positions,
+        "steering_sources": {"layer": outcome.steering.layer_source, "strength": outcome.steering.strength_source},
+        "pairs": pairs,
+        "separation": concise.extraction.separation,
+        "residual_norm": concise.extraction.residual_norm,
+        "calibration": outcome.calibrated.report(),
+        "vector_promotes": outcome.lens.promotes,
+        "vector_suppresses": outcome.lens.suppresses,
+        "conditions": {name: asdict(s) for name, s in summaries.items()},
+        "comparisons": _comparisons(outcome, summaries),
+        "vector": str(outcome.vector_path),
+        "seconds": outcome.seconds,
+    }
+
+
+def _comparisons(outcome: CompressOutcome, summaries: dict[str, ConditionSummary]) -> dict[str, dict[str, Any]]:
+    """Every condition after the first, paired against the first."""
+    base = outcome.baseline
+    return {
+        name: comparison_dict(summaries[base], summaries[name], compare(outcome.records[base], records))
+        for name, records in outcome.records.items()
+        if name != base
+    }
+
+
+def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
+    """report.md: how the vector was made, the results table and the paired comparisons."""
+    cfg, steering = outcome.config, outcome.steering
+    strength, bound = outcome.calibrated.strength, outcome.calibrated.calibration.strength
+    projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
+    lines = [
+        f"# ASC report: {outcome.model_name}",
+        "",
+        f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces"
+        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, strength {strength:.4g} on the unit "
+        f"vector (KL-bound strength for eps={cfg.eps}: {bound:.4g}), positions {cfg.positions}.",
+        f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",
+        f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
+        f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, engine {outcome.engine_identity}.",
+        "",
+        markdown_table(list(outcome.summaries.values()), outcome.baseline),
+        "",
+        "Paired against the baseline (bootstrap 95% CI of the accuracy difference; exact McNemar):",
+        "",
+    ]
+    for name, c in report["comparisons"].items():
+        low, high = c["accuracy_difference_ci95"]
+        lines.append(
+            f"- {name}: accuracy {c['accuracy_difference']:+.1%} ({low:+.1%} to {high:+.1%}), "
+            f"McNemar p={c['mcnemar_p']:.3f}, token reduction {c['token_reduction']:+.1%}, "
+            f"speedup {c['speedup']:.2f}x"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, outcome: CompressOutcome, log: Log = print) -> dict[str, Any]:
+    """Write report.json, accuracy_vs_tokens.png, token_histogram.png and report.md; return the report."""
+    cfg = outcome.config
+    report = report_dict(outcome)
+    write_json(run_dir / "report.json", report)
+    summaries = outcome.summaries
+    plot_accuracy_vs_tokens(
+        list(summaries.items()),
+        run_dir / "accuracy_vs_tokens.png",
+        f"{outcome.model_name}: {cfg.eval_dataset} {cfg.eval_split}, n={outcome.n_eval}",
+    )
+    plot_token_histograms(
+        {name: [r.tokens for r in outcome.records[name]] for name in cfg.conditions[:2]},
+        run_dir / "token_histogram.png",
+        f"{outcome.model_name}: generated tokens",
+    )
+    atomic_write_text(run_dir / "report.md", report_markdown(outcome, report))
+    log(markdown_table(list(summaries.values()), outcome.baseline))
+    log(
+        f"vector: {outcome.vector_path}\nreport: {run_dir / 'report.md'} (+ report.json, accuracy_vs_tokens.png, "
+        f"token_histogram.png)"
+    )
+    return report
