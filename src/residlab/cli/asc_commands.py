@@ -10,21 +10,23 @@ import typer
 from rich.console import Console
 
 from residlab.cli.errors import handle_errors
+from residlab.cli.options import (
+    DEFAULT_POSITIONS,
+    DataDirOption,
+    DtypeOption,
+    EngineOption,
+    Layers,
+    LayersOption,
+    ModelOption,
+    PositionsOption,
+    WorkDirOption,
+    parse_strength,
+)
 from residlab.models.registry import DEFAULT_MODEL
 
 console = Console(highlight=False, soft_wrap=True, stderr=True)
-Model = Annotated[str, typer.Option("--model", "-m", help="Packaged name, model dir, .gguf file or HF id.")]
-DataDir = Annotated[
-    Path | None,
-    typer.Option(help="Folder with gsm8k/ and math500/ (else $RESIDLAB_DATA_DIR or ../shared/data is searched)."),
-]
-WorkDir = Annotated[Path, typer.Option(help="Where vectors, records, reports and plots go (reused by later runs).")]
-Engine = Annotated[
-    str,
-    typer.Option(
-        help="Generation engine: auto (llamacpp when installed and the model is a GGUF, else torch), torch or llamacpp."
-    ),
-]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="New tokens per answer, at most.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")]
 
 
 def _log(message: str) -> None:
@@ -32,7 +34,7 @@ def _log(message: str) -> None:
 
 
 def compress(
-    model: Model = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 48,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
@@ -69,18 +71,20 @@ def compress(
         typer.Option(help="x residual norm at the layer (unit vector), 'auto' (KL bound) or 'auto-centred'."),
     ] = None,
     eps: Annotated[float, typer.Option(help="KL budget for the bound.")] = 1e-3,
-    positions: str = "prompt_last+generated",
+    positions: PositionsOption = DEFAULT_POSITIONS,
     eval_dataset: Annotated[str, typer.Option("--eval", help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
-    limit: Annotated[int, typer.Option(help="Evaluation problems (from the start of the test split).")] = 40,
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    engine: Engine = "auto",
-    data_dir: DataDir = None,
-    work_dir: WorkDir = Path("residlab-out"),
+    limit: Annotated[int, typer.Option(min=1, help="Evaluation problems (from the start of the test split).")] = 40,
+    max_new_tokens: MaxNewTokens = 512,
+    batch_size: BatchSize = 8,
+    dtype: DtypeOption = "auto",
+    engine: EngineOption = "auto",
+    data_dir: DataDirOption = None,
+    work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
     """Build a concise-reasoning steering vector and prove its effect (the ASC pipeline)."""
-    from residlab.methods.asc import CompressConfig, parse_strength, run_compress
+    from residlab.core.io import check_writable_dir
+    from residlab.methods.asc import CompressConfig, run_compress
+    from residlab.methods.asc import parse_strength as parse_compress_strength
 
     cfg = CompressConfig(
         model=model,
@@ -100,9 +104,9 @@ def compress(
         read=read,
         method=method,
         layer=layer,
-        strength=parse_strength(strength),
+        strength=parse_compress_strength(strength),
         eps=eps,
-        positions=positions,
+        positions=positions.text,
         eval_dataset=eval_dataset,
         limit=limit,
         max_new_tokens=max_new_tokens,
@@ -110,6 +114,7 @@ def compress(
         data_dir=str(data_dir) if data_dir else None,
         work_dir=str(work_dir),
     )
+    check_writable_dir(cfg.run_dir())  # before any model is loaded or trace generated
     run_compress(cfg, log=_log)
     full_size = {"gsm8k": "--limit 1319 (all of GSM8K test)", "math500": "--limit 500 (all of MATH-500)"}
     _log(
@@ -119,11 +124,11 @@ def compress(
 
 
 def evaluate_command(
-    model: Model = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     dataset: Annotated[str, typer.Option(help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
     split: str = "test",
-    limit: int | None = 40,
-    offset: int = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Problems to evaluate (all when not given).")] = 40,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many problems first.")] = 0,
     vector: Annotated[
         Path | None, typer.Option(help="Steering vector file (.safetensors or control-vector .gguf).")
     ] = None,
@@ -131,16 +136,16 @@ def evaluate_command(
         str, typer.Option(help="Multiplies the vector as stored, or 'auto': KL bound on the unit vector.")
     ] = "1.0",
     eps: float = 1e-3,
-    positions: str = "prompt_last+generated",
+    positions: PositionsOption = DEFAULT_POSITIONS,
     template: Annotated[str, typer.Option(help="baseline (step by step) or concise_prompt.")] = "baseline",
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    seed: int = 0,
-    dtype: str = "auto",
-    engine: Engine = "auto",
-    data_dir: DataDir = None,
-    work_dir: WorkDir = Path("residlab-out"),
+    max_new_tokens: MaxNewTokens = 512,
+    batch_size: BatchSize = 8,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    dtype: DtypeOption = "auto",
+    engine: EngineOption = "auto",
+    data_dir: DataDirOption = None,
+    work_dir: WorkDirOption = Path("residlab-out"),
     calibration_dataset: Annotated[
         str, typer.Option(help="With --strength auto: the dataset whose train split calibrates (as compress).")
     ] = "gsm8k",
@@ -149,6 +154,7 @@ def evaluate_command(
     ] = 16,
 ) -> None:
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
+    from residlab.core.io import check_writable_dir
     from residlab.data import load_problems
     from residlab.engines import open_engine
     from residlab.evaluation.report import markdown_table, summarize
@@ -158,10 +164,12 @@ def evaluate_command(
     from residlab.vectors.files import load_vector
 
     prompt = template_named(template)
+    value = parse_strength(strength) if strength != "auto" else 0.0  # a bad number fails before any loading
     folder = str(data_dir) if data_dir else None
-    runner = open_engine(model, engine, dtype=dtype)
+    runs = check_writable_dir(run_dir_for(work_dir, model) / "runs")
     problems = load_problems(dataset, split, data_dir=folder, limit=limit, offset=offset)
-    vec, value = None, 0.0
+    runner = open_engine(model, engine, dtype=dtype)
+    vec = None
     if vector is not None:
         vec = load_vector(vector, runner)
         if strength == "auto":
@@ -172,12 +180,11 @@ def evaluate_command(
                 f"auto strength at layer {cal.layer}: {value:.4g} on the unit vector (a={cal.a:.3g}, "
                 f"L={cal.lipschitz:.3g}, measured KL median {cal.measured_kl_median:.2e})"
             )
-        else:
-            value = float(strength)
     name = template if vec is None else f"{template}+vector"
-    condition = Condition(name, prompt, vector=vec, strength=value, positions=positions)
+    condition = Condition(
+        name, prompt, vector=vec, strength=value if vec is not None else 0.0, positions=positions.text
+    )
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    runs = run_dir_for(work_dir, model) / "runs"
     records = evaluate(runner, problems, condition, decoding, runs)
     print(markdown_table([summarize(name, records)], name))
     print(f"records: {runs} ({runner.kind} engine)", file=sys.stderr)
@@ -185,34 +192,37 @@ def evaluate_command(
 
 def sweep(
     vector: Annotated[Path, typer.Option(help="Multi-layer vector (compress writes vector_all_layers.safetensors).")],
-    model: Model = DEFAULT_MODEL,
-    layers: Annotated[str, typer.Option(help="8:20:2, 8,12,16 or 12.")] = "12",
+    model: ModelOption = DEFAULT_MODEL,
+    layers: LayersOption = Layers((12,)),
     strengths: Annotated[str, typer.Option(help="Comma list, x residual norm at the layer.")] = "0,0.1,0.2,0.3",
     positions: Annotated[str, typer.Option(help="Comma list of position rules.")] = "prompt_last+generated",
     template: str = "baseline",
     dataset: str = "gsm8k",
     split: Annotated[str, typer.Option(help="Tune on train, never on test.")] = "train",
-    offset: int = 1000,
-    limit: int = 24,
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    engine: Engine = "auto",
-    data_dir: DataDir = None,
-    work_dir: WorkDir = Path("residlab-out"),
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many problems (past the pair problems).")] = 1000,
+    limit: Annotated[int, typer.Option(min=1, help="Problems per grid point.")] = 24,
+    max_new_tokens: MaxNewTokens = 512,
+    batch_size: BatchSize = 8,
+    dtype: DtypeOption = "auto",
+    engine: EngineOption = "auto",
+    data_dir: DataDirOption = None,
+    work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
     """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
+    from residlab.core.io import check_writable_dir
     from residlab.interventions.positions import STEERING_RULES, validate_rule
+    from residlab.methods.asc import run_dir_for
     from residlab.methods.sweep import SweepConfig, run_sweep
 
+    check_writable_dir(run_dir_for(work_dir, model))
     rules = tuple(str(validate_rule(p, STEERING_RULES)) for p in positions.split(","))
     cfg = SweepConfig(
         model=model,
         dtype=dtype,
         engine=engine,
         vector=str(vector),
-        layers=_parse_layers(layers),
-        strengths=tuple(float(s) for s in strengths.split(",")),
+        layers=tuple(layers),
+        strengths=tuple(parse_strength(s) for s in strengths.split(",")),
         positions=rules,
         template=template,
         dataset=dataset,
@@ -225,19 +235,6 @@ def sweep(
         work_dir=str(work_dir),
     )
     run_sweep(cfg, log=_log)
-
-
-def _parse_layers(text: str) -> tuple[int, ...]:
-    """``8:20:2`` (start:stop:step), ``8,12,16`` or ``12``."""
-    # Stays here until the layers parser moves to the shared CLI options.
-    from residlab.core.errors import ResidlabError
-
-    try:
-        if ":" in text:
-            return tuple(range(*(int(x) for x in text.split(":"))))
-        return tuple(int(x) for x in text.split(","))
-    except (TypeError, ValueError):
-        raise ResidlabError(f"cannot read layers {text!r}.", hint="use 8:20:2, 8,12,16 or 12.") from None
 
 
 def register(app: typer.Typer) -> None:
