@@ -41,7 +41,7 @@ def test_eval_record_round_trips_byte_for_byte():
     assert json.dumps(record.to_json(), ensure_ascii=False) == LEGACY_LINE
     assert FIELDS == (
         "id", "condition", "output", "tokens", "hit_limit", "seconds", "batch_seconds", "batch_size",
-        "extracted", "rule", "gold", "correct", "time",
+        "extracted", "rule", "gold", "correct", "time", "problem_sha",
     )  # fmt: skip
     no_answer = EvalRecord.from_json({**json.loads(LEGACY_LINE), "extracted": None, "correct": False})
     assert '"extracted": null' in json.dumps(no_answer.to_json()) and not no_answer.solved
@@ -53,7 +53,9 @@ def test_existing_record_files_are_reused_as_they_are(qwen, tmp_path, monkeypatc
     problems = load_problems("synthetic", "test", limit=2)
     condition, decoding = Condition("baseline", "{question}"), Decoding(max_new_tokens=3, batch_size=2)
     path = records_path(tmp_path, condition, decoding, qwen)
-    lines = [LEGACY_LINE.replace("gsm8k-test-00007", p.id) for p in problems]
+    # legacy records (no problem_sha) are matched by their gold answer
+    lines = [LEGACY_LINE.replace("gsm8k-test-00007", p.id).replace('"gold": "1.5"', f'"gold": "{p.answer}"')
+             for p in problems]  # fmt: skip
     path.write_text("".join(line + "\n" for line in lines))
 
     def no_generation(*args, **kwargs):

@@ -338,3 +338,65 @@ def test_non_utf8_prompt_file_is_a_clear_error(tmp_path):
     prompts.write_bytes(b"caf\xe9\n")
     result = _cli("generate", "--model", str(tmp_path / "no-model"), "--prompt-file", str(prompts))
     assert result.exit_code == 2 and "not UTF-8" in result.output and "hint:" in result.output
+
+
+# --------------------------------------------------------------------------- records and changed data
+
+
+def test_records_are_not_reused_after_the_problem_changed(qwen, tmp_path):
+    from dataclasses import replace
+
+    from residlab.data import load_problems
+    from residlab.evaluation.runner import Condition, Decoding, evaluate, records_path
+
+    problems = load_problems("synthetic", "test", limit=3)
+    condition, decoding = Condition("baseline", "{question}"), Decoding(max_new_tokens=3, batch_size=3)
+    first = evaluate(qwen, problems, condition, decoding, tmp_path, progress=False)
+    assert all(r.problem_sha for r in first)
+    edited = [replace(problems[0], answer="999999"), replace(problems[1], question=problems[1].question + " Twice?"),
+              problems[2]]  # fmt: skip
+    second = evaluate(qwen, edited, condition, decoding, tmp_path, progress=False)
+    assert second[0].gold == "999999"  # not the old gold answer
+    assert second[0].time >= first[0].time and second[0] is not first[0]
+    assert second[1].problem_sha != first[1].problem_sha
+    assert second[2] == first[2]  # the unchanged problem is reused as it is
+    lines = records_path(tmp_path, condition, decoding, qwen).read_text().splitlines()
+    assert len(lines) == 5  # 3 first, then one new record per edited problem; nothing duplicated
+    again = evaluate(qwen, edited, condition, decoding, tmp_path, progress=False)
+    assert again == second and len(records_path(tmp_path, condition, decoding, qwen).read_text().splitlines()) == 5
+
+
+def _evaluate_in_process(out_dir: str, barrier) -> None:
+    from residlab.data import load_problems
+    from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.testing import tiny_model
+
+    problems = load_problems("synthetic", "test", limit=12)
+    barrier.wait(30)
+    condition, decoding = Condition("baseline", "{question}"), Decoding(max_new_tokens=4, batch_size=2)
+    evaluate(tiny_model("qwen2"), problems, condition, decoding, out_dir, progress=False)
+
+
+def test_two_identical_evaluations_at_once_store_each_problem_once(tmp_path):
+    from residlab.evaluation.records import EvalRecord
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    runs = [ctx.Process(target=_evaluate_in_process, args=(str(tmp_path), barrier)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(240)
+        assert run.exitcode == 0
+    (path,) = list(tmp_path.glob("baseline-*.jsonl"))
+    records = [EvalRecord.from_json(json.loads(line)) for line in path.read_text().splitlines()]
+    assert sorted(r.id for r in records) == sorted(f"synthetic-{i:05d}" for i in range(12))
+
+
+@pytest.mark.parametrize(("option", "value"), [("--batch-size", "0"), ("--max-new-tokens", "0"), ("--limit", "0"),
+                                               ("--temperature", "-1"), ("--strength", "nan")])  # fmt: skip
+def test_eval_refuses_bad_numbers_before_any_work(tmp_path, option, value):
+    result = _cli("eval", "--model", str(tmp_path / "no-model"), "--dataset", "synthetic", "--work-dir",
+                  str(tmp_path / "out"), option, value)  # fmt: skip
+    assert result.exit_code == 2 and "no-model" not in result.output  # refused before the model is looked for
+    assert not list((tmp_path / "out").rglob("*.jsonl"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from residlab.core.errors import ResidlabError
 
@@ -45,3 +47,35 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+# typer >= 0.20 carries its own copy of click; older ones use click itself: take the exception classes
+# from wherever typer's own BadParameter lives.
+_usage = sys.modules[typer.BadParameter.__module__]
+_UsageError: type[Exception] = _usage.UsageError
+_NoArgsIsHelp: type[Exception] | None = getattr(_usage, "NoArgsIsHelpError", None)
+
+
+class ResidlabGroup(TyperGroup):
+    """The top-level command group: a usage mistake caught by the option parser itself (a value out of
+    range, a missing argument, an unknown option) is reported like every other user error, as one
+    ``error:`` line and a ``hint:``, exit code 2, instead of click's usage box."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.pop("standalone_mode", True):
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except _UsageError as err:
+            ctx = getattr(err, "ctx", None)
+            if _NoArgsIsHelp is not None and isinstance(err, _NoArgsIsHelp) and ctx is not None:
+                print(ctx.get_help())
+                sys.exit(2)
+            command = ctx.command_path if ctx is not None else "residlab"
+            err_console.print(f"[bold red]error:[/] {err.format_message()}", markup=True)  # type: ignore[attr-defined]
+            err_console.print(f"[yellow]hint:[/] see `{command} --help`.", markup=True)
+            sys.exit(2)
+        except typer.Abort:
+            err_console.print("interrupted; anything already written is kept.")
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)

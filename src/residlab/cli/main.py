@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from residlab.cli.errors import handle_errors
+from residlab.cli.errors import ResidlabGroup, handle_errors
 from residlab.cli.options import (
     DEFAULT_POSITIONS,
     DtypeOption,
@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=ResidlabGroup,
 )
 console = Console(highlight=False, soft_wrap=True)
 

@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,13 +24,23 @@ class JsonlStore:
 
     Writers take an exclusive lock on the file (``flock``) for the whole read-check-append step, so
     several processes can append to one store at once: none of them tears another's line, and with
-    ``unique_key`` (default ``"id"``) a record whose key is already stored is not stored again, so
-    two identical runs share one file without duplicates.
+    ``unique_key`` (a field name, default ``"id"``, or a function of the record) a record whose key is
+    already stored is not stored again, so two identical runs share one file without duplicates.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, unique_key: str | None = "id") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, unique_key: str | Callable[[dict[str, Any]], Hashable] | None = "id"
+    ) -> None:
         self.path = Path(path)
         self.unique_key = unique_key
+
+    def _key(self, record: dict[str, Any]) -> Hashable | None:
+        """The record's unique key (a field's value, or what the key function makes of it)."""
+        if self.unique_key is None:
+            return None
+        if callable(self.unique_key):
+            return self.unique_key(record)
+        return record.get(self.unique_key)
 
     def _scan(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
         """(complete records, byte length of the complete part) of the file's bytes."""
@@ -75,12 +85,10 @@ class JsonlStore:
         with open(self.path, "a+b") as fh, _locked(fh, shared=False):
             fh.seek(0)
             existing, good = self._scan(fh.read())
-            stored: dict[Any, dict[str, Any]] = {}
-            if self.unique_key is not None:
-                stored = {r.get(self.unique_key): r for r in existing if self.unique_key in r}
+            stored = {key: r for r in existing if (key := self._key(r)) is not None}
             result, lines = [], []
             for record in fresh:
-                key = record.get(self.unique_key) if self.unique_key is not None else None
+                key = self._key(record)
                 if key is not None and key in stored:
                     result.append(stored[key])
                     continue

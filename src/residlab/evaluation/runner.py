@@ -16,7 +16,7 @@ from residlab.core.records import JsonlStore
 from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
-from residlab.evaluation.records import EvalRecord
+from residlab.evaluation.records import EvalRecord, problem_fingerprint, record_key
 from residlab.models.lm import LanguageModel
 from residlab.vectors.steering_vector import SteeringVector
 
@@ -30,6 +30,13 @@ class Decoding:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        # The sampling fields are checked as SamplingParams checks them, before any record is written.
+        SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ResidlabError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}.",
+                                hint="pass --batch-size 1 or more.")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,8 @@ def evaluate(
     earlier run is continued, never redone; new records are appended after every batch.
     """
     engine = as_engine(model)
-    store = JsonlStore(records_path(Path(out_dir), condition, decoding, engine))
-    done = {r.id: r for r in read_records(store)}
+    store = JsonlStore(records_path(Path(out_dir), condition, decoding, engine), unique_key=record_key)
+    done = matching_records(store, problems)
     todo = [p for p in problems if p.id not in done]
     bar = None
     if progress and todo:
@@ -112,24 +119,41 @@ def evaluate(
     )
     for start in range(0, len(todo), decoding.batch_size):
         chunk = todo[start : start + decoding.batch_size]
-        prompts = [condition.template.format(question=p.question) for p in chunk]
-        seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
-        generations = engine.generate(
-            prompts,
-            SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
-            steering=steering,
-            chat=use_chat if use_chat else False,
-            system=condition.system if use_chat else None,
-            batch_size=decoding.batch_size,
-        )
-        fresh = [graded_record(p, condition.name, g) for p, g in zip(chunk, generations, strict=True)]
-        store.append(r.to_json() for r in fresh)
-        done.update((r.id, r) for r in fresh)
+        if start:  # another run on the same records may have done some of them meanwhile: share its work
+            done.update(matching_records(store, chunk))
+            chunk = [p for p in chunk if p.id not in done]
+        if chunk:
+            prompts = [condition.template.format(question=p.question) for p in chunk]
+            seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
+            generations = engine.generate(
+                prompts,
+                SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
+                steering=steering,
+                chat=use_chat if use_chat else False,
+                system=condition.system if use_chat else None,
+                batch_size=decoding.batch_size,
+            )
+            fresh = [graded_record(p, condition.name, g) for p, g in zip(chunk, generations, strict=True)]
+            # What the store holds for them: a concurrent run that stored one first wins, no duplicate.
+            stored = store.append(r.to_json() for r in fresh)
+            done.update((r["id"], EvalRecord.from_json(r)) for r in stored)
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(len(todo[start : start + decoding.batch_size]))
     if bar is not None:
         bar.close()
     return [done[p.id] for p in problems]
+
+
+def matching_records(store: JsonlStore, problems: Sequence[Problem]) -> dict[str, EvalRecord]:
+    """id -> the stored record made for each problem as it is now (a record for an edited question or
+    gold answer is not reused: the problem is generated again)."""
+    wanted = {p.id: p for p in problems}
+    found: dict[str, EvalRecord] = {}
+    for record in read_records(store):
+        problem = wanted.get(record.id)
+        if problem is not None and record.id not in found and record.matches(problem):
+            found[record.id] = record
+    return found
 
 
 def graded_record(problem: Problem, condition: str, generation: Generation) -> EvalRecord:
@@ -149,6 +173,7 @@ def graded_record(problem: Problem, condition: str, generation: Generation) -> E
         gold=problem.answer,
         correct=bool(correct),
         time=round(time.time(), 1),
+        problem_sha=problem_fingerprint(problem),
     )
 
 
