@@ -61,11 +61,11 @@ class ResidlabGroup(TyperGroup):
     range, a missing argument, an unknown option) is reported like every other user error, as one
     ``error:`` line and a ``hint:``, exit code 2, instead of click's usage box."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs.pop("standalone_mode", True):
-            return super().main(*args, standalone_mode=False, **kwargs)
+    def main(self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except _UsageError as err:
             ctx = getattr(err, "ctx", None)
             if _NoArgsIsHelp is not None and isinstance(err, _NoArgsIsHelp) and ctx is not None:
