@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
@@ -61,11 +61,19 @@ class ResidlabGroup(TyperGroup):
     range, a missing argument, an unknown option) is reported like every other user error, as one
     ``error:`` line and a ``hint:``, exit code 2, instead of click's usage box."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            result = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except _UsageError as err:
             ctx = getattr(err, "ctx", None)
             if _NoArgsIsHelp is not None and isinstance(err, _NoArgsIsHelp) and ctx is not None:
