@@ -381,7 +381,7 @@ def analyze_depth(
     rows = tokenize(lm, texts, max_tokens)
     n_skip = 0 if not skip else len(rows) if skip_texts is None else max(0, min(skip_texts, len(rows)))
     if first_position < 0:
-        raise ResidlabError(f"first_position must be >= 0, got {first_position}.")
+        raise ResidlabError(f"first_position must be >= 0, got {first_position}.", hint="pass --first-position 0 or 1.")
 
     totals = _DepthTotals(lm.num_layers)
     for tb, do_skip in _depth_batches(lm, rows, n_skip, batch_size):

@@ -82,7 +82,7 @@ def top_tokens(
             hint="pass a [d_model] tensor (e.g. rec[layer][0]) or a steering vector.",
         )
     if k < 1:
-        raise ResidlabError(f"k must be at least 1, got {k}.")
+        raise ResidlabError(f"k must be at least 1, got {k}.", hint="ask for one token or more.")
     logits = logit_lens(lm, tensor.float())
     values, ids = logits.topk(min(k, logits.shape[-1]), largest=largest)
     return [(lm.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from residlab.core.errors import ResidlabError
@@ -29,9 +30,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ResidlabError as err:
             if os.environ.get("RESIDLAB_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {err.message}", markup=True)
-            if err.hint:
-                err_console.print(f"[yellow]hint:[/] {err.hint}", markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(err.message)}", markup=True)
+            # every error carries a hint; this fallback only covers one raised without it
+            hint = err.hint or "check the value named above; `--help` lists each option and what it takes."
+            err_console.print(f"[yellow]hint:[/] {escape(hint)}", markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; anything already written is kept.")
@@ -40,7 +42,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("RESIDLAB_DEBUG"):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            err_console.print(f"[bold red]error:[/] unexpected {type(err).__name__}: {first}", markup=True)
+            err_console.print(f"[bold red]error:[/] unexpected {type(err).__name__}: {escape(first)}", markup=True)
             err_console.print(
                 "[yellow]hint:[/] rerun with RESIDLAB_DEBUG=1 for the full traceback, and report it.", markup=True
             )
@@ -80,7 +82,7 @@ class ResidlabGroup(TyperGroup):
                 print(ctx.get_help())
                 sys.exit(2)
             command = ctx.command_path if ctx is not None else "residlab"
-            err_console.print(f"[bold red]error:[/] {err.format_message()}", markup=True)  # type: ignore[attr-defined]
+            err_console.print(f"[bold red]error:[/] {escape(err.format_message())}", markup=True)  # type: ignore[attr-defined]
             err_console.print(f"[yellow]hint:[/] see `{command} --help`.", markup=True)
             sys.exit(2)
         except typer.Abort:

@@ -78,7 +78,7 @@ class SamplingParams:
             if not 0 <= seed < 2**64:
                 raise ResidlabError(f"seed must be in [0, 2**64), got {seed}.", hint=seed_hint)
         if not isinstance(self.ignore_eos, bool):
-            raise ResidlabError(f"ignore_eos must be True or False, got {self.ignore_eos!r}.")
+            raise ResidlabError(f"ignore_eos must be True or False, got {self.ignore_eos!r}.", hint="pass a boolean.")
         # Plain Python numbers from here on (numpy scalars and ints for floats are accepted above).
         for name, value in (("max_new_tokens", tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
             object.__setattr__(self, name, value)

