@@ -412,6 +412,51 @@ def _perplexity_dropping(
 
 
 @torch.inference_mode()
+def _check_options(
+    ppl_percent: float, threshold: float, temporal_tau: float, calibration_tokens: int, cett_targets: Sequence[float]
+) -> None:
+    if ppl_percent <= 0:
+        raise ResidlabError(f"ppl_percent must be positive, got {ppl_percent}.", hint="pass --ppl-percent 1.")
+    if threshold < 0 or temporal_tau < 0:
+        raise ResidlabError("thresholds must be >= 0.", hint="pass --threshold / --temporal-tau of 0 or more.")
+    if calibration_tokens < 1:
+        raise ResidlabError("calibration_tokens must be at least 1.", hint="pass --calibration-tokens 64 or more.")
+    if any(not 0 <= t <= 1 for t in cett_targets):
+        raise ResidlabError("CETT targets lie in [0, 1].", hint="pass values such as 0.1,0.2,0.3.")
+
+
+def _ppl_search(
+    lm: LanguageModel,
+    curves: list[CETTCurve],
+    batches: list[TokenBatch],
+    baseline_ppl: float,
+    first_position: int,
+    ppl_percent: float,
+    ppl_tolerance: float,
+    max_search_steps: int,
+    log: Log,
+) -> tuple[Bisection, tuple[float, list[float], list[float]], list[dict[str, float]]]:
+    """Bisect the CETT whose perplexity increase is ``ppl_percent``: (the point found, its (perplexity,
+    thresholds, per-layer dropped fractions), every point tried)."""
+    search: list[dict[str, float]] = []
+    results: dict[float, tuple[float, list[float], list[float]]] = {}
+
+    def increase(target: float) -> float:
+        ppl, _, fractions = results[target] = _perplexity_dropping(lm, curves, batches, target, first_position)
+        pct = 100 * (ppl / baseline_ppl - 1)
+        overall = mean(fractions)
+        search.append({"cett": target, "ppl": ppl, "increase_percent": pct, "sparsity": overall})
+        log(f"CETT {target:.4f}: perplexity {ppl:.3f} ({pct:+.2f}%), {100 * overall:.1f}% dropped")
+        return pct
+
+    found = bisect_increasing(
+        increase, ppl_percent, 0.0, 1.0, tol=ppl_tolerance * ppl_percent, max_steps=max_search_steps
+    )
+    if found.x not in results:  # nothing under the target was tried: report CETT 0 (exact zeros only)
+        increase(found.x)
+    return found, results[found.x], search
+
+
 def analyze_sparsity(
     lm: LanguageModel,
     texts: Sequence[str],
@@ -436,14 +481,7 @@ def analyze_sparsity(
     ``ppl_converged`` is False and the largest CETT found below the target is reported).
     """
     log = log or (lambda message: None)
-    if ppl_percent <= 0:
-        raise ResidlabError(f"ppl_percent must be positive, got {ppl_percent}.", hint="pass --ppl-percent 1.")
-    if threshold < 0 or temporal_tau < 0:
-        raise ResidlabError("thresholds must be >= 0.", hint="pass --threshold / --temporal-tau of 0 or more.")
-    if calibration_tokens < 1:
-        raise ResidlabError("calibration_tokens must be at least 1.", hint="pass --calibration-tokens 64 or more.")
-    if any(not 0 <= t <= 1 for t in cett_targets):
-        raise ResidlabError("CETT targets lie in [0, 1].", hint="pass values such as 0.1,0.2,0.3.")
+    _check_options(ppl_percent, threshold, temporal_tau, calibration_tokens, cett_targets)
     rows = tokenize(lm, texts, max_tokens)
     batches = list(token_batches(lm, rows, batch_size))
     chosen = _calibration_keys(rows, first_position, calibration_tokens, seed)
@@ -459,23 +497,9 @@ def analyze_sparsity(
         for key, ts in cett_thresholds.items()
     }
 
-    search: list[dict[str, float]] = []
-    results: dict[float, tuple[float, list[float], list[float]]] = {}
-
-    def increase(target: float) -> float:
-        ppl, _, fractions = results[target] = _perplexity_dropping(lm, curves, batches, target, first_position)
-        pct = 100 * (ppl / baseline_ppl - 1)
-        overall = mean(fractions)
-        search.append({"cett": target, "ppl": ppl, "increase_percent": pct, "sparsity": overall})
-        log(f"CETT {target:.4f}: perplexity {ppl:.3f} ({pct:+.2f}%), {100 * overall:.1f}% dropped")
-        return pct
-
-    found = bisect_increasing(
-        increase, ppl_percent, 0.0, 1.0, tol=ppl_tolerance * ppl_percent, max_steps=max_search_steps
+    found, (ppl, thresholds, fractions), search = _ppl_search(
+        lm, curves, batches, baseline_ppl, first_position, ppl_percent, ppl_tolerance, max_search_steps, log
     )
-    if found.x not in results:  # nothing under the target was tried: report CETT 0 (exact zeros only)
-        increase(found.x)
-    ppl, thresholds, fractions = results[found.x]
     return SparsityResult(
         model=lm.name,
         family=lm.arch.family,
