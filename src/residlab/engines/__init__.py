@@ -1,4 +1,7 @@
-"""Inference engines behind one interface: ``torch`` (transformers + hooks) and ``llamacpp``."""
+"""Inference engines behind one interface (``base``: the ``Engine`` base class, which does the shared
+front half of ``generate`` and is a context manager, and ``SteeringSpec``): ``torch`` (transformers +
+residlab's hooks) and ``llamacpp`` (llama.cpp's control-vector adapter); a new engine (vLLM) is one
+module that fills in a batch decoder and ``score``."""
 
 from __future__ import annotations
 
