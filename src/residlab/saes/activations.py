@@ -184,10 +184,10 @@ class ActivationStore:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(sizes), generator=generator).tolist()
             for shard_index in order:
+                perm = torch.randperm(sizes[shard_index], generator=generator)  # drawn even when skipped
                 if offset >= sizes[shard_index]:
                     offset -= sizes[shard_index]
                     continue
-                perm = torch.randperm(sizes[shard_index], generator=generator)
                 rows = self.shard(shard_index)["activations"][perm[offset:]].float()
                 offset = 0
                 pending.append(rows)
