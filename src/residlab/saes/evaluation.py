@@ -106,7 +106,7 @@ def spliced_ce(
                 loss, n = next_token_ce(lm.forward(batch), batch)
             else:
 
-                def edit(value: torch.Tensor, ctx: Any, replace: Callable = replace) -> torch.Tensor:
+                def edit(value: torch.Tensor, ctx: Any, replace: Callable = replace, keep=keep) -> torch.Tensor:
                     return torch.where(keep, replace(value).to(value.dtype), value)
 
                 with Edit(lm, layer, site, edit):

@@ -96,7 +96,9 @@ def load_sae(folder: str | Path, *, device: str | torch.device = "cpu") -> Spars
     state = load_file(str(folder / WEIGHTS_FILE))
     counters = folder / STATE_FILE
     state["tokens_since_fired"] = (
-        load_file(str(counters))["tokens_since_fired"] if counters.is_file() else torch.zeros(cfg.d_sae, dtype=torch.long)
+        load_file(str(counters))["tokens_since_fired"]
+        if counters.is_file()
+        else torch.zeros(cfg.d_sae, dtype=torch.long)
     )
     sae.load_state_dict(state)
     return sae.to(device).eval()
