@@ -19,9 +19,7 @@ from residlab.saes.training import TrainConfig, train_sae
 from residlab.saes.vsae import VSAEConfig
 from residlab.testing import tiny_model
 
-DOCS = [
-    f"Document {i}: the quick brown fox {i} jumps over {i * 7} lazy dogs and counts to {i * 3}." for i in range(60)
-]
+DOCS = [f"Document {i}: the quick brown fox {i} jumps over {i * 7} lazy dogs and counts to {i * 3}." for i in range(60)]
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +278,26 @@ def test_saelens_loads_a_residlab_topk_sae(tmp_path):
     x = torch.randn(10, 16) * 4
     assert torch.allclose(theirs.encode(x), sae(x).z, atol=1e-5)
     assert torch.allclose(theirs(x), sae(x).x_hat, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- decompose and steer
+
+
+def test_decomposition_recovers_a_sparse_combination(lm):
+    from residlab.saes.decompose import decompose_vector, latent_vector
+    from residlab.vectors.steering_vector import SteeringVector
+
+    torch.manual_seed(0)
+    sae = build_sae(TopKConfig(d_in=64, d_sae=256, k=8, hook=HookPoint(lm.name, 1)))
+    v = 3.0 * sae.W_dec[10].detach() + 1.0 * sae.W_dec[200].detach()
+    vector = SteeringVector.from_tensor(v, model=lm, layer=1, source="test")
+    result = decompose_vector(sae, vector, lm=lm, max_latents=4)
+    assert result.explained_fraction > 0.999
+    assert [row["latent"] for row in result.fit[:2]] == [10, 200]
+    assert result.fit[0]["coefficient"] == pytest.approx(3.0, abs=1e-2)
+    assert sum(row["share"] for row in result.fit) == pytest.approx(result.explained_fraction, abs=1e-4)
+    assert result.fit[0]["promoted"] and result.readout[0]["latent"] in (10, 200)
+    steer = latent_vector(sae, 10, lm, scale=2.0)
+    assert steer.layers == [1] and steer.norm() == pytest.approx(2.0, abs=1e-5) and steer.info["sae_latent"] == 10
+    with lm.steer(steer, 1.0, positions="all"):
+        lm.forward(["steered text"])  # a latent vector steers like any other
