@@ -123,7 +123,7 @@ def _hf(spec: str) -> Corpus:
     if not parts or not parts[0]:
         raise ResidlabError(f"cannot read {spec!r}.", hint="use hf:NAME[:CONFIG][:SPLIT][:FIELD].")
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise ResidlabError("hf: corpora need the `datasets` package.", hint="pip install datasets") from None
     name, config, split, field = (parts + [None, None, None])[:4]

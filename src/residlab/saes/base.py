@@ -111,6 +111,7 @@ class SparseAutoencoder(nn.Module, ABC):
     """Base of the architectures. Subclasses define the codes (``forward``) and ``loss``."""
 
     config_cls: ClassVar[type[SAEConfig]] = SAEConfig
+    tokens_since_fired: torch.Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
