@@ -97,8 +97,13 @@ def main() -> None:
     request = HarvestRequest(layer, args.site, args.context_len, args.train_tokens)
     train_store, train_stats = harvest_split(lm, corpus, "train", request, args.work_dir / "stores")
     eval_request = HarvestRequest(layer, args.site, args.context_len, args.eval_tokens)
-    eval_store, _ = harvest_split(lm, corpus, "eval", eval_request, args.work_dir / "stores")
-    harvest_tps = train_store.manifest.get("harvest_tokens_per_s", float("nan"))
+    eval_store, eval_stats = harvest_split(lm, corpus, "eval", eval_request, args.work_dir / "stores")
+    harvested = train_stats.tokens + eval_stats.tokens  # measured in this run; else what the stores recorded
+    harvest_tps = (
+        harvested / (train_stats.seconds + eval_stats.seconds)
+        if harvested
+        else train_store.manifest.get("harvest_tokens_per_s", float("nan"))
+    )
     windows = eval_windows(lm, corpus, request, args.ce_windows)
     ratio = stop_ratio(lm, windows[:32], layer, args.site)
     mean = train_store.mean()

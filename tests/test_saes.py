@@ -301,3 +301,21 @@ def test_decomposition_recovers_a_sparse_combination(lm):
     assert steer.layers == [1] and steer.norm() == pytest.approx(2.0, abs=1e-5) and steer.info["sae_latent"] == 10
     with lm.steer(steer, 1.0, positions="all"):
         lm.forward(["steered text"])  # a latent vector steers like any other
+
+
+@pytest.mark.real_model
+def test_real_model_harvest_stops_early_and_oracle_splice_is_exact():
+    from residlab.models.loading import load
+    from residlab.saes.pipeline import stop_ratio
+
+    real = load("smollm2-135m-instruct", dtype="float32")
+    windows = token_windows(real, load_corpus("wiki").split("eval")[:6], 64)
+    ratio = stop_ratio(real, windows, 3, "block", batch_size=3)
+    assert ratio["ratio"] < 0.6  # 4 of 30 blocks and no unembedding
+    sae = identity_oracle(real.hidden_size, layer=3)
+    sae.cfg = TopKConfig(
+        d_in=real.hidden_size, d_sae=2 * real.hidden_size, k=real.hidden_size, hook=HookPoint(real.name, 3)
+    )
+    ce = downstream_ce(real, sae, windows, torch.zeros(real.hidden_size), batch_size=3)
+    assert ce["ce_loss_sae"] == pytest.approx(ce["ce_loss_original"], abs=1e-3)
+    assert ce["ce_loss_zero_ablation"] > ce["ce_loss_original"] + 1.0
