@@ -9,6 +9,10 @@ INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev]"
 install:
 	$(INSTALL)
 	PYTHON=$(PYTHON) bash scripts/install-llamacpp.sh
+	$(PYTHON) -m pip install -q "sae-lens>=6.5"  # only for the SAELens round-trip test; leaves torch/transformers alone
+	# Debian's Chromium renders the SAE dashboard in tests/test_saes_dashboard.py (skipped without it).
+	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium) \
+		|| echo "warning: could not install chromium; the SAE dashboard browser test will be skipped"
 
 demo: install
 	residlab compress

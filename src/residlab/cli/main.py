@@ -255,6 +255,10 @@ from residlab.cli.vector_commands import vector_app  # noqa: E402
 
 app.add_typer(vector_app, name="vector")
 
+from residlab.cli.sae_commands import sae_app  # noqa: E402
+
+app.add_typer(sae_app, name="sae")
+
 
 def main() -> None:
     app()

@@ -1,0 +1,80 @@
+"""``residlab sae ...`` end to end on a tiny saved model and a user text file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from residlab.cli.main import app
+from residlab.testing import save_tiny_model
+
+RUNNER = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sae_cli")
+    model = save_tiny_model(tmp / "model")
+    corpus = tmp / "docs.txt"
+    corpus.write_text("\n".join(f"Line {i} says that {i} plus {i} makes {2 * i} apples." for i in range(200)))
+    return tmp, str(model), str(corpus)
+
+
+def _run(*args: str) -> str:
+    result = RUNNER.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_sae_train_eval_decompose_latent(setup):
+    tmp, model, corpus = setup
+    common = ["--corpus", corpus, "--work-dir", str(tmp / "work")]
+    _run("sae", "harvest", "--model", model, "--layer", "1", "--tokens", "1500", "--eval-tokens", "300", *common)
+    run = tmp / "run"
+    train = ["sae", "train", "--model", model, "--layer", "1", "--tokens", "1500", "--expansion", "2", "--k", "4"]
+    _run(*train, "--batch-size", "128", "--dead-window", "500", "--out", str(run), *common)
+    assert (run / "sae" / "cfg.json").is_file() and (run / "report.md").is_file()
+    assert (run / "training_curve.png").is_file()
+    _run(
+        "sae", "eval", "--sae", str(run / "sae"), "--model", model, "--eval-tokens", "300", "--ce-windows", "4", *common
+    )
+    report = json.loads((run / "sae" / "eval" / "sae_eval.json").read_text())
+    assert 0 < report["summary"]["l0"] <= 4 and "ce_loss_recovered" in report["summary"]
+    vector = tmp / "latent.safetensors"
+    _run(
+        "sae",
+        "latent",
+        "--sae",
+        str(run / "sae"),
+        "--model",
+        model,
+        "--latent",
+        "3",
+        "--output",
+        str(vector),
+        "--scale",
+        "2",
+    )
+    _run(
+        "sae",
+        "decompose",
+        "--sae",
+        str(run / "sae"),
+        "--model",
+        model,
+        "--vector",
+        str(vector),
+        "--out",
+        str(tmp / "dec"),
+    )
+    decomposition = json.loads((tmp / "dec" / "decomposition.json").read_text())
+    assert decomposition["fit"][0]["latent"] == 3 and decomposition["explained_fraction"] > 0.99
+    assert (tmp / "dec" / "report.md").read_text().startswith("# latent.safetensors")
+
+
+def test_sae_errors_are_clear(setup):
+    tmp, model, _ = setup
+    result = RUNNER.invoke(app, ["sae", "harvest", "--model", model, "--corpus", "nope", "--work-dir", str(tmp)])
+    assert result.exit_code != 0 and "unknown corpus" in result.output
