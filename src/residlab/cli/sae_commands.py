@@ -244,10 +244,15 @@ def dashboard(
     from residlab.saes.pipeline import harvest_split
 
     model = load_sae(sae)
-    chosen = tuple(int(x) for x in latents.split(",")) if latents else ()
+    try:
+        chosen = tuple(int(x) for x in latents.split(",")) if latents else ()
+    except ValueError:
+        raise ResidlabError(f"cannot read --latents {latents!r}.", hint="name latents as numbers: 3,17,402.") from None
     bad = [x for x in chosen if not 0 <= x < model.cfg.d_sae]
     if bad:
-        raise ResidlabError(f"latents {bad} are outside 0..{model.cfg.d_sae - 1}.")
+        raise ResidlabError(
+            f"latents {bad} are outside 0..{model.cfg.d_sae - 1}.", hint="name latents the SAE has (its width)."
+        )
     hook = model.cfg.hook
     lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir)
     request = _request(lm, hook.layer, hook.site, model.cfg.context_len, eval_tokens)

@@ -54,7 +54,9 @@ class Corpus:
         if which not in SPLITS:
             raise ResidlabError(f"unknown split {which!r}.", hint="use train or eval.")
         if not 0.0 < eval_fraction < 1.0:
-            raise ResidlabError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
+            raise ResidlabError(
+                f"eval_fraction must be in (0, 1), got {eval_fraction}.", hint="hold out e.g. 0.1 of the documents."
+            )
         wanted = which == "eval"
         return tuple(doc for doc in self.documents if (_unit_hash(doc) < eval_fraction) == wanted)
 
@@ -106,7 +108,10 @@ def _gsm8k(data_dir: str | Path | None) -> Corpus:
     for lineno, row in iter_jsonl(path, what="GSM8K file"):
         question, answer = row.get("question"), row.get("answer")
         if not isinstance(question, str) or not isinstance(answer, str):
-            raise ResidlabError(f"{path}:{lineno}: a GSM8K record needs 'question' and 'answer' strings.")
+            raise ResidlabError(
+                f"{path}:{lineno}: a GSM8K record needs 'question' and 'answer' strings.",
+                hint="point --data-dir at an unmodified GSM8K copy.",
+            )
         docs.append(f"{question.strip()}\n{strip_calculator_marks(answer).strip()}")
     return Corpus("gsm8k", tuple(docs), f"GSM8K train ({path})", "MIT (GSM8K, OpenAI)")
 
@@ -155,5 +160,5 @@ def load_corpus(spec: str, *, data_dir: str | Path | None = None, field: str | N
             hint=f"use {', '.join(CORPORA)}, a .txt/.jsonl file path, or hf:NAME[:CONFIG][:SPLIT][:FIELD].",
         )
     if not corpus.documents:
-        raise ResidlabError(f"corpus {spec!r} holds no text.")
+        raise ResidlabError(f"corpus {spec!r} holds no text.", hint="give a file with at least one non-empty text.")
     return corpus

@@ -69,7 +69,9 @@ def token_windows(lm: LanguageModel, documents: Sequence[str], context_len: int)
     """Every document tokenised (with the tokenizer's special tokens) and cut into windows of at most
     ``context_len`` tokens; windows shorter than 2 tokens are dropped."""
     if context_len < 2:
-        raise ResidlabError(f"context length must be at least 2, got {context_len}.")
+        raise ResidlabError(
+            f"context length must be at least 2, got {context_len}.", hint="pass --context-len 2 or more."
+        )
     windows: list[list[int]] = []
     for doc in documents:
         ids = lm.tokenizer(doc, add_special_tokens=True)["input_ids"]

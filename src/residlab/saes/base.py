@@ -49,11 +49,15 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.d_sae < 1:
-            raise ResidlabError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}.")
+            raise ResidlabError(
+                f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}.", hint="pass a positive --width."
+            )
         if not 1 <= self.k <= self.d_sae:
             raise ResidlabError(f"k must be in 1..d_sae={self.d_sae}, got {self.k}.", hint="pick a smaller k.")
         if self.dead_window < 1:
-            raise ResidlabError(f"dead_window must be at least 1 token, got {self.dead_window}.")
+            raise ResidlabError(
+                f"dead_window must be at least 1 token, got {self.dead_window}.", hint="pass e.g. 1000000 tokens."
+            )
 
     @property
     def k_aux(self) -> int:

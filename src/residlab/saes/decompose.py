@@ -130,7 +130,10 @@ def decompose_vector(
         )
     v = vector.directions[layer].float()
     if v.numel() != sae.cfg.d_in:
-        raise ResidlabError(f"the vector has width {v.numel()}, the SAE reads {sae.cfg.d_in}.")
+        raise ResidlabError(
+            f"the vector has width {v.numel()}, the SAE reads {sae.cfg.d_in}.",
+            hint="decompose a vector of the model (and layer) the SAE was trained on.",
+        )
     chosen, coeffs, residual = sparse_nonnegative_fit(sae, v, max_latents=max_latents)
     norm_sq = float(v.pow(2).sum()) or 1.0
     fit = []
@@ -174,7 +177,9 @@ def latent_vector(sae: SparseAutoencoder, latent: int, model: Any, *, scale: flo
     from residlab.vectors.steering_vector import SteeringVector
 
     if not 0 <= latent < sae.cfg.d_sae:
-        raise ResidlabError(f"latent {latent} is outside 0..{sae.cfg.d_sae - 1}.")
+        raise ResidlabError(
+            f"latent {latent} is outside 0..{sae.cfg.d_sae - 1}.", hint="name a latent the SAE has (its width)."
+        )
     hook = sae.cfg.hook
     if hook.site != "block":
         raise ResidlabError(

@@ -123,7 +123,10 @@ def train_sae(
     from tqdm.auto import tqdm
 
     if store.d != cfg.d_in:
-        raise ResidlabError(f"the store holds width {store.d}, the SAE expects {cfg.d_in}.")
+        raise ResidlabError(
+            f"the store holds width {store.d}, the SAE expects {cfg.d_in}.",
+            hint="train on activations harvested from the model and site the SAE is for.",
+        )
     torch.manual_seed(train.seed)
     sae = build_sae(cfg)
     lr = train.learning_rate(cfg.d_sae)
