@@ -144,3 +144,31 @@ def test_export_refuses_scales_that_make_an_unreadable_file(tmp_path, qwen, scal
     with pytest.raises(ResidlabError, match="cannot export with scale"):
         export_control_vector(vec, target, scale=scale)
     assert not target.exists()
+
+
+def test_cli_generate_steers_a_foreign_file_with_its_own_rule(qwen, tmp_path):
+    # Regression: `residlab generate --vector their.gguf` steered prompt_last+generated, not the rule the
+    # file records (all, as llama.cpp and repeng apply it), so it did not reproduce what they do.
+    import json
+
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    g = np.random.default_rng(0)
+    foreign = _foreign_file(tmp_path / "theirs.gguf", {1: g.normal(size=qwen.hidden_size) * 8})
+    runner = CliRunner()
+
+    def generate(*extra):
+        args = ["generate", "-m", model_dir, "-p", "Natalia sold clips", "--max-new-tokens", "6", "--json"]
+        out = runner.invoke(app, [*args, "--vector", str(foreign), "--engine", "torch", *extra])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout.strip().splitlines()[0])["text"], out.stderr
+
+    default, note = generate()
+    assert "steered (strength 1.0, all: the vector's recorded rule)" in note
+    assert default == generate("--positions", "all")[0]
+    other, note = generate("--positions", "prompt_last+generated")
+    assert other != default and "steered (strength 1.0, prompt_last+generated)" in note

@@ -28,7 +28,7 @@ from residlab.core.generation import (
 )
 from residlab.core.types import check_layer_index
 from residlab.interventions.edit import Edit, EditFn, skip_blocks
-from residlab.interventions.positions import PositionRule
+from residlab.interventions.positions import PositionRule, recorded_rule
 from residlab.interventions.record import Recording
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
@@ -280,7 +280,7 @@ class LanguageModel:
         self,
         vector: SteeringVector | Sequence[SteeringVector],
         strength: float | Sequence[float] | torch.Tensor = 1.0,
-        positions: PositionRule = "prompt_last+generated",
+        positions: PositionRule | None = None,
         layers: Iterable[int] | None = None,
         *,
         allow_other_model: bool = False,
@@ -289,9 +289,11 @@ class LanguageModel:
 
         ``vector`` is one :class:`SteeringVector` or one per prompt; ``strength`` a number or one per
         prompt. The strength multiplies the vector as stored (call ``vector.normalized()`` first to
-        steer with unit directions). ``layers`` restricts steering to some of the vector's layers.
-        A vector recorded for a model of another name is refused unless ``allow_other_model`` (the
-        shapes must match either way).
+        steer with unit directions). ``positions`` defaults to the rule the vector records
+        (``vector.position_rule``: ``all`` for an imported llama.cpp / repeng file); the rule that
+        runs is the returned :class:`Steering`'s ``rule``. ``layers`` restricts steering to some of
+        the vector's layers. A vector recorded for a model of another name is refused unless
+        ``allow_other_model`` (the shapes must match either way).
         """
         from residlab.vectors.steering_vector import SteeringVector
 
@@ -318,7 +320,8 @@ class LanguageModel:
                     hint="give one strength, or one per vector.",
                 )
             deltas[layer] = stacked * scale.unsqueeze(1)
-        return Steering(self, deltas, positions)
+        rule = recorded_rule(v.position_rule for v in vectors) if positions is None else positions
+        return Steering(self, deltas, rule)
 
     def edit(
         self,
