@@ -74,6 +74,11 @@ class LanguageModel:
         return len(self.blocks)
 
     @property
+    def model_type(self) -> str:
+        """The architecture as Hugging Face names it (``config.model_type``: qwen2, llama, gemma3_text...)."""
+        return str(getattr(self.model.config, "model_type", "") or "")
+
+    @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 

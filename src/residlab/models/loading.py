@@ -263,9 +263,11 @@ def model_shape(spec: str) -> ModelDims:
         return ModelDims(packaged.name, packaged.num_layers, packaged.hidden_size)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-        config = config.get("text_config", config)
-        return ModelDims(path.name, int(config["num_hidden_layers"]), int(config["hidden_size"]))
+        from transformers import AutoConfig
+
+        # transformers maps each family's own names (GPT-2's n_layer, n_embd) onto the common ones
+        config = AutoConfig.from_pretrained(str(path)).get_text_config()
+        return ModelDims(path.name, int(config.num_hidden_layers), int(config.hidden_size))
     if spec.endswith(".gguf") and path.is_file():
         from gguf import GGUFReader
 

@@ -38,6 +38,7 @@ class SteeringVector:
     source: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     info: Mapping[str, Any] = field(default_factory=dict)
+    model_type: str = ""  # the architecture (Hugging Face config.model_type, e.g. qwen2); "" if unknown
 
     def __post_init__(self) -> None:
         if not self.directions:
@@ -65,7 +66,9 @@ class SteeringVector:
 
     @classmethod
     def from_layers(cls, directions: Mapping[int, torch.Tensor], *, model: ModelShape, **kwargs: Any) -> SteeringVector:
-        """A vector with one direction per layer, for ``model``."""
+        """A vector with one direction per layer, for ``model`` (whose ``model_type``, when it has one,
+        is recorded: exported control vectors name it as their architecture)."""
+        kwargs.setdefault("model_type", str(getattr(model, "model_type", "") or ""))
         return cls(
             directions={check_layer_index(k, model.num_layers, model.name): v for k, v in directions.items()},
             model_name=model.name,
@@ -196,6 +199,7 @@ class SteeringVector:
             "created": self.created,
             "norms": json.dumps({str(k): round(v, 6) for k, v in self.norms.items()}),
             "info": json.dumps(self.info, default=str),
+            "model_type": self.model_type,
         }
 
     @classmethod
@@ -211,6 +215,7 @@ class SteeringVector:
             source=meta.get("source", ""),
             created=meta.get("created", ""),
             info=json.loads(meta.get("info", "{}")),
+            model_type=meta.get("model_type", ""),
         )
 
     def save(self, path: str | Path) -> Path:
