@@ -118,10 +118,10 @@ def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> 
         ("dtype", str(lm.dtype).replace("torch.", "")),
         ("vocabulary", str(len(lm.tokenizer))),
         ("chat template", "yes" if lm.has_chat_template else "no"),
-        ("blocks", arch.blocks),
+        ("blocks", arch.blocks + (" (map guessed from module names)" if arch.guessed else "")),
         ("attention / MLP", f"{arch.attn} / {arch.mlp} (activation: input of {arch.mlp_down})"),
         ("final norm / unembed", f"{arch.final_norm} / {arch.unembed}"),
-        ("layer convention", "layer i = output of block i = HF hidden_states[i + 1]"),
+        ("layer convention", "layer i = output of block i (HF hidden_states[i + 1], except the last: HF's is normed)"),
         ("cache", str(cache_dir())),
         ("load time", f"{seconds:.1f} s"),
     ]
@@ -263,7 +263,10 @@ from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
+from residlab.cli.extract_commands import register as _register_extract  # noqa: E402
 from residlab.cli.vector_commands import vector_app  # noqa: E402
+
+_register_extract(app)
 
 app.add_typer(vector_app, name="vector")
 

@@ -1,7 +1,8 @@
 """``SteeringVector``: per-layer directions plus everything needed to use them correctly later.
 
 Layer convention: layer ``i`` is the output of decoder block ``i`` (0-based), which is Hugging Face
-``hidden_states[i + 1]``. A vector is applied by adding ``strength * direction`` to that output.
+``hidden_states[i + 1]`` for every block but the last (HF's last entry is after the final norm). A vector
+is applied by adding ``strength * direction`` to that output.
 Saved as safetensors, tensors named ``layer.<i>``, with the metadata in the file's header.
 """
 
@@ -23,7 +24,7 @@ from residlab.core.types import ModelShape, check_layer_index
 
 FORMAT = "residlab.steering_vector"
 FORMAT_VERSION = "1"
-LAYER_CONVENTION = "block_output"  # layer i = output of decoder block i = HF hidden_states[i + 1]
+LAYER_CONVENTION = "block_output"  # layer i = output of decoder block i (HF hidden_states[i + 1] but the last)
 
 
 @dataclass(frozen=True)
