@@ -18,19 +18,18 @@ norm, which is Hugging Face's last ``hidden_states`` entry (``lm.record(layers=[
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from residlab.core.errors import ResidlabError
 
 
-@dataclass(frozen=True)
-class Site:
-    """A module (architecture-map field; ``""`` = the block) and which side of it is the value."""
+class Site(NamedTuple):
+    """A module (architecture-map field; ``""`` = the block) and which side of it is the value.
+
+    A tuple, so ``part, reads = SITES[name]`` keeps working for code written against the older tables."""
 
     part: str
     reads: Literal["input", "output"]
-    residual_width: bool = True  # False: the MLP's hidden width (cannot take a steering vector)
 
 
 SITES: dict[str, Site] = {
@@ -38,12 +37,13 @@ SITES: dict[str, Site] = {
     "block_input": Site("", "input"),  # the residual stream before block i
     "attn": Site("attn", "output"),  # attention's contribution (before any post-norm of its own)
     "mlp": Site("mlp", "output"),  # the MLP's contribution (before any post-norm of its own)
-    "mlp_act": Site("mlp_down", "input", residual_width=False),  # the MLP's hidden activation
+    "mlp_act": Site("mlp_down", "input"),  # the MLP's hidden activation
     "input_norm": Site("input_norm", "output"),  # the normalised residual that attention reads
     "pre_mlp_norm": Site("pre_mlp_norm", "output"),  # the normalised residual that the MLP reads
     "post_attn_norm": Site("post_attn_norm", "output"),  # attention's output as added (Gemma 2/3)
     "post_mlp_norm": Site("post_mlp_norm", "output"),  # the MLP's output as added (Gemma 2/3)
 }
+MLP_WIDTH_SITES = frozenset({"mlp_act"})  # the MLP's hidden width: no steering vector fits there
 
 MODEL_SITES: dict[str, Site] = {
     "final_norm": Site("final_norm", "output"),  # the last block's output, final norm applied
@@ -53,10 +53,10 @@ MODEL_SITES: dict[str, Site] = {
 def block_site(name: str, *, purpose: str = "recording", residual_only: bool = False) -> Site:
     """The block site called ``name``, or a clear error listing the ones there are."""
     site = SITES.get(name)
-    allowed = ", ".join(n for n, s in SITES.items() if s.residual_width or not residual_only)
+    allowed = ", ".join(n for n in SITES if n not in MLP_WIDTH_SITES or not residual_only)
     if site is None:
         raise ResidlabError(f"unknown {purpose} site {name!r}.", hint=f"use one of {allowed}.")
-    if residual_only and not site.residual_width:
+    if residual_only and name in MLP_WIDTH_SITES:
         raise ResidlabError(
             f"no {purpose} at site {name!r}: it has the MLP's hidden width, not the residual's.",
             hint=f"use one of {allowed}.",
