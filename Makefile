@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` (main job on the default model) and `make test`.
 # `make install` includes llama-cpp-python (the fast engine), built from source once and cached.
 PYTHON ?= python3
-# torch is pinned: an open-ended requirement would pull a multi-GB CUDA build.
+# The exact CPU build of torch is pinned here, not in pyproject.toml (which declares a range that it
+# satisfies, so nothing more is installed): pip resolving the range alone would pull a multi-GB CUDA build.
 INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,sae]"
 
 .PHONY: install install-llamacpp demo test lint bench

@@ -1,15 +1,57 @@
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import PROMPTS
 
-from residlab import UnknownArchitectureError
-from residlab.models.architectures import ARCHITECTURES, ArchitectureMap, architecture_for, get_module
+from residlab import ResidlabError, UnknownArchitectureError
+from residlab.models.architectures import (
+    ARCHITECTURES,
+    ArchitectureMap,
+    GuessedArchitectureWarning,
+    architecture_for,
+    get_module,
+    guess_architecture,
+)
 from residlab.models.lm import LanguageModel
 from residlab.testing import TINY_FAMILIES, tiny_model, tiny_tokenizer
 
 MAPPED_FAMILIES = (*TINY_FAMILIES, "mistral", "qwen3")  # residlab.testing has no tiny config for the last two
+
+
+GUESSED_FAMILIES = ("phi", "stablelm", "stablelm_parallel", "olmo")  # no table: their maps are guessed
+
+
+@functools.cache
+def _guessed(family: str) -> LanguageModel:
+    """A tiny random model of a family residlab has no table for (built from its transformers config)."""
+    import warnings
+
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config = {
+        "phi": lambda: tf.PhiConfig(**common),
+        "stablelm": lambda: tf.StableLmConfig(num_key_value_heads=2, **common),
+        "stablelm_parallel": lambda: tf.StableLmConfig(num_key_value_heads=4, use_parallel_residual=True, **common),
+        "olmo": lambda: tf.OlmoConfig(num_key_value_heads=2, **common),
+    }[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GuessedArchitectureWarning)
+        return LanguageModel(model, tokenizer, name=f"tiny-{family}", source="testing")
 
 
 @functools.cache
@@ -17,6 +59,8 @@ def _tiny(family: str) -> LanguageModel:
     """A tiny random model of ``family``: residlab.testing's, or one built here from a llama-like config."""
     if family in TINY_FAMILIES:
         return tiny_model(family)
+    if family in GUESSED_FAMILIES:
+        return _guessed(family)
     import transformers as tf
 
     tokenizer = tiny_tokenizer()
@@ -43,8 +87,13 @@ def any_lm(request) -> LanguageModel:
     return _tiny(request.param)
 
 
+@pytest.fixture(params=GUESSED_FAMILIES)
+def guessed_lm(request) -> LanguageModel:
+    return _guessed(request.param)
+
+
 def _is_norm(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 def _norms(arch: ArchitectureMap) -> dict[str, str | None]:
@@ -56,9 +105,11 @@ def _norms(arch: ArchitectureMap) -> dict[str, str | None]:
     }
 
 
-def test_every_mapped_path_resolves_to_a_module_of_its_kind(any_lm):
-    lm, arch = any_lm, any_lm.arch
-    assert arch.family == lm.model.config.model_type
+@pytest.mark.parametrize("family", MAPPED_FAMILIES + GUESSED_FAMILIES)
+def test_every_mapped_path_resolves_to_a_module_of_its_kind(family):
+    lm = _tiny(family)
+    arch = lm.arch
+    assert arch.family == lm.model.config.model_type and arch.guessed == (family in GUESSED_FAMILIES)
     assert isinstance(get_module(lm.model, arch.blocks), torch.nn.ModuleList)
     assert get_module(lm.model, arch.decoder) is lm.decoder
     assert _is_norm(get_module(lm.model, arch.final_norm))
@@ -74,11 +125,13 @@ def test_every_mapped_path_resolves_to_a_module_of_its_kind(any_lm):
     assert lm.num_layers == 3 and lm.hidden_size == 64
 
 
-def test_norm_roles_match_the_block_wiring(any_lm):
+@pytest.mark.parametrize("family", MAPPED_FAMILIES + GUESSED_FAMILIES)
+def test_norm_roles_match_the_block_wiring(family):
     """Each norm sits where its role says: input_norm's output is what attention reads, pre_mlp_norm's
     what the MLP reads, and a post-norm reads its branch's output (Llama's ``post_attention_layernorm``
     is a pre-MLP norm, Gemma 3's a true post-attention norm: names alone would get this wrong)."""
-    lm, arch = any_lm, any_lm.arch
+    lm = _tiny(family)
+    arch = lm.arch
     block = lm.blocks[1]
     seen: dict[str, torch.Tensor] = {}
 
@@ -111,6 +164,8 @@ def test_norm_roles_match_the_block_wiring(any_lm):
         if _norms(arch)[post] is not None:
             assert torch.equal(seen[f"{post}_in"], seen[f"{branch}_out"])
     assert arch.sandwich_norms == (arch.family == "gemma3_text")
+    # with a parallel residual the MLP reads the block's own input (normalised), not attention's result
+    assert arch.parallel_residual == (family in ("gpt_neox", "phi", "stablelm_parallel"))
     assert (arch.post_attn_norm is None) == (arch.post_mlp_norm is None) == (not arch.sandwich_norms)
 
 
@@ -142,3 +197,72 @@ def test_all_required_families_are_mapped():
 
 def test_gpt_neox_parallel_residual_flag(lm):
     assert architecture_for(lm.model).parallel_residual == (lm.arch.family == "gpt_neox")
+
+
+def test_an_unmapped_family_gets_a_guessed_map_and_says_so():
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    config = tf.PhiConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.warns(GuessedArchitectureWarning, match=r"model_type='phi'; guessed .*blocks=model\.layers"):
+        lm = LanguageModel(model, tokenizer, name="tiny-phi")
+    assert lm.arch.guessed and lm.arch.blocks == "model.layers" and lm.arch.mlp_down == "mlp.fc2"
+    assert "phi" not in ARCHITECTURES  # the guess is not written into the table
+
+
+@pytest.mark.parametrize("family", MAPPED_FAMILIES)
+def test_the_guesser_reproduces_every_declared_map(family):
+    """The fallback is checked against the tables: on every mapped family it finds the declared map."""
+    lm = _tiny(family)
+    assert guess_architecture(lm.model) == replace(lm.arch, guessed=True)
+
+
+def test_guessed_models_record_and_steer_like_mapped_ones(guessed_lm):
+    lm = guessed_lm
+    ids = lm.encode(PROMPTS[:1]).input_ids
+    with lm.record(layers=[0, 1, 2, "final_norm"], positions="all") as rec:
+        out = lm.model(input_ids=ids, output_hidden_states=True)
+    for layer in range(2):
+        torch.testing.assert_close(rec[layer], out.hidden_states[layer + 1])
+    torch.testing.assert_close(rec["final_norm"], out.hidden_states[-1])
+    from conftest import random_vector
+
+    vec = random_vector(lm, [1])
+    handle = lm.blocks[1].register_forward_hook(
+        lambda m, a, o: (o[0] + vec.directions[1], *o[1:]) if isinstance(o, tuple) else o + vec.directions[1]
+    )
+    try:
+        expected = lm.forward(PROMPTS[:1])  # one prompt: no padding, which the bare hook would steer too
+    finally:
+        handle.remove()
+    with lm.steer(vec, positions="all"):
+        torch.testing.assert_close(lm.forward(PROMPTS[:1]), expected, rtol=0, atol=0)
+
+
+def test_a_part_the_guess_did_not_find_is_a_clear_error():
+    lm = _guessed("phi")
+    arch = replace(lm.arch, post_attn_norm=None, attn="")
+    object.__setattr__(lm, "arch", arch)  # as if the guess had found no attention module
+    try:
+        with pytest.raises(ResidlabError, match="has no attn module: its guessed map found none"):
+            with lm.record(layers=[1], sites=["attn"]):
+                pass
+    finally:
+        object.__setattr__(lm, "arch", replace(arch, attn="self_attn"))
+
+
+@pytest.mark.parametrize("family", MAPPED_FAMILIES)
+def test_final_norm_is_hugging_faces_last_hidden_state(family):
+    # Regression (docs said layer i = hidden_states[i + 1] for every i): HF's last entry is taken after the
+    # final norm, so it is not the last block's output; record offers it by name.
+    lm = _tiny(family)
+    last = lm.num_layers - 1
+    with lm.record(layers=[last, "final_norm"], positions="all") as rec:
+        out = lm.model(input_ids=lm.encode(PROMPTS[:1]).input_ids, output_hidden_states=True)
+    assert len(out.hidden_states) == lm.num_layers + 1
+    torch.testing.assert_close(rec["final_norm"], out.hidden_states[-1])
+    assert not torch.allclose(rec[last], out.hidden_states[-1])
+    torch.testing.assert_close(rec["final_norm"], lm.model_part("final_norm")(rec[last]))
+    with pytest.raises(ResidlabError, match="unknown layer 'final'"):
+        lm.record(layers=["final"])

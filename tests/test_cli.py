@@ -4,7 +4,7 @@ import pytest
 from conftest import random_vector
 from typer.testing import CliRunner
 
-from residlab import load
+from residlab import SteeringVector, load
 from residlab.cli.main import app
 from residlab.testing import save_tiny_model
 
@@ -127,7 +127,7 @@ def test_shared_options_accept_good_values(tiny_dir, tmp_path):
     assert "layers [1, 2]" in exported.output
 
 
-def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
+def test_serve_gets_parsed_options(tiny_dir, monkeypatch, tmp_path):
     import residlab.serving.server as server_module
 
     seen = {}
@@ -164,3 +164,15 @@ def test_serve_gets_parsed_options(tiny_dir, monkeypatch):
     default = runner.invoke(app, ["serve", "-m", tiny_dir, "--port", "0"])
     assert default.exit_code == 0, default.output
     assert seen == {"strength": 1.0, "positions": "prompt_last+generated", "max_new_tokens": 2048}
+    # Regression: with a vector, the default is the rule the vector records, and the log says so.
+    lm = load(tiny_dir)
+    vec = random_vector(lm, [1]).save(tmp_path / "v.safetensors")
+    from dataclasses import replace
+
+    replace(SteeringVector.load(vec), position_rule="all").save(vec)
+    recorded = runner.invoke(app, ["serve", "-m", tiny_dir, "--port", "0", "--vector", str(vec)])
+    assert recorded.exit_code == 0, recorded.output
+    assert seen["positions"] == "all"
+    assert "steered (strength 1.0, all: the vector's recorded rule)" in recorded.stderr
+    given = runner.invoke(app, ["serve", "-m", tiny_dir, "--port", "0", "--vector", str(vec), "--positions", "prompt"])
+    assert given.exit_code == 0 and seen["positions"] == "prompt"

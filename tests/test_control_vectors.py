@@ -9,7 +9,7 @@ from conftest import random_vector
 
 from residlab import ModelMismatchError, ResidlabError, SteeringVector
 from residlab.vectors.files import load_vector
-from residlab.vectors.gguf_control import export_control_vector, import_control_vector
+from residlab.vectors.gguf_control import export_control_vector, import_control_vector, read_control_vector
 
 
 def _foreign_file(path, layers: dict[int, np.ndarray], hint="qwen2"):
@@ -144,3 +144,133 @@ def test_export_refuses_scales_that_make_an_unreadable_file(tmp_path, qwen, scal
     with pytest.raises(ResidlabError, match="cannot export with scale"):
         export_control_vector(vec, target, scale=scale)
     assert not target.exists()
+
+
+def test_cli_generate_steers_a_foreign_file_with_its_own_rule(qwen, tmp_path):
+    # Regression: `residlab generate --vector their.gguf` steered prompt_last+generated, not the rule the
+    # file records (all, as llama.cpp and repeng apply it), so it did not reproduce what they do.
+    import json
+
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    g = np.random.default_rng(0)
+    foreign = _foreign_file(tmp_path / "theirs.gguf", {1: g.normal(size=qwen.hidden_size) * 8})
+    runner = CliRunner()
+
+    def generate(*extra):
+        args = ["generate", "-m", model_dir, "-p", "Natalia sold clips", "--max-new-tokens", "6", "--json"]
+        out = runner.invoke(app, [*args, "--vector", str(foreign), "--engine", "torch", *extra])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout.strip().splitlines()[0])["text"], out.stderr
+
+    default, note = generate()
+    assert "steered (strength 1.0, all: the vector's recorded rule)" in note
+    assert default == generate("--positions", "all")[0]
+    other, note = generate("--positions", "prompt_last+generated")
+    assert other != default and "steered (strength 1.0, prompt_last+generated)" in note
+
+
+def test_export_names_the_architecture_not_the_model(qwen, tmp_path):
+    # Regression: controlvector.model_hint held residlab's model name ("tiny-qwen2"), so repeng warned of a
+    # model-type mismatch; it must be the architecture (config.model_type), as repeng writes it.
+    from gguf import GGUFReader
+
+    vec = random_vector(qwen, [1])
+    assert vec.model_type == qwen.model.config.model_type == "qwen2"
+    hint = GGUFReader(str(export_control_vector(vec, tmp_path / "v.gguf"))).fields["controlvector.model_hint"]
+    assert hint.contents() == "qwen2"
+    assert SteeringVector.load(vec.save(tmp_path / "v.safetensors")).model_type == "qwen2"  # survives a file
+    assert import_control_vector(tmp_path / "v.gguf", qwen).model_type == "qwen2"
+    older = SteeringVector(**{**vec.__dict__, "model_type": ""})  # a file saved before vectors recorded it
+    reader = GGUFReader(str(export_control_vector(older, tmp_path / "old.gguf")))
+    assert reader.fields["controlvector.model_hint"].contents() == "unknown"  # repeng needs the key
+    assert read_control_vector(tmp_path / "old.gguf").model_hint == ""
+    explicit = export_control_vector(older, tmp_path / "hinted.gguf", model_hint="qwen2")
+    assert GGUFReader(str(explicit)).fields["controlvector.model_hint"].contents() == "qwen2"
+
+
+def test_float64_and_float16_files_are_read_as_float32(qwen, tmp_path):
+    # Regression: repeng writes numpy's float64 directions; residlab refused them with no way forward.
+    d = qwen.hidden_size
+    g = np.random.default_rng(1)
+    wide, half = g.normal(size=d), g.normal(size=d).astype(np.float16)
+    path = _foreign_file(tmp_path / "f64.gguf", {1: wide, 2: half})
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "mixed.gguf"), "controlvector")
+    writer.add_string("controlvector.model_hint", "qwen2")
+    writer.add_tensor("direction.1", wide)  # float64 as stored
+    writer.add_tensor("direction.2", half)  # float16
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    vec = import_control_vector(tmp_path / "mixed.gguf", qwen)
+    np.testing.assert_allclose(vec.directions[1].numpy(), wide.astype(np.float32))
+    np.testing.assert_allclose(vec.directions[2].numpy(), half.astype(np.float32))
+    assert vec.info["converted_from"] == "F16/F64" and vec.model_type == "qwen2"
+    assert "converted_from" not in import_control_vector(path, qwen).info  # stored as float32 already
+    ints = tmp_path / "ints.gguf"
+    writer = GGUFWriter(str(ints), "controlvector")
+    writer.add_tensor("direction.1", np.ones(d, dtype=np.int8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ResidlabError, match="I8") as info:
+        import_control_vector(ints, qwen)
+    assert "float32" in info.value.hint
+
+
+def test_cli_shows_a_foreign_file_without_a_model(qwen, tmp_path):
+    # Regression: `vector show their.gguf` failed with a hint naming a --model option that `show` lacked.
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    g = np.random.default_rng(2)
+    from gguf import GGUFWriter
+
+    path = tmp_path / "repeng.gguf"
+    writer = GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "qwen2")
+    writer.add_uint32("controlvector.layer_count", 2)
+    for layer in (1, 2):
+        writer.add_tensor(f"direction.{layer}", g.normal(size=qwen.hidden_size))  # float64, as repeng writes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    runner = CliRunner(env={"COLUMNS": "200"})
+    out = runner.invoke(app, ["vector", "show", str(path)])
+    assert out.exit_code == 0, out.output
+    for expected in ("architecture: qwen2", "direction size: 64", "layers: [1, 2]", "position rule: all", "F64"):
+        assert expected in out.output
+    model_dir = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    out = runner.invoke(app, ["vector", "show", str(path), "--model", model_dir])
+    assert out.exit_code == 0, out.output
+    assert "model: tiny (hidden size 64, 3 layers)" in out.output and "converted_from" in out.output
+    narrow = _foreign_file(tmp_path / "narrow.gguf", {1: np.ones(32)})
+    wrong = runner.invoke(app, ["vector", "show", str(narrow), "--model", model_dir])
+    assert wrong.exit_code == 2 and "hidden size" in wrong.output
+    # every hint `vector show` gives names only options it has
+    import re
+
+    options = {"--model", "-m", "--help"}
+    for result in (out, wrong):
+        for option in re.findall(r"--[a-z-]+", result.output.split("hint:")[-1] if "hint:" in result.output else ""):
+            assert option in options, result.output
+    # a converted F64 file exports back as the F32 file llama.cpp needs
+    out = runner.invoke(
+        app, ["vector", "import", str(path), str(tmp_path / "r.safetensors"), "-m", model_dir, "--force"]
+    )
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["vector", "export", str(tmp_path / "r.safetensors"), str(tmp_path / "r.gguf")])
+    assert out.exit_code == 0, out.output
+    assert read_control_vector(tmp_path / "r.gguf").tensor_types == ("F32",)
+    assert "architecture qwen2" in out.output

@@ -151,3 +151,23 @@ def test_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loading.convert_gguf(gguf, target, source_note="test")
     assert not target.exists()
+
+
+@pytest.mark.parametrize("version", ["4.57.6", "4.0.0.dev0"])
+def test_transformers_4_is_a_one_line_error(tmp_path, monkeypatch, version):
+    # Regression: under transformers 4 (what installing steering-vectors beside residlab gives), loading
+    # failed with raw ValueErrors from deep inside transformers.
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "qwen2")
+    monkeypatch.setattr("transformers.__version__", version)  # resolved now: transformers re-registers itself
+    with pytest.raises(ResidlabError, match="residlab needs transformers >= 5") as info:
+        residlab.load(str(model_dir))
+    assert version in info.value.message and "pip install" in info.value.hint
+    out = CliRunner().invoke(app, ["generate", "-m", str(model_dir), "-p", "hi", "--engine", "torch"])
+    assert out.exit_code == 2 and out.output.startswith("error: residlab needs transformers >= 5")
+    assert "Traceback" not in out.output
+    monkeypatch.setattr("transformers.__version__", "5.0.0")
+    assert residlab.load(str(model_dir)).num_layers == 3

@@ -270,3 +270,28 @@ def test_vector_accepted_for_another_model_name_can_steer(qwen, tmp_path):
     with renamed.steer(vec, strength=2.0, allow_other_model=True):
         steered = renamed.generate(PROMPTS[:1], max_new_tokens=3, chat=False)[0]
     assert steered.token_ids != renamed.generate(PROMPTS[:1], max_new_tokens=3, chat=False)[0].token_ids
+
+
+def test_the_vectors_recorded_rule_is_the_default(qwen):
+    # Regression: lm.steer ignored the rule a vector records (an imported llama.cpp / repeng file: all)
+    # and always steered prompt_last+generated.
+    from dataclasses import replace
+
+    from residlab.engines import SteeringSpec
+
+    vec = replace(random_vector(qwen, [1], scale=4.0), position_rule="all")
+    with qwen.steer(vec) as steering:
+        default = qwen.forward(PROMPTS)
+    assert steering.rule == "all"
+    with qwen.steer(vec, positions="all"):
+        assert torch.equal(default, qwen.forward(PROMPTS))
+    with qwen.steer(vec, positions="prompt_last+generated") as explicit:
+        assert not torch.allclose(default, qwen.forward(PROMPTS))
+    assert explicit.rule == "prompt_last+generated"
+    assert SteeringSpec(vec).positions == SteeringSpec(vec).rule == "all"
+    assert SteeringSpec(vec, positions="generated").rule == "generated"
+    indexed = replace(vec, position_rule="0,-1")
+    assert qwen.steer(indexed).rule == (0, -1)
+    with pytest.raises(ResidlabError, match="different position rules"):
+        qwen.steer([vec, replace(vec, position_rule="generated")])
+    assert qwen.steer([vec, replace(vec, position_rule="generated")], positions="prompt").rule == "prompt"

@@ -5,11 +5,14 @@ from residlab.core.generation import Generation
 from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import DEFAULT_MODEL, PACKAGED_MODELS
+from residlab.recipes.contrast_pairs import ContrastPair, read_pairs
+from residlab.recipes.extraction import extract
 from residlab.vectors.steering_vector import SteeringVector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContrastPair",
     "DEFAULT_MODEL",
     "PACKAGED_MODELS",
     "Generation",
@@ -18,5 +21,7 @@ __all__ = [
     "ResidlabError",
     "SteeringVector",
     "UnknownArchitectureError",
+    "extract",
     "load",
+    "read_pairs",
 ]

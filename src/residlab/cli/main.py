@@ -14,15 +14,16 @@ from rich.table import Table
 
 from residlab.cli.errors import ResidlabGroup, handle_errors
 from residlab.cli.options import (
-    DEFAULT_POSITIONS,
     DtypeOption,
     EngineOption,
     ModelOption,
     OptionalLayersOption,
-    PositionsOption,
+    Positions,
     StrengthOption,
+    VectorPositionsOption,
 )
 from residlab.core.errors import ResidlabError
+from residlab.interventions.positions import PositionRule
 from residlab.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -118,10 +119,10 @@ def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> 
         ("dtype", str(lm.dtype).replace("torch.", "")),
         ("vocabulary", str(len(lm.tokenizer))),
         ("chat template", "yes" if lm.has_chat_template else "no"),
-        ("blocks", arch.blocks),
+        ("blocks", arch.blocks + (" (map guessed from module names)" if arch.guessed else "")),
         ("attention / MLP", f"{arch.attn} / {arch.mlp} (activation: input of {arch.mlp_down})"),
         ("final norm / unembed", f"{arch.final_norm} / {arch.unembed}"),
-        ("layer convention", "layer i = output of block i = HF hidden_states[i + 1]"),
+        ("layer convention", "layer i = output of block i (HF hidden_states[i + 1], except the last: HF's is normed)"),
         ("cache", str(cache_dir())),
         ("load time", f"{seconds:.1f} s"),
     ]
@@ -147,7 +148,7 @@ def generate(
         Path | None, typer.Option(help="A steering vector to add (.safetensors, or a llama.cpp control-vector .gguf).")
     ] = None,
     strength: StrengthOption = 1.0,
-    positions: PositionsOption = DEFAULT_POSITIONS,
+    positions: VectorPositionsOption = None,
     layers: OptionalLayersOption = None,
     allow_other_model: Annotated[bool, typer.Option(help="Accept a vector saved for a model of another name.")] = False,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
@@ -173,7 +174,8 @@ def generate(
     steering = None
     if vector is not None:
         vec = load_vector(vector, runner, strict=not allow_other_model)
-        steering = SteeringSpec(vec, strength, positions.rule, layers, allow_other_model=allow_other_model)
+        rule = positions.rule if positions is not None else None
+        steering = SteeringSpec(vec, strength, rule, layers, allow_other_model=allow_other_model)
     started = time.perf_counter()
     results = runner.generate(
         prompts,
@@ -194,9 +196,15 @@ def generate(
     total = sum(g.num_tokens for g in results)
     print(
         f"{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s, {runner.kind} engine)"
-        + (f", steered (strength {strength}, {positions})" if vector is not None else ""),
+        + (f", steered (strength {strength}, {_rule_note(steering.rule, positions)})" if steering else ""),
         file=sys.stderr,
     )
+
+
+def _rule_note(rule: PositionRule, given: Positions | None) -> str:
+    """Which position rule ran, and whether it came from the command line or the vector file."""
+    text = rule if isinstance(rule, str) else ",".join(str(i) for i in rule)
+    return text if given is not None else f"{text}: the vector's recorded rule"
 
 
 @app.command()
@@ -207,7 +215,7 @@ def serve(
     port: int = 8000,
     vector: Annotated[Path | None, typer.Option(help="Serve with this steering vector applied.")] = None,
     strength: StrengthOption = 1.0,
-    positions: PositionsOption = DEFAULT_POSITIONS,
+    positions: VectorPositionsOption = None,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most new tokens one request may ask for.")] = 2048,
@@ -216,6 +224,7 @@ def serve(
 ) -> None:
     """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
     from residlab.engines import open_engine
+    from residlab.interventions.positions import recorded_rule
     from residlab.serving.schema import ServerLimits
     from residlab.serving.server import ModelServer, check_port_free
     from residlab.vectors.files import load_vector
@@ -226,17 +235,21 @@ def serve(
     )
     runner = open_engine(model, engine, dtype=dtype)
     vec = load_vector(vector, runner) if vector is not None else None
+    rule = positions.rule if positions is not None else recorded_rule([vec.position_rule]) if vec else None
     server = ModelServer(
         runner,
         host,
         port,
         vector=vec,
         strength=strength,
-        positions=positions.rule,
+        positions=rule or "prompt_last+generated",
         limits=limits,
     )
     address = f"http://{host}:{server.server_address[1]}/v1"
-    print(f"serving {runner.name} ({runner.kind} engine) on {address} (Ctrl-C stops)", file=sys.stderr)
+    steered = ""
+    if rule is not None and strength:
+        steered = f", steered (strength {strength}, {_rule_note(rule, positions)})"
+    print(f"serving {runner.name} ({runner.kind} engine{steered}) on {address} (Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()
     finally:
@@ -251,7 +264,10 @@ from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
+from residlab.cli.extract_commands import register as _register_extract  # noqa: E402
 from residlab.cli.vector_commands import vector_app  # noqa: E402
+
+_register_extract(app)
 
 app.add_typer(vector_app, name="vector")
 

@@ -133,12 +133,12 @@ _LAYERS = typer.Option(
 )
 LayersOption = Annotated[Layers, _LAYERS]
 OptionalLayersOption = Annotated[Layers | None, _LAYERS]
-PositionsOption = Annotated[
-    Positions,
-    typer.Option(
-        parser=_parser(parse_positions),
-        help="all, prompt, generated, prompt_last+generated, or token indices like 0,-1.",
-    ),
+_POSITIONS_HELP = "all, prompt, generated, prompt_last+generated, or token indices like 0,-1."
+PositionsOption = Annotated[Positions, typer.Option(parser=_parser(parse_positions), help=_POSITIONS_HELP)]
+# Steering with a vector file: without --positions, the rule the file records (llama.cpp / repeng files: all).
+VectorPositionsOption = Annotated[
+    Positions | None,
+    typer.Option(parser=_parser(parse_positions), help=_POSITIONS_HELP + " Default: the rule the vector records."),
 ]
 StrengthOption = Annotated[float, typer.Option(parser=_parser(parse_strength), help="Multiplies the vector as stored.")]
 

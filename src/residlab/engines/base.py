@@ -28,7 +28,7 @@ from residlab.core.generation import (
     render_prompt,
 )
 from residlab.core.types import finite_number
-from residlab.interventions.positions import STEERING_RULES, PositionRule, validate_rule
+from residlab.interventions.positions import STEERING_RULES, PositionRule, recorded_rule, validate_rule
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector
@@ -39,18 +39,27 @@ ENGINES = ("torch", "llamacpp")
 @dataclass(frozen=True)
 class SteeringSpec:
     """Steering for one generation call: ``strength * vector`` added at ``layers`` (default: all of
-    the vector's layers) at the positions ``positions`` selects. ``strength`` multiplies the vector
-    as stored (residlab saves unit vectors, so it is then the norm of what is added)."""
+    the vector's layers) at the positions ``positions`` selects (default: the rule the vector
+    records, e.g. ``all`` for a llama.cpp / repeng control vector; after construction ``positions``
+    and :attr:`rule` hold the rule that runs). ``strength`` multiplies the vector as stored
+    (residlab saves unit vectors, so it is then the norm of what is added)."""
 
     vector: SteeringVector
     strength: float = 1.0
-    positions: PositionRule = "prompt_last+generated"
+    positions: PositionRule | None = None
     layers: tuple[int, ...] | None = None
     allow_other_model: bool = False  # a vector recorded for a model of another name (same shape) is fine
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", finite_number(self.strength, "strength"))
-        object.__setattr__(self, "positions", validate_rule(self.positions, STEERING_RULES))
+        rule = recorded_rule([self.vector.position_rule]) if self.positions is None else self.positions
+        object.__setattr__(self, "positions", validate_rule(rule, STEERING_RULES))
+
+    @property
+    def rule(self) -> PositionRule:
+        """The position rule that runs: the one given, or the vector's own."""
+        assert self.positions is not None  # resolved on construction
+        return self.positions
 
     @property
     def chosen_layers(self) -> list[int]:

@@ -185,10 +185,9 @@ class LlamaCppEngine(Engine):
         layer 1..n_layer-1 (layer 0 has no slot), zeros elsewhere. ``None`` when nothing steers."""
         if steering is None or steering.strength == 0:
             return None
-        if steering_phases(steering.positions) is None:
+        if steering_phases(steering.rule) is None:
             raise ResidlabError(
-                f"the llama.cpp engine supports the position rules {', '.join(PHASED_RULES)}, "
-                f"not {steering.positions!r}.",
+                f"the llama.cpp engine supports the position rules {', '.join(PHASED_RULES)}, not {steering.rule!r}.",
                 hint="use one of those rules, or --engine torch for token-index rules.",
             )
         steering.vector.check_compatible(self, strict_name=False)
@@ -238,7 +237,7 @@ class LlamaCppEngine(Engine):
     def _steered(self, steering: SteeringSpec | None) -> Iterator[BatchDecoder]:
         """Prompts run as parallel sequences, the control vector switched per phase of the rule."""
         cvec = self.control_vector(steering)
-        phases = steering_phases(steering.positions) if cvec is not None else NO_STEERING  # type: ignore[union-attr]
+        phases = steering_phases(steering.rule) if cvec is not None else NO_STEERING  # type: ignore[union-attr]
         yield functools.partial(self._decode_batch, cvec=cvec, phases=phases)  # type: ignore[arg-type]
 
     def _decode_batch(

@@ -2,10 +2,11 @@
 
 An :class:`Edit` replaces the value at one site of some layers with ``fn(value, ctx)``, where ``ctx``
 is the pass's :class:`~residlab.interventions.positions.ForwardContext` (real positions, -1 for
-left padding). Sites are those of :mod:`residlab.interventions.record`:
+left padding). Sites are the block sites of :mod:`residlab.interventions.sites`:
 
 - output sites, whose module output is replaced: ``block`` (the residual after block i), ``attn``
-  (attention's contribution, before any post-norm the family applies) and ``mlp``;
+  (attention's contribution, before any post-norm the family applies), ``mlp`` and the norms'
+  outputs (``input_norm``, ``pre_mlp_norm``, ``post_attn_norm``, ``post_mlp_norm``);
 - input sites, whose module input is replaced before the module runs: ``block_input`` (the residual
   entering block i) and ``mlp_act`` (the MLP's hidden activation, the input of its down-projection).
 
@@ -15,23 +16,20 @@ on exit, exceptions included; the model's weights are never touched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from residlab.core.errors import ResidlabError
-from residlab.interventions.hooks import HookSet, join_output, split_output
+from residlab.interventions.hooks import HookSet, first_input, join_output, split_output
 from residlab.interventions.positions import ForwardContext
-from residlab.interventions.record import SITES
+from residlab.interventions.sites import SITES, block_site
 from residlab.interventions.target import HookTarget
 
 EditFn = Callable[..., torch.Tensor]  # fn(value, ctx) -> new value, or fn(value, ctx, module_input)
 EDIT_SITES = tuple(SITES)
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 class Edit:
@@ -53,11 +51,10 @@ class Edit:
         *,
         with_input: bool = False,
     ) -> None:
-        if site not in SITES:
-            raise ResidlabError(f"unknown edit site {site!r}.", hint=f"use one of {', '.join(EDIT_SITES)}.")
+        self._site = block_site(site, purpose="edit")
         self._lm = lm
         self.site = site
-        self.where = SITES[site][1]
+        self.where = self._site.reads
         if with_input and self.where != "output":
             raise ResidlabError(
                 f"with_input=True needs an output site; {site!r} is an input site.",
@@ -99,39 +96,22 @@ class Edit:
             )
         return new.to(value.dtype)
 
-    def _make_hook(self, fn: EditFn):
-        if self.where == "output" and self.with_input:
+    def _hook_with_input(self, fn: EditFn):
+        def hook(module, args, kwargs, output):
+            hidden, rest = split_output(output)
+            return join_output(self._apply(fn, hidden, first_input(args, kwargs)), rest)
 
-            def hook_with_input(module, args, kwargs, output):
-                hidden, rest = split_output(output)
-                return join_output(self._apply(fn, hidden, _first_input(args, kwargs)), rest)
-
-            return hook_with_input
-        if self.where == "output":
-
-            def hook(module, args, output):
-                hidden, rest = split_output(output)
-                return join_output(self._apply(fn, hidden), rest)
-
-            return hook
-
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (self._apply(fn, args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": self._apply(fn, kwargs["hidden_states"])}
-
-        return pre_hook
+        return hook
 
     def __enter__(self) -> Edit:
         self._lm.tracker.acquire()
         try:
-            rel = SITES[self.site][0]
             for layer, fn in self.fns.items():
-                module = self._lm.block_part(layer, rel)
-                if self.where == "output":
-                    self._hooks.forward(module, self._make_hook(fn), with_kwargs=self.with_input)
+                module = self._lm.block_part(layer, self._site.part)
+                if self.with_input:
+                    self._hooks.forward(module, self._hook_with_input(fn), with_kwargs=True)
                 else:
-                    self._hooks.pre_forward(module, self._make_hook(fn))
+                    self._hooks.replace(module, self.where, functools.partial(self._apply, fn))
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -10,7 +10,7 @@ silently changes meaning when the cache is switched on or off.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,19 @@ def parse_rule(text: str, allowed: Sequence[str]) -> PositionRule:
         return validate_rule([int(x) for x in text.split(",")], allowed)
     except ValueError:
         return validate_rule(text, allowed)
+
+
+def recorded_rule(rules: Iterable[str]) -> PositionRule:
+    """The steering rule that vectors record (``SteeringVector.position_rule``), parsed: what steering
+    uses when no rule is given, so a file made for another tool's rule (a llama.cpp or repeng control
+    vector: ``all``) steers as that tool would. Vectors that record different rules need an explicit one."""
+    distinct = sorted(set(rules))
+    if len(distinct) != 1:
+        raise ResidlabError(
+            f"the steering vectors record different position rules ({', '.join(distinct) or 'none'}).",
+            hint="pass the rule to use for all of them (positions=... / --positions).",
+        )
+    return parse_rule(distinct[0], STEERING_RULES)
 
 
 def _resolve_indices(indices: tuple[int, ...], prompt_lengths: torch.Tensor) -> torch.Tensor:

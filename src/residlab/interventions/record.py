@@ -7,80 +7,78 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from residlab.core.errors import ResidlabError
-from residlab.interventions.hooks import HookSet, split_output
+from residlab.interventions.hooks import HookSet
 from residlab.interventions.positions import RECORDING_RULES, PositionRule, select_positions, validate_rule
+from residlab.interventions.sites import MODEL_SITES, SITES, block_site, model_site
 from residlab.interventions.target import HookTarget
 
-# site -> (which module, relative to a block ("" = the block), read its input or its output)
-SITES: dict[str, tuple[str, str]] = {
-    "block": ("", "output"),  # the residual stream after block i: the layer-i convention
-    "block_input": ("", "input"),  # the residual stream before block i
-    "attn": ("attn", "output"),  # attention's contribution (before any post-norm it lacks)
-    "mlp": ("mlp", "output"),  # the MLP's contribution
-    "mlp_act": ("mlp_down", "input"),  # the MLP's hidden activation (input of its down-projection)
-}
+__all__ = ["MODEL_SITES", "SITES", "Layer", "Recording"]
+
+Layer = int | str  # a block number, or a model-level site by name ("final_norm")
 
 
 class Recording:
     """A context manager that records activations for every forward pass run inside it.
 
-    ``rec[layer]`` (site ``block``) or ``rec[layer, site]`` gives the tensor for one pass, or, when
-    several passes were recorded with ``last`` or index positions, their rows concatenated along
-    the batch dimension. ``rec.calls(layer, site)`` gives each pass separately (use it for ``all``
-    positions across generation steps). Tensors are detached and stay on the model's device.
+    ``layers`` are block numbers (negative from the end) and model-level sites by name
+    (``"final_norm"``: the last block's output after the final norm, Hugging Face's last
+    ``hidden_states`` entry). ``sites`` are the block sites recorded at each numbered layer (see
+    :mod:`residlab.interventions.sites`).
+
+    ``rec[layer]`` (site ``block``), ``rec[layer, site]`` or ``rec["final_norm"]`` gives the tensor for
+    one pass, or, when several passes were recorded with ``last`` or index positions, their rows
+    concatenated along the batch dimension. ``rec.calls(layer, site)`` gives each pass separately (use it
+    for ``all`` positions across generation steps). Tensors are detached and stay on the model's device.
     ``rec.positions`` holds each pass's [batch, tokens] real positions (-1 = padding).
     """
 
     def __init__(
         self,
         lm: HookTarget,
-        layers: Iterable[int],
+        layers: Iterable[Layer],
         positions: PositionRule = "last",
         sites: Sequence[str] = ("block",),
     ) -> None:
         self._lm = lm
-        self.layers = tuple(lm.check_layer(layer) for layer in layers)
+        wanted = list(layers)
+        named = tuple(dict.fromkeys(x for x in wanted if isinstance(x, str)))
+        for name in named:
+            model_site(name)
+        numbered = dict.fromkeys(lm.check_layer(layer) for layer in wanted if not isinstance(layer, str))
+        self.layers: tuple[Layer, ...] = (*numbered, *named)
         self.rule = validate_rule(positions, RECORDING_RULES)
         for site in sites:
-            if site not in SITES:
-                raise ResidlabError(f"unknown recording site {site!r}.", hint=f"use one of {', '.join(SITES)}.")
+            block_site(site)
         self.sites = tuple(sites)
-        self._data: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._data: dict[tuple[Layer, str], list[torch.Tensor]] = {}
         self.positions: list[torch.Tensor] = []
         self._hooks = HookSet()
 
-    def _store(self, layer: int, site: str, hidden: torch.Tensor) -> None:
+    @staticmethod
+    def _key(layer: Layer, site: str) -> tuple[Layer, str]:
+        return (layer, "") if isinstance(layer, str) else (layer, site)
+
+    def _store(self, key: tuple[Layer, str], hidden: torch.Tensor) -> None:
         ctx = self._lm.tracker.context
         assert ctx is not None
-        self._data.setdefault((layer, site), []).append(select_positions(hidden, self.rule, ctx).detach())
+        self._data.setdefault(key, []).append(select_positions(hidden, self.rule, ctx).detach())
 
-    def _make_hook(self, layer: int, site: str, where: str):
-        if where == "output":
-
-            def hook(module, args, output):
-                self._store(layer, site, split_output(output)[0])
-
-            return hook
-
-        def pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._store(layer, site, hidden)
-
-        return pre_hook
+    def _recorder(self, key: tuple[Layer, str]):
+        return lambda hidden: self._store(key, hidden)
 
     def __enter__(self) -> Recording:
         self._lm.tracker.acquire()
         try:
             self._hooks.pre_forward(self._lm.decoder, self._remember_positions)
             for layer in self.layers:
-                for site in self.sites:
-                    rel, where = SITES[site]
-                    module = self._lm.block_part(layer, rel)
-                    hook = self._make_hook(layer, site, where)
-                    if where == "output":
-                        self._hooks.forward(module, hook)
-                    else:
-                        self._hooks.pre_forward(module, hook)
+                if isinstance(layer, str):
+                    site = MODEL_SITES[layer]
+                    self._hooks.observe(self._lm.model_part(site.part), site.reads, self._recorder((layer, "")))
+                    continue
+                for name in self.sites:
+                    site = SITES[name]
+                    module = self._lm.block_part(layer, site.part)
+                    self._hooks.observe(module, site.reads, self._recorder((layer, name)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -96,14 +94,15 @@ class Recording:
         self._hooks.remove_all()
         self._lm.tracker.release()
 
-    def calls(self, layer: int, site: str = "block") -> list[torch.Tensor]:
+    def calls(self, layer: Layer, site: str = "block") -> list[torch.Tensor]:
         """The recorded tensor of each forward pass, in order."""
-        key = (layer, site)
+        key = self._key(layer, site)
         if key not in self._data:
-            raise KeyError(f"nothing recorded for layer {layer}, site {site!r}; recorded: {sorted(self._data)}")
+            recorded = sorted(map(str, self._data))
+            raise KeyError(f"nothing recorded for layer {layer!r}, site {site!r}; recorded: {recorded}")
         return list(self._data[key])
 
-    def __getitem__(self, key: int | tuple[int, str]) -> torch.Tensor:
+    def __getitem__(self, key: Layer | tuple[Layer, str]) -> torch.Tensor:
         layer, site = key if isinstance(key, tuple) else (key, "block")
         calls = self.calls(layer, site)
         if len(calls) == 1:

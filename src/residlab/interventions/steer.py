@@ -1,28 +1,46 @@
-"""Adding steering vectors to the residual stream while a model runs."""
+"""Steering vectors applied to the residual stream (or a block part) while a model runs."""
 
 from __future__ import annotations
 
 import torch
 
 from residlab.core.errors import ModelMismatchError, ResidlabError
-from residlab.interventions.hooks import HookSet, join_output, split_output
+from residlab.interventions.hooks import HookSet
+from residlab.interventions.operators import SteeringOperator, steering_operator
 from residlab.interventions.positions import STEERING_RULES, PositionRule, validate_rule
+from residlab.interventions.sites import block_site
 from residlab.interventions.target import HookTarget
 
 
 class Steering:
-    """A context manager that adds ``delta[layer]`` to the output of each steered block.
+    """A context manager that applies ``delta[layer]`` at ``site`` of each steered layer.
 
     ``deltas`` maps layer -> [d] or [rows, d] tensor (already multiplied by the strength). With
     ``rows`` > 1, row ``i`` of the caller's batch gets row ``i`` of the delta, also when
     the model's ``generate`` reorders prompts into sub-batches. Positions follow ``rule``
     (see :mod:`residlab.interventions.positions`), identically with and without the KV cache.
-    Hooks never mutate the model's weights and are removed on exit, exceptions included.
+
+    ``site`` is a block site of residual width (:mod:`residlab.interventions.sites`; default
+    ``block``, the block's output, where ``layer i`` lives). ``operator`` says how the delta changes
+    the value there: ``add`` (default), ``project_out``, ``add_norm_preserving``, ``clamp`` or a
+    callable (:mod:`residlab.interventions.operators`). Hooks never mutate the model's weights and are
+    removed on exit, exceptions included.
     """
 
-    def __init__(self, lm: HookTarget, deltas: dict[int, torch.Tensor], rule: PositionRule) -> None:
+    def __init__(
+        self,
+        lm: HookTarget,
+        deltas: dict[int, torch.Tensor],
+        rule: PositionRule,
+        *,
+        site: str = "block",
+        operator: str | SteeringOperator = "add",
+    ) -> None:
         self._lm = lm
         self.rule = validate_rule(rule, STEERING_RULES)
+        self.site = site
+        self._site = block_site(site, purpose="steering", residual_only=True)
+        self.operator = steering_operator(operator)
         self.deltas = {
             lm.check_layer(layer): (d if d.dim() == 2 else d.unsqueeze(0)).to(lm.device, lm.dtype)
             for layer, d in deltas.items()
@@ -41,14 +59,14 @@ class Steering:
                 )
         self._hooks = HookSet()
 
-    def _make_hook(self, delta: torch.Tensor):
+    def _transform(self, delta: torch.Tensor):
         tracker = self._lm.tracker
         per_row = delta.shape[0] > 1
         # [rows, 1, d] once, so each pass does one multiply-add and no reshapes.
         delta3 = delta.unsqueeze(1)
+        operator = self.operator
 
-        def hook(module, args, output):
-            hidden, rest = split_output(output)
+        def transform(hidden: torch.Tensor) -> torch.Tensor:
             mask = tracker.steering_mask(self.rule, hidden.dtype)
             d = delta3
             if per_row:
@@ -61,15 +79,16 @@ class Steering:
                         hint="give one vector or strength per prompt, or a single one for all.",
                     )
                 d = d.index_select(0, rows)
-            return join_output(hidden + mask * d, rest)
+            return operator(hidden, d, mask)
 
-        return hook
+        return transform
 
     def __enter__(self) -> Steering:
         self._lm.tracker.acquire()
         try:
             for layer, delta in self.deltas.items():
-                self._hooks.forward(self._lm.blocks[layer], self._make_hook(delta))
+                module = self._lm.block_part(layer, self._site.part)
+                self._hooks.replace(module, self._site.reads, self._transform(delta))
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -41,5 +41,9 @@ class HookTarget(Protocol):
 
     def block_part(self, layer: int, part: str) -> torch.nn.Module:
         """Block ``layer`` itself (``part == ""``) or one of its parts by architecture-map field name
-        (``attn``, ``mlp``, ``mlp_down``...)."""
+        (``attn``, ``mlp``, ``mlp_down``, ``input_norm``...); a clear error if the family has none."""
+        ...
+
+    def model_part(self, part: str) -> torch.nn.Module:
+        """A module of the whole model by architecture-map field name (``final_norm``, ``unembed``)."""
         ...

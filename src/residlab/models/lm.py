@@ -28,7 +28,8 @@ from residlab.core.generation import (
 )
 from residlab.core.types import check_layer_index
 from residlab.interventions.edit import Edit, EditFn, skip_blocks
-from residlab.interventions.positions import PositionRule
+from residlab.interventions.operators import SteeringOperator
+from residlab.interventions.positions import PositionRule, recorded_rule
 from residlab.interventions.record import Recording
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
@@ -74,6 +75,11 @@ class LanguageModel:
         return len(self.blocks)
 
     @property
+    def model_type(self) -> str:
+        """The architecture as Hugging Face names it (``config.model_type``: qwen2, llama, gemma3_text...)."""
+        return str(getattr(self.model.config, "model_type", "") or "")
+
+    @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
 
@@ -96,7 +102,22 @@ class LanguageModel:
     def block_part(self, layer: int, part: str) -> torch.nn.Module:
         """Block ``layer`` (``part == ""``) or one of its parts by :class:`ArchitectureMap` field name."""
         block = self.blocks[self.check_layer(layer)]
-        return block if not part else get_module(block, getattr(self.arch, part))
+        return block if not part else get_module(block, self._mapped(part))
+
+    def model_part(self, part: str) -> torch.nn.Module:
+        """A module of the whole model by :class:`ArchitectureMap` field name (``final_norm``, ``unembed``)."""
+        return get_module(self.model, self._mapped(part))
+
+    def _mapped(self, part: str) -> str:
+        path = getattr(self.arch, part)
+        if not path:
+            how = "its guessed map found none" if self.arch.guessed else "the family has none"
+            raise ResidlabError(
+                f"{self.name} ({self.arch.family}) has no {part} module: {how}.",
+                hint="use another site (block, block_input, attn, mlp...), or add the path to the family's "
+                "ArchitectureMap in residlab/models/architectures.py.",
+            )
+        return str(path)
 
     @property
     def known_names(self) -> tuple[str, ...]:
@@ -271,27 +292,40 @@ class LanguageModel:
 
     # -- interventions ------------------------------------------------------------------------
     def record(
-        self, layers: Iterable[int], positions: PositionRule = "last", sites: Sequence[str] = ("block",)
+        self, layers: Iterable[int | str], positions: PositionRule = "last", sites: Sequence[str] = ("block",)
     ) -> Recording:
-        """Record activations at ``layers`` while the ``with`` block runs (see :class:`Recording`)."""
+        """Record activations at ``layers`` while the ``with`` block runs (see :class:`Recording`).
+
+        ``layers`` are block numbers and ``"final_norm"`` (the last block's output after the final
+        norm: Hugging Face's last ``hidden_states`` entry); ``sites`` the parts of each numbered block
+        (``block``, ``block_input``, ``attn``, ``mlp``, ``mlp_act``, the norms' outputs).
+        """
         return Recording(self, layers, positions, sites)
 
     def steer(
         self,
         vector: SteeringVector | Sequence[SteeringVector],
         strength: float | Sequence[float] | torch.Tensor = 1.0,
-        positions: PositionRule = "prompt_last+generated",
+        positions: PositionRule | None = None,
         layers: Iterable[int] | None = None,
         *,
         allow_other_model: bool = False,
+        site: str = "block",
+        operator: str | SteeringOperator = "add",
     ) -> Steering:
         """Add ``strength * vector`` to the residual stream while the ``with`` block runs.
 
         ``vector`` is one :class:`SteeringVector` or one per prompt; ``strength`` a number or one per
         prompt. The strength multiplies the vector as stored (call ``vector.normalized()`` first to
-        steer with unit directions). ``layers`` restricts steering to some of the vector's layers.
-        A vector recorded for a model of another name is refused unless ``allow_other_model`` (the
-        shapes must match either way).
+        steer with unit directions). ``positions`` defaults to the rule the vector records
+        (``vector.position_rule``: ``all`` for an imported llama.cpp / repeng file); the rule that
+        runs is the returned :class:`Steering`'s ``rule``. ``layers`` restricts steering to some of
+        the vector's layers. A vector recorded for a model of another name is refused unless
+        ``allow_other_model`` (the shapes must match either way).
+
+        ``site`` is where in each layer (default ``block``, the block's output; also ``block_input``,
+        ``attn``, ``mlp`` and the norms' outputs) and ``operator`` how (``add``; ``project_out``,
+        ``add_norm_preserving``, ``clamp`` or a callable: see :mod:`residlab.interventions.operators`).
         """
         from residlab.vectors.steering_vector import SteeringVector
 
@@ -318,7 +352,8 @@ class LanguageModel:
                     hint="give one strength, or one per vector.",
                 )
             deltas[layer] = stacked * scale.unsqueeze(1)
-        return Steering(self, deltas, positions)
+        rule = recorded_rule(v.position_rule for v in vectors) if positions is None else positions
+        return Steering(self, deltas, rule, site=site, operator=operator)
 
     def edit(
         self,
@@ -330,8 +365,8 @@ class LanguageModel:
     ) -> Edit:
         """Replace ``site``'s value at ``layers`` with ``fn(value, ctx)`` while the ``with`` block runs.
 
-        Sites: ``block``, ``attn``, ``mlp`` (outputs) and ``block_input``, ``mlp_act`` (inputs); see
-        :class:`~residlab.interventions.edit.Edit`.
+        Sites: ``block``, ``attn``, ``mlp``, the norms (outputs) and ``block_input``, ``mlp_act``
+        (inputs); see :class:`~residlab.interventions.edit.Edit`.
         """
         return Edit(self, layers, site, fn, with_input=with_input)
 

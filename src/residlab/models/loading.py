@@ -63,6 +63,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def require_transformers() -> None:
+    """Fail in one line when the installed transformers is older than 5, which residlab is written for
+    (transformers 4 fails deep inside model loading with raw errors; installing steering-vectors or
+    repeng beside residlab brings it in)."""
+    import transformers
+
+    version = str(getattr(transformers, "__version__", "0"))
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+    if major < 5:
+        raise ResidlabError(
+            f"residlab needs transformers >= 5; this environment has transformers {version}.",
+            hint="pip install 'transformers>=5,<6' (steering-vectors and repeng need transformers < 5: keep them "
+            "in an environment of their own).",
+        )
+
+
 def converted_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
@@ -163,6 +179,7 @@ def load(
     against the checksums recorded when they were written (sampled bytes; every byte with
     ``verify``), and rebuilt when damaged.
     """
+    require_transformers()
     torch_dtype = parse_dtype(dtype)
     packaged: PackagedModel | None = packaged_model(spec)
     if packaged is not None:
@@ -219,6 +236,7 @@ def load_gguf(spec: str, *, verify: bool = False) -> GgufModel:
     (fast), else from the GGUF itself. A packaged GGUF is checked (in full with ``verify``)."""
     from transformers import AutoTokenizer
 
+    require_transformers()
     packaged: PackagedModel | None = packaged_model(spec)
     if packaged is not None:
         gguf, name, converted = ensure_gguf(packaged, verify=verify), packaged.name, converted_dir(packaged.name)
@@ -263,9 +281,11 @@ def model_shape(spec: str) -> ModelDims:
         return ModelDims(packaged.name, packaged.num_layers, packaged.hidden_size)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-        config = config.get("text_config", config)
-        return ModelDims(path.name, int(config["num_hidden_layers"]), int(config["hidden_size"]))
+        from transformers import AutoConfig
+
+        # transformers maps each family's own names (GPT-2's n_layer, n_embd) onto the common ones
+        config = AutoConfig.from_pretrained(str(path)).get_text_config()
+        return ModelDims(path.name, int(config.num_hidden_layers), int(config.hidden_size))
     if spec.endswith(".gguf") and path.is_file():
         from gguf import GGUFReader
 

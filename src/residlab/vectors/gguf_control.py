@@ -17,6 +17,7 @@ vector's ``info``) and records the scale and residlab's metadata under ``residla
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from residlab.core.types import ModelShape
 from residlab.vectors.steering_vector import SteeringVector
 
 ARCH = "controlvector"
+UNKNOWN_ARCHITECTURE = "unknown"  # the model hint of a vector that does not record its architecture
 _PREFIX = "residlab."
 
 
@@ -38,8 +40,10 @@ def export_control_vector(
     """Write ``vector`` as a llama.cpp control-vector GGUF (atomically).
 
     ``scale`` multiplies every direction; default: ``vector.info["strength"]`` if recorded, else 1,
-    so that ``llama-cli --control-vector FILE`` steers as residlab would. ``model_hint`` is
-    llama.cpp's architecture name (``qwen2``, ``llama``...); informational only.
+    so that ``llama-cli --control-vector FILE`` steers as residlab would. ``model_hint`` is the
+    architecture (Hugging Face ``config.model_type``: ``qwen2``, ``llama``...), as repeng writes it and
+    compares it when vectors are combined; default: the one the vector records, else ``unknown`` (the
+    key must be there: repeng refuses a file without it). llama.cpp ignores it.
     """
     from gguf import GGUFWriter
 
@@ -60,7 +64,7 @@ def export_control_vector(
     meta: dict[str, str] = {**vector.metadata(), "scale": repr(float(scale))}
     with atomic_path(path) as tmp:
         writer = GGUFWriter(str(tmp), ARCH)
-        writer.add_string(f"{ARCH}.model_hint", model_hint or vector.model_name)
+        writer.add_string(f"{ARCH}.model_hint", model_hint or vector.model_type or UNKNOWN_ARCHITECTURE)
         writer.add_int32(f"{ARCH}.layer_count", len(vector.directions))
         for key, value in meta.items():
             writer.add_string(_PREFIX + key, value)
@@ -73,21 +77,49 @@ def export_control_vector(
     return path
 
 
-def import_control_vector(path: str | Path, model: ModelShape | None = None, *, strict: bool = True) -> SteeringVector:
-    """Read a control-vector GGUF (residlab's, llama.cpp's ``cvector-generator``'s or repeng's).
+# Float tensor types a control vector may come in: read as float32 (what residlab steers in). llama.cpp
+# itself applies only F32 files; repeng writes its numpy directions as they are, often float64.
+_FLOAT_TYPES = ("F32", "F64", "F16")
 
-    Files written by residlab carry their model and scale; others need ``model`` (for its name,
-    layer count and hidden size). A file whose directions do not match ``model``'s hidden size,
-    or that names layers the model lacks, is a :class:`ModelMismatchError`.
+
+@dataclass(frozen=True)
+class ControlVectorFile:
+    """What a control-vector GGUF holds, before it is matched to a model."""
+
+    path: Path
+    model_hint: str  # the architecture it names (config.model_type: qwen2, llama...); informational
+    directions: dict[int, torch.Tensor]  # float32, as stored (residlab's scale not yet divided out)
+    tensor_types: tuple[str, ...]  # the stored types, e.g. ("F64",) for a repeng file
+    residlab: dict[str, Any]  # residlab's own metadata (``residlab.*`` keys); empty for other tools' files
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.directions.values())).numel()
+
+    @property
+    def converted(self) -> bool:
+        """Whether the stored directions were not float32 (read as float32; llama.cpp refuses such files)."""
+        return self.tensor_types != ("F32",)
+
+    @property
+    def written_by_residlab(self) -> bool:
+        return self.residlab.get("format") == "residlab.steering_vector"
+
+
+def read_control_vector(path: str | Path) -> ControlVectorFile:
+    """Read a control-vector GGUF (residlab's, llama.cpp's ``cvector-generator``'s or repeng's) as it is.
+
+    Float16 and float64 directions are converted to float32 on reading (repeng writes numpy's
+    float64), so residlab steers with them; ``residlab vector export`` writes them back as the F32 file
+    llama.cpp needs. Repeated ``direction.N`` tensors are summed, as llama.cpp does.
     """
     path = Path(path)
-    fields, tensors = _read(path)
+    fields, tensors, types = _read(path)
     if fields.get("general.architecture") != ARCH:
         raise ResidlabError(
             f"{path} is a GGUF file but not a control vector (architecture {fields.get('general.architecture')!r}).",
             hint="model weights are loaded with `residlab.load`; control vectors have architecture 'controlvector'.",
         )
-    ours = {k[len(_PREFIX) :]: v for k, v in fields.items() if k.startswith(_PREFIX)}
     directions: dict[int, torch.Tensor] = {}
     for name, data in tensors.items():
         kind, _, index = name.partition(".")
@@ -101,13 +133,32 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
     sizes = {t.numel() for t in directions.values()}
     if len(sizes) != 1:
         raise ResidlabError(f"{path} has directions of different sizes {sorted(sizes)}.")
-    size = sizes.pop()
+    return ControlVectorFile(
+        path=path,
+        model_hint=str(fields.get(f"{ARCH}.model_hint") or "").replace(UNKNOWN_ARCHITECTURE, ""),
+        directions=dict(sorted(directions.items())),
+        tensor_types=tuple(sorted(set(types))),
+        residlab={k[len(_PREFIX) :]: v for k, v in fields.items() if k.startswith(_PREFIX)},
+    )
+
+
+def import_control_vector(path: str | Path, model: ModelShape | None = None, *, strict: bool = True) -> SteeringVector:
+    """Read a control-vector GGUF (residlab's, llama.cpp's ``cvector-generator``'s or repeng's).
+
+    Files written by residlab carry their model and scale; others need ``model`` (for its name,
+    layer count and hidden size) and record the rule ``all`` (llama.cpp and repeng steer every
+    position). A file whose directions do not match ``model``'s hidden size, or that names layers the
+    model lacks, is a :class:`ModelMismatchError`.
+    """
+    file = read_control_vector(path)
+    path = file.path
+    ours = file.residlab
     scale = float(ours.get("scale", "1.0"))
     if scale == 0:
         raise ResidlabError(f"{path} records scale 0: its directions carry no information.")
-    directions = {k: v / scale for k, v in directions.items()}
+    directions = {k: v / scale for k, v in file.directions.items()}
 
-    if ours.get("format") == "residlab.steering_vector":
+    if file.written_by_residlab:
         try:
             vector = SteeringVector.from_metadata(directions, ours)
         except (KeyError, ValueError) as err:
@@ -117,19 +168,23 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
         return vector
     if model is None:
         raise ResidlabError(
-            f"{path} is a control vector from another tool ({fields.get(f'{ARCH}.model_hint', 'no model hint')}); "
+            f"{path} is a control vector from another tool (model hint {file.model_hint or 'none'}); "
             "residlab needs the model it is for.",
-            hint="pass the model: import_control_vector(path, lm) / `--model NAME`.",
+            hint="pass the model: import_control_vector(path, model); on the command line, --model NAME.",
         )
-    _check_shape(path, size, max(directions), model)
+    _check_shape(path, file.size, max(directions), model)
+    info: dict[str, Any] = {"imported_from": str(path)}
+    if file.converted:
+        info["converted_from"] = "/".join(file.tensor_types)
     return SteeringVector(
         directions=directions,
         model_name=model.name,
         hidden_size=model.hidden_size,
         num_layers=model.num_layers,
-        position_rule="all",  # llama.cpp applies control vectors at every position
-        source=f"control-vector GGUF {path.name} (model hint {fields.get(f'{ARCH}.model_hint', '?')})",
-        info={"imported_from": str(path)},
+        position_rule="all",  # llama.cpp and repeng apply control vectors at every position
+        source=f"control-vector GGUF {path.name} (model hint {file.model_hint or '?'})",
+        model_type=file.model_hint,
+        info=info,
     )
 
 
@@ -146,7 +201,7 @@ def _check_shape(path: Path, size: int, top_layer: int, model: ModelShape) -> No
         )
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
     from gguf import GGUFReader
 
     if not path.is_file():
@@ -158,12 +213,18 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"{path} is not a readable GGUF file ({err}).", hint="the file is corrupt or truncated; export it again."
         ) from None
     fields = {name: _field_value(f) for name, f in reader.fields.items()}
-    tensors = {}
+    tensors, types = {}, []
     for t in reader.tensors:
-        if t.tensor_type.name != "F32":
-            raise ResidlabError(f"{path}: tensor {t.name} is {t.tensor_type.name}; control vectors are F32.")
+        kind = t.tensor_type.name
+        if kind not in _FLOAT_TYPES:
+            raise ResidlabError(
+                f"{path}: tensor {t.name} is {kind}; control vectors hold plain float directions.",
+                hint=f"write the directions as float32 (residlab reads {', '.join(_FLOAT_TYPES)}); a quantised "
+                "control vector cannot be read back as a direction.",
+            )
         tensors[t.name] = np.asarray(t.data)
-    return fields, tensors
+        types.append(kind)
+    return fields, tensors, types
 
 
 def _field_value(field: Any) -> Any:

@@ -1,7 +1,8 @@
 """``SteeringVector``: per-layer directions plus everything needed to use them correctly later.
 
 Layer convention: layer ``i`` is the output of decoder block ``i`` (0-based), which is Hugging Face
-``hidden_states[i + 1]``. A vector is applied by adding ``strength * direction`` to that output.
+``hidden_states[i + 1]`` for every block but the last (HF's last entry is after the final norm). A vector
+is applied by adding ``strength * direction`` to that output.
 Saved as safetensors, tensors named ``layer.<i>``, with the metadata in the file's header.
 """
 
@@ -23,7 +24,7 @@ from residlab.core.types import ModelShape, check_layer_index
 
 FORMAT = "residlab.steering_vector"
 FORMAT_VERSION = "1"
-LAYER_CONVENTION = "block_output"  # layer i = output of decoder block i = HF hidden_states[i + 1]
+LAYER_CONVENTION = "block_output"  # layer i = output of decoder block i (HF hidden_states[i + 1] but the last)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SteeringVector:
     source: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     info: Mapping[str, Any] = field(default_factory=dict)
+    model_type: str = ""  # the architecture (Hugging Face config.model_type, e.g. qwen2); "" if unknown
 
     def __post_init__(self) -> None:
         if not self.directions:
@@ -65,7 +67,9 @@ class SteeringVector:
 
     @classmethod
     def from_layers(cls, directions: Mapping[int, torch.Tensor], *, model: ModelShape, **kwargs: Any) -> SteeringVector:
-        """A vector with one direction per layer, for ``model``."""
+        """A vector with one direction per layer, for ``model`` (whose ``model_type``, when it has one,
+        is recorded: exported control vectors name it as their architecture)."""
+        kwargs.setdefault("model_type", str(getattr(model, "model_type", "") or ""))
         return cls(
             directions={check_layer_index(k, model.num_layers, model.name): v for k, v in directions.items()},
             model_name=model.name,
@@ -196,6 +200,7 @@ class SteeringVector:
             "created": self.created,
             "norms": json.dumps({str(k): round(v, 6) for k, v in self.norms.items()}),
             "info": json.dumps(self.info, default=str),
+            "model_type": self.model_type,
         }
 
     @classmethod
@@ -211,6 +216,7 @@ class SteeringVector:
             source=meta.get("source", ""),
             created=meta.get("created", ""),
             info=json.loads(meta.get("info", "{}")),
+            model_type=meta.get("model_type", ""),
         )
 
     def save(self, path: str | Path) -> Path:
