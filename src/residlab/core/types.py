@@ -30,7 +30,7 @@ def check_layer_index(layer: int, num_layers: int, model_name: str = "the model"
     if not 0 <= index < num_layers:
         raise ResidlabError(
             f"layer {layer} does not exist: {model_name} has {num_layers} blocks (0..{num_layers - 1}).",
-            hint="layer i is the output of decoder block i (Hugging Face hidden_states[i + 1]).",
+            hint="layer i is the output of decoder block i, 0-based (counted back from the end when negative).",
         )
     return index
 

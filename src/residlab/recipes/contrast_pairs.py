@@ -72,7 +72,10 @@ def _check_example(value: Any, what: str) -> None:
                 hint='each message is {"role": "user" | "assistant" | "system", "content": "..."}.',
             )
         if not isinstance(message.get("content"), str):
-            raise ResidlabError(f"the {what} side has a message without text content: {message!r}.")
+            raise ResidlabError(
+                f"the {what} side has a message without text content: {message!r}.",
+                hint='each chat message needs {"role": ..., "content": "text"}.',
+            )
 
 
 def as_pairs(pairs: Iterable[ContrastPair | Sequence[Prompt] | Mapping[str, Any]]) -> list[ContrastPair]:

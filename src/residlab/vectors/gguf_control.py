@@ -124,15 +124,21 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     for name, data in tensors.items():
         kind, _, index = name.partition(".")
         if kind != "direction" or not index.isdigit():
-            raise ResidlabError(f"{path} has a tensor {name!r}; control vectors hold only direction.<layer>.")
+            raise ResidlabError(
+                f"{path} has a tensor {name!r}; control vectors hold only direction.<layer>.",
+                hint="is it a control vector? llama.cpp's cvector-generator and repeng write direction.N tensors.",
+            )
         layer = int(index)
         vec = torch.from_numpy(np.array(data, dtype=np.float32).reshape(-1))
         directions[layer] = directions[layer] + vec if layer in directions else vec  # llama.cpp sums repeats
     if not directions:
-        raise ResidlabError(f"{path} holds no direction tensors.")
+        raise ResidlabError(f"{path} holds no direction tensors.", hint="export a vector with at least one layer.")
     sizes = {t.numel() for t in directions.values()}
     if len(sizes) != 1:
-        raise ResidlabError(f"{path} has directions of different sizes {sorted(sizes)}.")
+        raise ResidlabError(
+            f"{path} has directions of different sizes {sorted(sizes)}.",
+            hint="every direction.N of one file must have the model's hidden size.",
+        )
     return ControlVectorFile(
         path=path,
         model_hint=str(fields.get(f"{ARCH}.model_hint") or "").replace(UNKNOWN_ARCHITECTURE, ""),
@@ -155,14 +161,19 @@ def import_control_vector(path: str | Path, model: ModelShape | None = None, *, 
     ours = file.residlab
     scale = float(ours.get("scale", "1.0"))
     if scale == 0:
-        raise ResidlabError(f"{path} records scale 0: its directions carry no information.")
+        raise ResidlabError(
+            f"{path} records scale 0: its directions carry no information.",
+            hint="export it again with a non-zero --scale.",
+        )
     directions = {k: v / scale for k, v in file.directions.items()}
 
     if file.written_by_residlab:
         try:
             vector = SteeringVector.from_metadata(directions, ours)
         except (KeyError, ValueError) as err:
-            raise ResidlabError(f"{path} has malformed residlab metadata ({err}).") from None
+            raise ResidlabError(
+                f"{path} has malformed residlab metadata ({err}).", hint="export the vector again with residlab."
+            ) from None
         if model is not None:
             vector.check_compatible(model, strict_name=strict)
         return vector

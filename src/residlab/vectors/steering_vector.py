@@ -43,18 +43,26 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if not self.directions:
-            raise ResidlabError("a steering vector needs at least one layer.")
+            raise ResidlabError(
+                "a steering vector needs at least one layer.", hint="give a direction for at least one layer."
+            )
         clean: dict[int, torch.Tensor] = {}
         for layer, tensor in self.directions.items():
             t = torch.as_tensor(tensor).detach().to("cpu", torch.float32).flatten()
             if t.numel() != self.hidden_size:
                 raise ResidlabError(
-                    f"direction for layer {layer} has {t.numel()} values, expected hidden size {self.hidden_size}."
+                    f"direction for layer {layer} has {t.numel()} values, expected hidden size {self.hidden_size}.",
+                    hint="a direction has one value per hidden dimension.",
                 )
             if not bool(torch.isfinite(t).all()):
-                raise ResidlabError(f"direction for layer {layer} contains NaN or infinite values.")
+                raise ResidlabError(
+                    f"direction for layer {layer} contains NaN or infinite values.", hint="use a finite direction."
+                )
             if not 0 <= int(layer) < self.num_layers:
-                raise ResidlabError(f"layer {layer} is outside 0..{self.num_layers - 1}.")
+                raise ResidlabError(
+                    f"layer {layer} is outside 0..{self.num_layers - 1}.",
+                    hint="layer i is the output of decoder block i (0-based).",
+                )
             clean[int(layer)] = t
         object.__setattr__(self, "directions", dict(sorted(clean.items())))
         object.__setattr__(self, "info", dict(self.info))
@@ -95,7 +103,9 @@ class SteeringVector:
         if layer is None:
             return self.layers[0]
         if layer not in self.directions:
-            raise ResidlabError(f"no direction for layer {layer}; layers: {self.layers}.")
+            raise ResidlabError(
+                f"no direction for layer {layer}; layers: {self.layers}.", hint=f"use one of the layers {self.layers}."
+            )
         return layer
 
     def check_compatible(self, model: ModelShape, *, strict_name: bool = True) -> None:
@@ -116,7 +126,10 @@ class SteeringVector:
     # -- arithmetic ---------------------------------------------------------------------------
     def _require_same_shape(self, other: SteeringVector) -> None:
         if other.hidden_size != self.hidden_size or other.num_layers != self.num_layers:
-            raise ModelMismatchError("cannot combine vectors made for models of different shapes.")
+            raise ModelMismatchError(
+                "cannot combine vectors made for models of different shapes.",
+                hint="combine vectors extracted from the same model.",
+            )
 
     def _combine(self, other: SteeringVector, op) -> SteeringVector:
         if not isinstance(other, SteeringVector):
@@ -152,7 +165,10 @@ class SteeringVector:
         self._require_same_shape(other)
         missing = [k for k in self.layers if k not in other.directions]
         if missing:
-            raise ResidlabError(f"the vector to project out has no direction at layer(s) {missing}.")
+            raise ResidlabError(
+                f"the vector to project out has no direction at layer(s) {missing}.",
+                hint="extract the other vector at every layer of this one (or .select() this one first).",
+            )
         directions = {}
         for layer, v in self.directions.items():
             u = other.directions[layer]
@@ -164,7 +180,10 @@ class SteeringVector:
         """Unit-norm direction at every layer."""
         for layer, norm in self.norms.items():
             if norm == 0:
-                raise ResidlabError(f"the direction at layer {layer} is zero and cannot be normalised.")
+                raise ResidlabError(
+                    f"the direction at layer {layer} is zero and cannot be normalised.",
+                    hint="drop that layer (.select) or extract a non-zero direction.",
+                )
         return replace(
             self,
             directions={k: v / v.norm() for k, v in self.directions.items()},
@@ -180,7 +199,7 @@ class SteeringVector:
         if layer is None:
             shared = [k for k in self.layers if k in other.directions]
             if not shared:
-                raise ResidlabError("the vectors share no layer.")
+                raise ResidlabError("the vectors share no layer.", hint="compare vectors extracted at the same layer.")
             layer = shared[0]
         a, b = self.directions[self._one_layer(layer)], other.directions[other._one_layer(layer)]
         denominator = float(a.norm() * b.norm())
@@ -253,12 +272,17 @@ class SteeringVector:
                 hint="GGUF control vectors and other formats need their own importer.",
             )
         if meta.get("layer_convention") != LAYER_CONVENTION:
-            raise ResidlabError(f"{path} uses layer convention {meta.get('layer_convention')!r}.")
+            raise ResidlabError(
+                f"{path} uses layer convention {meta.get('layer_convention')!r}.",
+                hint="residlab reads vectors whose layer i is the output of block i (block_output).",
+            )
         try:
             directions = {int(name.split(".", 1)[1]): t for name, t in tensors.items()}
             vector = cls.from_metadata(directions, meta)
         except (KeyError, ValueError, IndexError) as err:
-            raise ResidlabError(f"{path} has malformed steering-vector metadata ({err}).") from None
+            raise ResidlabError(
+                f"{path} has malformed steering-vector metadata ({err}).", hint="re-create it with `vec.save(path)`."
+            ) from None
         if model is not None:
             vector.check_compatible(model, strict_name=strict)
         return vector
