@@ -22,6 +22,8 @@ from residlab.models.registry import DEFAULT_MODEL
 if TYPE_CHECKING:
     from residlab.data.corpus import Corpus
     from residlab.models.lm import LanguageModel
+    from residlab.saes.activations import ActivationStore
+    from residlab.saes.base import SparseAutoencoder
     from residlab.saes.pipeline import HarvestRequest
 
 sae_app = typer.Typer(
@@ -81,6 +83,25 @@ def _request(lm: LanguageModel, layer: int, site: str, context_len: int, tokens:
     from residlab.saes.pipeline import HarvestRequest
 
     return HarvestRequest(lm.check_layer(layer), site, context_len, tokens)
+
+
+def _held_out(
+    sae: SparseAutoencoder,
+    model_name: str | None,
+    dtype: str,
+    corpus: str,
+    data_dir: Path | None,
+    work_dir: Path,
+    tokens: int,
+) -> tuple[LanguageModel, Corpus, HarvestRequest, ActivationStore]:
+    """The SAE's model and corpus, and the held-out activations at its hook (harvested once, then reused)."""
+    from residlab.saes.pipeline import harvest_split
+
+    hook = sae.cfg.hook
+    lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir)
+    request = _request(lm, hook.layer, hook.site, sae.cfg.context_len, tokens)
+    held, _ = harvest_split(lm, texts, "eval", request, work_dir / "stores")
+    return lm, texts, request, held
 
 
 @sae_app.command()
@@ -206,9 +227,7 @@ def evaluate(
 
     model = load_sae(sae)
     hook = model.cfg.hook
-    lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir)
-    request = _request(lm, hook.layer, hook.site, model.cfg.context_len, eval_tokens)
-    held, _ = harvest_split(lm, texts, "eval", request, work_dir / "stores")
+    lm, texts, request, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens)
     mean_request = _request(lm, hook.layer, hook.site, model.cfg.context_len, train_tokens)
     mean_store, _ = harvest_split(lm, texts, "train", mean_request, work_dir / "stores")
     windows = eval_windows(lm, texts, request, ce_windows)
@@ -241,7 +260,6 @@ def dashboard(
     """Write a static HTML dashboard (density, top contexts, logit lens, search)."""
     from residlab.saes.dashboard import DashboardOptions, write_dashboard
     from residlab.saes.files import load_sae
-    from residlab.saes.pipeline import harvest_split
 
     model = load_sae(sae)
     try:
@@ -253,10 +271,7 @@ def dashboard(
         raise ResidlabError(
             f"latents {bad} are outside 0..{model.cfg.d_sae - 1}.", hint="name latents the SAE has (its width)."
         )
-    hook = model.cfg.hook
-    lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir)
-    request = _request(lm, hook.layer, hook.site, model.cfg.context_len, eval_tokens)
-    held, _ = harvest_split(lm, texts, "eval", request, work_dir / "stores")
+    lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens)
     folder = out or sae / "dashboard"
     page = write_dashboard(lm, model, held, folder / "index.html", DashboardOptions(latents=chosen, sample=sample))
     _report(folder, f"Dashboard of {sae}", {"dashboard": f"open {page.resolve().as_uri()} in a browser"}, [page])
