@@ -105,7 +105,8 @@ def test_harvest_skips_padding_and_resumes_after_a_kill(lm, tmp_path, monkeypatc
     spec = _spec(lm)
     full, _ = harvest(lm, DOCS, spec, tmp_path / "full", max_tokens=600, batch_size=4, shard_tokens=100, progress=False)
     windows = token_windows(lm, DOCS, 16)
-    assert full.num_tokens == sum(len(w) for w in windows[: full.manifest["windows_done"]])  # no padding rows
+    # no padding rows, and no position 0 (the attention sink every window starts with)
+    assert full.num_tokens == sum(len(w) - 1 for w in windows[: full.manifest["windows_done"]])
     real_write, calls = activations._write_shard, []
 
     def dying_write(*args, **kwargs):
@@ -319,3 +320,13 @@ def test_real_model_harvest_stops_early_and_oracle_splice_is_exact():
     ce = downstream_ce(real, sae, windows, torch.zeros(real.hidden_size), batch_size=3)
     assert ce["ce_loss_sae"] == pytest.approx(ce["ce_loss_original"], abs=1e-3)
     assert ce["ce_loss_zero_ablation"] > ce["ce_loss_original"] + 1.0
+
+
+def test_keep_mask_leaves_out_padding_bos_and_the_first_position(qwen):
+    from residlab.saes.activations import keep_mask
+
+    bos = qwen.tokenizer.bos_token_id
+    batch = qwen.pad([[bos, 5, 6, 7], [8, 9]])  # left-padded: the second row starts at column 2
+    keep = keep_mask(qwen, batch)
+    assert keep.tolist() == [[False, True, True, True], [False, False, False, True]]
+    assert keep_mask(qwen, batch, first_position=0).tolist() == [[False, True, True, True], [False, False, True, True]]

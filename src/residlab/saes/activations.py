@@ -51,6 +51,9 @@ class HarvestSpec:
     split: str
     context_len: int
     store_dtype: str = "float32"
+    # Positions before this are not read: position 0 of every window is an attention sink whose norm
+    # dwarfs the rest (and is BOS where the tokenizer adds one), so it would dominate the SAE's loss.
+    first_position: int = 1
 
     @property
     def fingerprint(self) -> str:
@@ -82,9 +85,12 @@ def token_windows(lm: LanguageModel, documents: Sequence[str], context_len: int)
     return windows
 
 
-def keep_mask(lm: LanguageModel, batch: Batch) -> torch.Tensor:
-    """[batch, tokens] bool: real tokens that are not BOS (the positions an SAE reads and replaces)."""
+def keep_mask(lm: LanguageModel, batch: Batch, first_position: int = 1) -> torch.Tensor:
+    """[batch, tokens] bool: the positions an SAE reads and replaces: real tokens at position >=
+    ``first_position`` of their window (position 0 is an attention sink), never BOS or padding."""
     keep = batch.attention_mask.bool()
+    positions = batch.attention_mask.cumsum(-1) - 1
+    keep &= positions >= first_position
     bos = lm.tokenizer.bos_token_id
     if bos is not None:
         keep &= batch.input_ids != bos
@@ -265,7 +271,7 @@ def harvest(
         chunk = list(range(index, min(index + batch_size, len(windows))))
         batch = lm.pad([windows[i] for i in chunk])
         acts = site_activations(lm, batch, spec.layer, spec.site)
-        keep = keep_mask(lm, batch)
+        keep = keep_mask(lm, batch, spec.first_position)
         positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
         window_ids = torch.tensor(chunk, device=keep.device).unsqueeze(1).expand_as(keep)
         rows["activations"].append(acts[keep].to("cpu", dtype))
