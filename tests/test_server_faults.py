@@ -39,6 +39,8 @@ def server(qwen):
         ({**GOOD, "max_tokens": -5}, 422, "max_tokens"),
         ({**GOOD, "max_tokens": 0}, 422, "max_tokens"),
         ({**GOOD, "max_tokens": "abc"}, 422, "max_tokens"),
+        ({**GOOD, "max_tokens": True}, 422, "max_tokens"),
+        ({**GOOD, "stream": "yes"}, 422, "stream"),
         ({**GOOD, "messages": ["hi"]}, 422, "messages.0"),
         ({**GOOD, "messages": []}, 422, "messages"),
         ({**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
@@ -107,3 +109,23 @@ def test_bounded_load_with_hostile_requests_interleaved(server, qwen):
     assert post(port, GOOD)[0] == 200  # alive at the end
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 300
+
+
+def test_what_openai_clients_send_is_accepted(server, qwen):
+    port = server.server_address[1]
+    expected = qwen.generate([GOOD["messages"]], max_new_tokens=4)[0].text
+    nulls = {**GOOD, "temperature": None, "top_p": None, "seed": None}
+    parts = {**GOOD, "messages": [{"role": "user", "content": [{"type": "text", "text": "Natalia sold"}]}]}
+    for body in (nulls, parts):
+        status, payload = post(port, body)
+        assert (status, payload["choices"][0]["message"]["content"]) == (200, expected)
+    status, _ = post(port, {**GOOD, "messages": [{"role": "developer", "content": "Be brief."}, *GOOD["messages"]]})
+    assert status == 200
+
+
+def test_no_max_tokens_never_exceeds_the_servers_own_limit(qwen):
+    limits = ServerLimits(max_new_tokens=3)  # below the default of 256
+    assert limits.default_new_tokens == 3
+    with serving_in_background(ModelServer(qwen, "127.0.0.1", 0, limits=limits)) as running:
+        status, payload = post(running.server_address[1], {"messages": GOOD["messages"]})
+    assert status == 200 and payload["usage"]["completion_tokens"] <= 3

@@ -46,6 +46,7 @@ class RequestError(Exception):
 class _Handler(BaseHTTPRequestHandler):
     server: ModelServer
     protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a client may stall mid-request before its connection is dropped
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
@@ -163,7 +164,8 @@ class ModelServer(ThreadingHTTPServer):
         if prompt_tokens > limits.max_prompt_tokens:
             raise RequestError(400, f"the prompt has {prompt_tokens} tokens; this server takes at most "
                                f"{limits.max_prompt_tokens}")  # fmt: skip
-        budget = request.token_budget(limits)
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        budget = request.token_budget(limits, room)
         if budget > limits.max_new_tokens:
             raise RequestError(400, f"max_tokens={budget} is more than this server's limit of "
                                f"{limits.max_new_tokens} new tokens")  # fmt: skip
@@ -173,11 +175,14 @@ class ModelServer(ThreadingHTTPServer):
         return budget
 
     def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        messages = [m.model_dump() for m in request.messages]
+        messages = [m.as_template_message() for m in request.messages]
         prompt_tokens = len(self.engine.tokenize(self.engine.format_prompt(messages, chat=True)))
         budget = self._budget(request, prompt_tokens)
         sampling = SamplingParams(
-            max_new_tokens=budget, temperature=request.temperature, top_p=request.top_p, seed=request.seed
+            max_new_tokens=budget,
+            temperature=0.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
         )
         with self._lock:
             generation = self.engine.generate([messages], sampling, steering=self.steering, chat=True)[0]
