@@ -41,8 +41,11 @@ int main(void) {
   return 0;
 }
 C
-  rc=1
+  # 0: AMX runs; 1: it faults; 2: no compiler here can build AMX code (then -march=native cannot emit
+  # it either, and -mno-amx-* would be unknown options: keep the native build)
+  rc=2
   if cc -O1 -mamx-tile -o "$dir/amx" "$dir/amx.c" 2>/dev/null; then
+    rc=1
     # grouped, so that the shell's own "Illegal instruction" notice is silenced too
     { "$dir/amx"; } >/dev/null 2>&1 && rc=0
   fi
@@ -51,11 +54,17 @@ C
 }
 
 FLAVOUR=native
-if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! amx_usable; then
-  FLAVOUR=noamx
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  probe=0
+  amx_usable || probe=$?
+  [ "$probe" = 1 ] && FLAVOUR=noamx
 fi
-SITE="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-MARKER="$SITE/llama_cpp/.residlab-build"
+CPU="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12 || echo generic)"
+WHEELS="${RESIDLAB_CACHE:-$HOME/.cache/residlab}/build-wheels/$CPU"
+# Which build this Python environment has, recorded beside the wheels (site-packages may be read-only
+# or elsewhere), one marker per environment.
+ENV_ID="$("$PYTHON" -c 'import sys; print(sys.prefix)' | md5sum | cut -c1-12)"
+MARKER="$WHEELS.installed-flavour-$ENV_ID"
 if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$VERSION')" 2>/dev/null; then
   if [ "$FLAVOUR" = native ] || [ "$(cat "$MARKER" 2>/dev/null)" = "$FLAVOUR" ]; then
     exit 0
@@ -63,8 +72,6 @@ if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-
   echo "the installed llama-cpp-python uses AMX, which this machine cannot run: rebuilding it without AMX" >&2
 fi
 
-CPU="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12 || echo generic)"
-WHEELS="${RESIDLAB_CACHE:-$HOME/.cache/residlab}/build-wheels/$CPU"
 CMAKE_EXTRA=""
 if [ "$FLAVOUR" = noamx ]; then
   WHEELS="$WHEELS-noamx"
@@ -82,4 +89,5 @@ fi
 # The wheel of this flavour exactly (never one pip cached from another build), then its dependencies.
 "$PYTHON" -m pip install -q --force-reinstall --no-deps --no-index --find-links "$WHEELS" "$PIN"
 "$PYTHON" -m pip install -q --find-links "$WHEELS" "$PIN"
+mkdir -p "$(dirname "$MARKER")"
 echo "$FLAVOUR" > "$MARKER"
