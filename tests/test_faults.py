@@ -400,3 +400,25 @@ def test_eval_refuses_bad_numbers_before_any_work(tmp_path, option, value):
                   str(tmp_path / "out"), option, value)  # fmt: skip
     assert result.exit_code == 2 and "no-model" not in result.output  # refused before the model is looked for
     assert not list((tmp_path / "out").rglob("*.jsonl"))
+
+
+def test_teacher_traces_are_asked_again_for_an_edited_problem(tmp_path):
+    from dataclasses import replace
+
+    from residlab.data import synthetic_problems
+    from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+
+    asked: list[str] = []
+
+    class CountingTeacher(TeacherClient):
+        def complete(self, question: str, max_tokens: int) -> str:
+            asked.append(question)
+            return f"trace {len(asked)}"
+
+    teacher = CountingTeacher("http://127.0.0.1:9/v1")
+    problems = synthetic_problems(2, seed=3)
+    first = teacher_traces(teacher, problems, tmp_path, 8)
+    assert teacher_traces(teacher, problems, tmp_path, 8) == first and len(asked) == 2  # cached
+    edited = [replace(problems[0], question=problems[0].question + " Then double it."), problems[1]]
+    second = teacher_traces(teacher, edited, tmp_path, 8)
+    assert len(asked) == 3 and second[0] == "trace 3" and second[1] == first[1]

@@ -118,13 +118,14 @@ def evaluate(
         else None
     )
     for start in range(0, len(todo), decoding.batch_size):
-        chunk = todo[start : start + decoding.batch_size]
-        if start:  # another run on the same records may have done some of them meanwhile: share its work
-            done.update(matching_records(store, chunk))
-            chunk = [p for p in chunk if p.id not in done]
+        batch = todo[start : start + decoding.batch_size]
+        # the seed follows the batch as planned, so sampled outputs do not depend on a concurrent run
+        seed = int(hashlib.sha256(f"{decoding.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+        # another run on the same records may have done some of them meanwhile: share its work
+        done.update(matching_records(store, batch))
+        chunk = [p for p in batch if p.id not in done]
         if chunk:
             prompts = [condition.template.format(question=p.question) for p in chunk]
-            seed = int(hashlib.sha256(f"{decoding.seed}:{chunk[0].id}".encode()).hexdigest()[:8], 16)
             generations = engine.generate(
                 prompts,
                 SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
@@ -138,7 +139,7 @@ def evaluate(
             stored = store.append(r.to_json() for r in fresh)
             done.update((r["id"], EvalRecord.from_json(r)) for r in stored)
         if bar is not None:
-            bar.update(len(todo[start : start + decoding.batch_size]))
+            bar.update(len(batch))
     if bar is not None:
         bar.close()
     return [done[p.id] for p in problems]

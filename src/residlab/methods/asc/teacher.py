@@ -15,6 +15,7 @@ from pathlib import Path
 from residlab.core.errors import ResidlabError
 from residlab.core.records import JsonlStore
 from residlab.data import Problem
+from residlab.evaluation.records import problem_fingerprint
 from residlab.methods.asc import prompts
 
 
@@ -54,13 +55,20 @@ class TeacherClient:
 
 
 def teacher_traces(teacher: TeacherClient, problems: Sequence[Problem], work_dir: Path, max_tokens: int) -> list[str]:
-    """The teacher's trace for every problem, in order; cached under ``work_dir`` per endpoint and model."""
+    """The teacher's trace for every problem, in order; cached under ``work_dir`` per endpoint and model,
+    and per problem content (an edited question or answer is asked again; older entries without the
+    content hash are matched by id)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher.url}-{teacher.model}")[-80:]
-    store = JsonlStore(work_dir / f"teacher-{safe}.jsonl")
-    done = {r["id"]: r["concise"] for r in store.read()}
+    store = JsonlStore(work_dir / f"teacher-{safe}.jsonl", unique_key=lambda r: (r.get("id"), r.get("problem_sha")))
+    cached = store.read()
+    done: dict[str, str] = {}
     for problem in problems:
-        if problem.id not in done:
-            text = teacher.complete(problem.question, max_tokens)
-            store.append([{"id": problem.id, "concise": text}])
-            done[problem.id] = text
+        sha = problem_fingerprint(problem)
+        found = [r for r in cached if r.get("id") == problem.id and r.get("problem_sha") in (sha, None)]
+        if found:
+            done[problem.id] = str(found[-1]["concise"])
+            continue
+        text = teacher.complete(problem.question, max_tokens)
+        stored = store.append([{"id": problem.id, "concise": text, "problem_sha": sha}])
+        done[problem.id] = str(stored[0]["concise"])
     return [done[p.id] for p in problems]
