@@ -1,4 +1,5 @@
 import functools
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -15,71 +16,18 @@ from residlab.models.architectures import (
     guess_architecture,
 )
 from residlab.models.lm import LanguageModel
-from residlab.testing import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from residlab.testing import TINY_FAMILIES, UNMAPPED_FAMILIES, tiny_model, tiny_tokenizer
 
-MAPPED_FAMILIES = (*TINY_FAMILIES, "mistral", "qwen3")  # residlab.testing has no tiny config for the last two
-
-
-GUESSED_FAMILIES = ("phi", "stablelm", "stablelm_parallel", "olmo")  # no table: their maps are guessed
-
-
-@functools.cache
-def _guessed(family: str) -> LanguageModel:
-    """A tiny random model of a family residlab has no table for (built from its transformers config)."""
-    import warnings
-
-    import transformers as tf
-
-    tokenizer = tiny_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    config = {
-        "phi": lambda: tf.PhiConfig(**common),
-        "stablelm": lambda: tf.StableLmConfig(num_key_value_heads=2, **common),
-        "stablelm_parallel": lambda: tf.StableLmConfig(num_key_value_heads=4, use_parallel_residual=True, **common),
-        "olmo": lambda: tf.OlmoConfig(num_key_value_heads=2, **common),
-    }[family]()
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GuessedArchitectureWarning)
-        return LanguageModel(model, tokenizer, name=f"tiny-{family}", source="testing")
+MAPPED_FAMILIES = (*TINY_FAMILIES, "mistral", "qwen3")
+GUESSED_FAMILIES = UNMAPPED_FAMILIES  # no table: their maps are guessed
 
 
 @functools.cache
 def _tiny(family: str) -> LanguageModel:
-    """A tiny random model of ``family``: residlab.testing's, or one built here from a llama-like config."""
-    if family in TINY_FAMILIES:
+    """A tiny random model of ``family`` (residlab.testing's configs); a guessed map warns, quietly here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GuessedArchitectureWarning)
         return tiny_model(family)
-    if family in GUESSED_FAMILIES:
-        return _guessed(family)
-    import transformers as tf
-
-    tokenizer = tiny_tokenizer()
-    config_class = {"mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config}[family]
-    config = config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return LanguageModel(model, tokenizer, name=f"tiny-{family}", source="testing")
 
 
 @pytest.fixture(params=MAPPED_FAMILIES)
@@ -89,7 +37,7 @@ def any_lm(request) -> LanguageModel:
 
 @pytest.fixture(params=GUESSED_FAMILIES)
 def guessed_lm(request) -> LanguageModel:
-    return _guessed(request.param)
+    return _tiny(request.param)
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
@@ -241,7 +189,7 @@ def test_guessed_models_record_and_steer_like_mapped_ones(guessed_lm):
 
 
 def test_a_part_the_guess_did_not_find_is_a_clear_error():
-    lm = _guessed("phi")
+    lm = _tiny("phi")
     arch = replace(lm.arch, post_attn_norm=None, attn="")
     object.__setattr__(lm, "arch", arch)  # as if the guess had found no attention module
     try:

@@ -45,7 +45,8 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 64):
-    """A transformers config for a tiny model of ``family`` (llama, qwen2, gemma3, gpt2, gpt_neox)."""
+    """A transformers config for a tiny model of ``family``: the mapped families of ``TINY_FAMILIES`` and
+    ``mistral``/``qwen3``, plus families residlab has no table for (``UNMAPPED_FAMILIES``: its guessed maps)."""
     import transformers as tf
 
     common: dict[str, Any] = dict(
@@ -63,6 +64,16 @@ def tiny_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 
         return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if family == "qwen2":
         return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family in ("mistral", "qwen3"):
+        config_class = tf.MistralConfig if family == "mistral" else tf.Qwen3Config
+        return config_class(num_key_value_heads=2, head_dim=16, **common)
+    if family == "phi":
+        return tf.PhiConfig(**common)
+    if family in ("stablelm", "stablelm_parallel"):
+        parallel = family == "stablelm_parallel"
+        return tf.StableLmConfig(num_key_value_heads=4 if parallel else 2, use_parallel_residual=parallel, **common)
+    if family == "olmo":
+        return tf.OlmoConfig(num_key_value_heads=2, **common)
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common
@@ -85,6 +96,7 @@ def tiny_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 
 
 
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "gpt2", "gpt_neox")
+UNMAPPED_FAMILIES = ("phi", "stablelm", "stablelm_parallel", "olmo")  # no table in models/architectures.py
 
 
 def tiny_model(family: str = "qwen2", *, seed: int = 0, layers: int = 3, hidden: int = 64):
