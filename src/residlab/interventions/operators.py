@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from residlab.core.errors import ResidlabError
+from residlab.core.registry import lookup
 
 SteeringOperator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -85,12 +85,6 @@ OPERATORS: dict[str, SteeringOperator] = {
 
 def steering_operator(operator: str | SteeringOperator) -> SteeringOperator:
     """An operator by name (:data:`OPERATORS`), or a callable passed through."""
-    if callable(operator):
-        return operator
-    found = OPERATORS.get(operator)
-    if found is None:
-        raise ResidlabError(
-            f"unknown steering operator {operator!r}.",
-            hint=f"use one of {', '.join(OPERATORS)}, or a function (hidden, delta, mask) -> new hidden.",
-        )
-    return found
+    return lookup(
+        OPERATORS, operator, what="steering operator", extend_hint="a function (hidden, delta, mask) -> new hidden"
+    )

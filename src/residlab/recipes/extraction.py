@@ -19,6 +19,7 @@ import torch
 
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import uses_chat_template
+from residlab.core.registry import lookup
 from residlab.models.lm import LanguageModel
 from residlab.recipes.contrast_pairs import ContrastPair, ReadSpec, as_pairs
 from residlab.vectors.steering_vector import SteeringVector
@@ -88,16 +89,12 @@ AGGREGATORS: dict[str, Aggregator] = {
 
 def aggregator(method: str | Aggregator) -> Aggregator:
     """An aggregator by name (:data:`AGGREGATORS`, where a user may add one), or a callable passed through."""
-    if callable(method):
-        return method
-    found = AGGREGATORS.get(method)
-    if found is None:
-        raise ResidlabError(
-            f"unknown method {method!r}.",
-            hint=f"use one of {', '.join(AGGREGATORS)}, or add a function (positive, negative) -> direction "
-            "to residlab.recipes.extraction.AGGREGATORS.",
-        )
-    return found
+    return lookup(
+        AGGREGATORS,
+        method,
+        what="method",
+        extend_hint="add a function (positive, negative) -> direction to residlab.recipes.extraction.AGGREGATORS",
+    )
 
 
 @dataclass(frozen=True)
