@@ -163,3 +163,28 @@ def test_post_norm_sites_steer_on_gemma():
     for site in ("post_attn_norm", "post_mlp_norm", "pre_mlp_norm"):
         with gemma.steer(vec, positions="all", site=site):
             assert not torch.allclose(gemma.forward(PROMPTS), plain), site
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2", "gpt_neox", "phi", "olmo"])
+def test_head_and_pre_activation_sites_rebuild_the_branch_outputs(family):
+    """``attn_heads`` is what attention's output projection reads and ``mlp_pre`` what the activation reads:
+    pushing them through the mapped modules gives back the recorded attention and MLP outputs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = tiny_model(family)
+    arch, block, config = lm.arch, lm.block_part(1, ""), lm.model.config
+    sites = ("attn_heads", "attn", "mlp_pre", "mlp", "pre_mlp_norm")
+    with torch.inference_mode():  # lm.forward runs in inference mode; so must the modules fed its tensors
+        with lm.record(layers=[1], positions="all", sites=sites) as rec:
+            lm.forward(PROMPTS[:2])
+        heads, mlp_input = rec[1, "attn_heads"], rec[1, "pre_mlp_norm"]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        assert heads.shape[-1] == config.num_attention_heads * head_dim
+        torch.testing.assert_close(get_module(block, arch.attn_out)(heads), rec[1, "attn"])
+        torch.testing.assert_close(get_module(block, arch.mlp_in)(mlp_input), rec[1, "mlp_pre"])
+        hidden = get_module(block, arch.mlp_act_fn)(rec[1, "mlp_pre"])
+        if arch.mlp_up:
+            hidden = hidden * get_module(block, arch.mlp_up)(mlp_input)
+        torch.testing.assert_close(get_module(block, arch.mlp_down)(hidden), rec[1, "mlp"])

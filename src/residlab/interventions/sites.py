@@ -8,8 +8,10 @@ block (see the architecture map)::
                  └───────────────────────────────────────(+)─┬─ pre_mlp_norm ─ mlp ─ [post_mlp_norm] ─┐
                                                              └──────────────────────────────────────(+)─ block
 
-``mlp_act`` is the MLP's hidden activation (the input of its down-projection). The post-norm sites exist
-only in families that normalise a branch's output again (Gemma 2/3). Every site but ``mlp_act`` has the
+``mlp_act`` is the MLP's hidden activation (the input of its down-projection), ``mlp_pre`` its
+pre-activation (the output of the gate / first projection), ``attn_heads`` the per-head outputs that
+attention's output projection reads (n_heads x head_dim, concatenated). The post-norm sites exist
+only in families that normalise a branch's output again (Gemma 2/3). Every site but those three has the
 residual's width, so a steering vector can be added there.
 
 A model site is one module of the whole model: ``final_norm``, the last block's output after the final
@@ -38,12 +40,15 @@ SITES: dict[str, Site] = {
     "attn": Site("attn", "output"),  # attention's contribution (before any post-norm of its own)
     "mlp": Site("mlp", "output"),  # the MLP's contribution (before any post-norm of its own)
     "mlp_act": Site("mlp_down", "input"),  # the MLP's hidden activation
+    "mlp_pre": Site("mlp_in", "output"),  # the MLP's pre-activation (the gate's, in a gated MLP)
+    "attn_heads": Site("attn_out", "input"),  # the heads' outputs, concatenated (n_heads x head_dim)
     "input_norm": Site("input_norm", "output"),  # the normalised residual that attention reads
     "pre_mlp_norm": Site("pre_mlp_norm", "output"),  # the normalised residual that the MLP reads
     "post_attn_norm": Site("post_attn_norm", "output"),  # attention's output as added (Gemma 2/3)
     "post_mlp_norm": Site("post_mlp_norm", "output"),  # the MLP's output as added (Gemma 2/3)
 }
-MLP_WIDTH_SITES = frozenset({"mlp_act"})  # the MLP's hidden width: no steering vector fits there
+# Sites whose width is not the residual's (the MLP's hidden width, or n_heads x head_dim): no steering vector fits.
+MLP_WIDTH_SITES = frozenset({"mlp_act", "mlp_pre", "attn_heads"})
 
 MODEL_SITES: dict[str, Site] = {
     "final_norm": Site("final_norm", "output"),  # the last block's output, final norm applied

@@ -50,6 +50,10 @@ class ArchitectureMap:
     pre_mlp_norm: str  # normalises the residual before the MLP
     final_norm: str
     unembed: str
+    attn_out: str = ""  # attention's output projection: its *input* is the heads' outputs, concatenated
+    mlp_in: str = ""  # the projection whose output is the MLP's pre-activation (the gate of a gated MLP)
+    mlp_act_fn: str = ""  # the MLP's activation-function module (applied to ``mlp_in``'s output)
+    mlp_up: str | None = None  # a gated MLP's up projection (multiplied by the activated gate); None if not gated
     post_attn_norm: str | None = None  # normalises attention's output before the residual add (Gemma 2/3)
     post_mlp_norm: str | None = None  # normalises the MLP's output before the residual add (Gemma 2/3)
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX, GPT-J)
@@ -67,6 +71,10 @@ _LLAMA_LIKE: dict[str, Any] = dict(
     attn="self_attn",
     mlp="mlp",
     mlp_down="mlp.down_proj",
+    attn_out="self_attn.o_proj",
+    mlp_in="mlp.gate_proj",
+    mlp_act_fn="mlp.act_fn",
+    mlp_up="mlp.up_proj",
     input_norm="input_layernorm",
     pre_mlp_norm="post_attention_layernorm",  # the name says "post attention": it normalises the MLP's input
     final_norm="model.norm",
@@ -94,6 +102,9 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
         attn="attn",
         mlp="mlp",
         mlp_down="mlp.c_proj",
+        attn_out="attn.c_proj",
+        mlp_in="mlp.c_fc",
+        mlp_act_fn="mlp.act",
         input_norm="ln_1",
         pre_mlp_norm="ln_2",
         final_norm="transformer.ln_f",
@@ -106,6 +117,9 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
         attn="attention",
         mlp="mlp",
         mlp_down="mlp.dense_4h_to_h",
+        attn_out="attention.dense",
+        mlp_in="mlp.dense_h_to_4h",
+        mlp_act_fn="mlp.act",
         input_norm="input_layernorm",
         pre_mlp_norm="post_attention_layernorm",  # the MLP's input norm (of h itself with a parallel residual)
         final_norm="gpt_neox.final_layer_norm",
@@ -150,6 +164,10 @@ _BLOCK_LISTS = ("layers", "h", "blocks")
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 _MLP_DOWN = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out")
+_ATTN_OUT = ("o_proj", "c_proj", "dense", "out_proj", "wo")
+_MLP_IN = ("gate_proj", "c_fc", "fc1", "dense_h_to_4h", "w1", "fc_in")
+_MLP_ACT_FN = ("act_fn", "act", "activation_fn", "activation")
+_MLP_UP = ("up_proj", "w3")
 _INPUT_NORM = ("input_layernorm", "ln_1", "attention_norm", "norm1", "ln1")
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "norm2", "ln2")
 _FINAL_NORM = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
@@ -191,6 +209,8 @@ def guess_architecture(model: torch.nn.Module) -> ArchitectureMap | None:
     decoder = blocks.rsplit(".", 1)[0]
     block = get_module(model, blocks)[0]  # type: ignore[index]
     mlp = _find(block, _MLP)
+    attn = _find(block, _ATTN)
+    mlp_module = get_module(block, mlp) if mlp else None
     input_norm = _find(block, _INPUT_NORM)
     pre_mlp_norm = _find(block, _PRE_MLP_NORM)
     sandwich = pre_mlp_norm == "pre_feedforward_layernorm"  # Gemma-style: the other two are post-norms
@@ -200,9 +220,13 @@ def guess_architecture(model: torch.nn.Module) -> ArchitectureMap | None:
         family=str(getattr(config, "model_type", None) or type(model).__name__),
         decoder=decoder,
         blocks=blocks,
-        attn=_find(block, _ATTN),
+        attn=attn,
         mlp=mlp,
-        mlp_down=_find(get_module(block, mlp), _MLP_DOWN, f"{mlp}.") if mlp else "",
+        mlp_down=_find(mlp_module, _MLP_DOWN, f"{mlp}.") if mlp_module else "",
+        attn_out=_find(get_module(block, attn), _ATTN_OUT, f"{attn}.") if attn else "",
+        mlp_in=_find(mlp_module, _MLP_IN, f"{mlp}.") if mlp_module else "",
+        mlp_act_fn=_find(mlp_module, _MLP_ACT_FN, f"{mlp}.") if mlp_module else "",
+        mlp_up=(_find(mlp_module, _MLP_UP, f"{mlp}.") or None) if mlp_module else None,
         input_norm=input_norm,
         pre_mlp_norm=pre_mlp_norm or input_norm,
         final_norm=_find(get_module(model, decoder), _FINAL_NORM, f"{decoder}."),
