@@ -330,3 +330,45 @@ def test_keep_mask_leaves_out_padding_bos_and_the_first_position(qwen):
     keep = keep_mask(qwen, batch)
     assert keep.tolist() == [[False, True, True, True], [False, False, False, True]]
     assert keep_mask(qwen, batch, first_position=0).tolist() == [[False, True, True, True], [False, False, True, True]]
+
+
+# --------------------------------------------------------------------------- BatchTopK
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_learns_its_threshold(lm, tmp_path):
+    from residlab.saes.batchtopk import BatchTopKConfig, batch_topk_codes
+
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.1, 0.2, 5.0, 4.0]])
+    codes = batch_topk_codes(pre, 2)  # the 4 largest of the whole batch, whichever row they are in
+    assert codes.tolist() == [[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]]
+    store, _ = harvest(lm, DOCS, _spec(lm), tmp_path / "h", max_tokens=800, progress=False)
+    cfg = BatchTopKConfig(d_in=64, d_sae=256, k=8, dead_window=200, hook=HookPoint(lm.name, 1), threshold_lr=0.2)
+    trained = train_sae(cfg, store, TrainConfig(total_tokens=128 * 30, batch_size=128, warmup_steps=3), tmp_path / "t")
+    sae = trained.sae
+    x = store.activations(256)
+    with torch.no_grad():
+        terms, out = sae.loss(x)
+    assert int((out.z != 0).sum()) == 8 * 256  # the batch rule: k per token on average, exactly
+    threshold = float(sae.threshold[0])
+    assert threshold > 0 and torch.all(sae.threshold == threshold)
+    inference = sae(x).z  # the JumpReLU rule keeps about as many as the batch rule did
+    assert 0.5 * 8 < float((inference != 0).sum(-1).float().mean()) < 2 * 8
+    assert torch.all(inference[inference != 0] > threshold)
+    assert trained.history[-1]["nmse"] < trained.history[0]["nmse"]
+
+
+def test_saelens_loads_a_residlab_batchtopk_sae_as_jumprelu(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[sae]')")
+    from residlab.saes.batchtopk import BatchTopKConfig
+
+    sae = build_sae(BatchTopKConfig(d_in=16, d_sae=64, k=6))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.threshold.fill_(0.7)
+    save_sae(sae, tmp_path / "sae")
+    assert float(load_sae(tmp_path / "sae").threshold[3]) == pytest.approx(0.7)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    x = torch.randn(10, 16) * 4
+    assert torch.allclose(theirs.encode(x), sae(x).z, atol=1e-5)
+    assert torch.allclose(theirs(x), sae(x).x_hat, atol=1e-5)

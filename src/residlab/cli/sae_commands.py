@@ -151,7 +151,7 @@ def train(
     layer: LayerArg = 12,
     site: SiteArg = "block",
     corpus: CorpusArg = "wiki",
-    arch: Annotated[str, typer.Option(help="topk or vsae.")] = "topk",
+    arch: Annotated[str, typer.Option(help="topk, batchtopk or vsae.")] = "topk",
     expansion: Annotated[int, typer.Option(min=1, help="Width = expansion x d_model.")] = 8,
     k: Annotated[int, typer.Option(min=1, help="Active latents per token.")] = 32,
     sample: Annotated[bool, typer.Option(help="vSAE: train with posterior sampling.")] = False,

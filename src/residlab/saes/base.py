@@ -252,5 +252,6 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
 
 def _load_builtin_architectures() -> None:
     # The built-in architectures register themselves on import.
+    import residlab.saes.batchtopk  # noqa: F401
     import residlab.saes.topk  # noqa: F401
     import residlab.saes.vsae  # noqa: F401

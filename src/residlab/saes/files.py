@@ -4,7 +4,8 @@ A folder holds ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc`` [d_in, d_
 [d_sae, d_in], ``b_enc``, ``b_dec``, plus the architecture's own tensors). ``cfg.json`` carries
 SAELens' keys (``architecture``, ``d_in``, ``d_sae``, ``k``, ``metadata.hook_name`` in
 TransformerLens naming...) and residlab's full config under ``"residlab"``. A TopK SAE is read by
-SAELens' ``SAE.load_from_disk`` as its own ``topk`` architecture (same equations); the variational
+SAELens' ``SAE.load_from_disk`` as its own ``topk`` architecture, a BatchTopK SAE as ``jumprelu`` (its inference
+rule is a JumpReLU at one threshold, stored per latent), both with the same equations; the variational
 SAE has no SAELens counterpart (it keeps signed codes) and is written as ``residlab_vsae``, which
 only residlab reads. Training state (dead-latent counters) goes to a separate file SAELens ignores.
 """
@@ -25,7 +26,7 @@ from residlab.saes.base import SAEConfig, SparseAutoencoder, architecture, build
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 STATE_FILE = "residlab_state.safetensors"
-SAELENS_ARCH = {"topk": "topk", "vsae": "residlab_vsae"}
+SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "vsae": "residlab_vsae"}
 # residlab site -> TransformerLens hook name (what SAELens users look for in metadata.hook_name)
 TL_HOOKS = {
     "block": "blocks.{layer}.hook_resid_post",
