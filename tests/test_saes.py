@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -136,6 +137,20 @@ def test_store_batches_are_the_same_from_any_start(lm, tmp_path):
     later = store.batches(64, seed=3, start_step=7)
     for expected in first[7:]:
         assert torch.equal(next(later), expected)
+
+
+def test_store_batches_mix_rows_of_several_shards(lm, tmp_path):
+    store, _ = harvest(lm, DOCS, _spec(lm), tmp_path, max_tokens=500, batch_size=8, shard_tokens=90, progress=False)
+    assert len(store.shards) >= 4
+    rows = {tuple(r.tolist()): i for i in range(len(store.shards)) for r in store.shard(i)["activations"]}
+    one_batch = next(store.batches(64, seed=0, mix_shards=4))
+    shards_in_batch = {rows[tuple(r.tolist())] for r in one_batch}
+    assert len(shards_in_batch) >= 3  # one shard alone would fill a batch of 64 without mixing
+    unmixed = next(store.batches(64, seed=0, mix_shards=1))
+    assert len({rows[tuple(r.tolist())] for r in unmixed}) <= 2
+    total = sum(int(s["tokens"]) for s in store.shards)
+    epoch = torch.cat(list(itertools.islice(store.batches(10, seed=0), total // 10 + 1)))[:total]
+    assert len({tuple(r.tolist()) for r in epoch}) == len(rows)  # an epoch visits every row once
 
 
 # --------------------------------------------------------------------------- the SAEs

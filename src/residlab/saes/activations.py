@@ -2,8 +2,8 @@
 
 The forward pass stops right after the recorded site (a hook raises a private exception, caught
 here), so the blocks above it and the unembedding never run. Padding and BOS positions are skipped.
-Each shard is shuffled before it is written (the shuffle buffer is the shard) and written
-atomically; ``manifest.json`` is rewritten after each shard, so a killed harvest resumes at the
+Each shard is shuffled before it is written and written atomically (training then shuffles
+several shards' rows together); ``manifest.json`` is rewritten after each shard, so a killed harvest resumes at the
 first window it had not stored. A store's folder name carries a fingerprint of the model, layer,
 site, corpus, split and context length, so several SAEs reuse one harvest.
 
@@ -175,15 +175,21 @@ class ActivationStore:
             total += self.shard(i)["activations"].double().sum(dim=0)
         return (total / max(1, self.num_tokens)).float()
 
-    def batches(self, batch_size: int, *, seed: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Endless float32 batches: each epoch visits the shards in a seeded order, each shard's rows
-        in a seeded order. Batch ``i`` is the same whatever ``start_step`` the stream started at."""
+    def batches(
+        self, batch_size: int, *, seed: int = 0, start_step: int = 0, mix_shards: int = 4
+    ) -> Iterator[torch.Tensor]:
+        """Endless float32 batches. Each epoch visits the shards in a seeded order, ``mix_shards`` at a
+        time, and shuffles the rows of those shards together (a shard holds consecutive documents, so
+        mixing several keeps one document's tokens from crowding a batch). Batch ``i`` is the same
+        whatever ``start_step`` the stream started at."""
         sizes = [int(s["tokens"]) for s in self.shards]
         if sum(sizes) < batch_size:
             raise ResidlabError(
                 f"the store holds {sum(sizes)} tokens, fewer than one batch of {batch_size}.",
                 hint="harvest more tokens or use a smaller batch.",
             )
+        if mix_shards < 1:
+            raise ResidlabError(f"mix_shards must be at least 1, got {mix_shards}.", hint="use e.g. 4.")
         position = start_step * batch_size  # tokens consumed so far
         epoch, offset = divmod(position, sum(sizes))
         pending: list[torch.Tensor] = []
@@ -191,12 +197,14 @@ class ActivationStore:
         while True:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(sizes), generator=generator).tolist()
-            for shard_index in order:
-                perm = torch.randperm(sizes[shard_index], generator=generator)  # drawn even when skipped
-                if offset >= sizes[shard_index]:
-                    offset -= sizes[shard_index]
+            for start in range(0, len(order), mix_shards):
+                group = order[start : start + mix_shards]
+                group_size = sum(sizes[i] for i in group)
+                perm = torch.randperm(group_size, generator=generator)  # drawn even when skipped
+                if offset >= group_size:
+                    offset -= group_size
                     continue
-                rows = self.shard(shard_index)["activations"][perm[offset:]].float()
+                rows = torch.cat([self.shard(i)["activations"] for i in group])[perm[offset:]].float()
                 offset = 0
                 pending.append(rows)
                 have += rows.shape[0]
