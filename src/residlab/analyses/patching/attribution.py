@@ -31,6 +31,7 @@ class Attribution:
     values: dict[SiteKey, torch.Tensor]
     grads: dict[SiteKey, torch.Tensor]
     logits: torch.Tensor  # the base run's last logits
+    mask: torch.Tensor  # [pairs, tokens] 0 = padding (whose values vary with the attention kernel, and count for nothing)
     rules: tuple[str, ...]  # the RelP rules that shaped the gradients (empty: AtP)
 
 
@@ -49,7 +50,7 @@ def attribute(
     context = relp_rules(lm, rules) if rules is not None else nullcontext([])
     with context as applied:
         values, grads = values_and_grads(lm, ids, mask, sites, layers, lambda logits: metric(logits, targets).mean())
-    return Attribution(values.values, grads, values.logits, tuple(applied))
+    return Attribution(values.values, grads, values.logits, mask, tuple(applied))
 
 
 def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -75,6 +76,7 @@ def estimated_effects(
             key = (layer, family.site)
             if (key, family.name) not in scores:
                 delta = sources[key].to(attribution.values[key].device) - attribution.values[key]
+                delta = delta * attribution.mask.unsqueeze(-1).to(delta.dtype)
                 scores[key, family.name] = unit_scores(family, delta, attribution.grads[key], head_dim).cpu()
             out[i] += scores[key, family.name][site.index]
     return out
