@@ -22,12 +22,23 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-FIELDS = ("pearson_atp", "pearson_relp", "spearman_atp", "spearman_relp", "n_sites", "seconds_exact", "seconds_atp", "seconds_relp")
+FIELDS = (
+    "pearson_atp",
+    "pearson_relp",
+    "spearman_atp",
+    "spearman_relp",
+    "n_sites",
+    "seconds_exact",
+    "seconds_atp",
+    "seconds_relp",
+)
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -104,7 +115,9 @@ def rule_ablation(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def
         for fam in run.families:
             exact = torch.tensor(fam.effects["exact"], dtype=torch.float64).flatten()
             sites = site_grid(FAMILIES[fam.family], lm.num_layers, shape)
-            out[name][fam.family] = correlation(estimated_effects(attribution, clean.values, sites, shape.head_dim), exact)[0]
+            out[name][fam.family] = correlation(
+                estimated_effects(attribution, clean.values, sites, shape.head_dim), exact
+            )[0]
         print(f"  {name}: {out[name]}", flush=True)
     return out
 
@@ -118,7 +131,8 @@ def _markdown(entries: list[dict]) -> str:
         "difference, effects averaged over the pairs. Seconds: exact per family; AtP / RelP one clean "
         "forward + one corrupted forward and backward for all families.",
         "",
-        "| model | dataset | pairs | family | sites | r AtP | r RelP | rho AtP | rho RelP | s exact | s AtP | s RelP | x AtP | x RelP |",
+        "| model | dataset | pairs | family | sites | r AtP | r RelP | rho AtP | rho RelP "
+        "| s exact | s AtP | s RelP | x AtP | x RelP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:

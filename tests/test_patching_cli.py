@@ -22,7 +22,12 @@ from residlab.testing import save_tiny_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
 PAIRS = [
-    {"clean": "Natalia sold clips in May", "corrupted": "Natalia sold clips in April", "answer": " and", "wrong": " then"},
+    {
+        "clean": "Natalia sold clips in May",
+        "corrupted": "Natalia sold clips in April",
+        "answer": " and",
+        "wrong": " then",
+    },
     {"clean": "The answer is 72", "corrupted": "The answer is 24", "answer": ".", "wrong": " +"},
 ]
 
@@ -52,7 +57,9 @@ def test_patch_command_writes_effects_correlations_and_report(tiny_dir, pair_fil
     for fam in fams.values():
         assert set(fam["pearson"]) == {"atp", "relp"} and set(fam["seconds"]) == {"exact", "atp", "relp"}
     # Patching the last layer's residual at the last position restores the clean score exactly.
-    assert fams["resid"]["effects"]["exact"][-1][-1] == pytest.approx(data["clean_score"] - data["corrupted_score"], abs=1e-3)
+    assert fams["resid"]["effects"]["exact"][-1][-1] == pytest.approx(
+        data["clean_score"] - data["corrupted_score"], abs=1e-3
+    )
     for name in ("positions.png", "heads.png", "scatter.png", "report.md"):
         assert (out / name).exists()
     assert "Pearson RelP" in (out / "report.md").read_text()

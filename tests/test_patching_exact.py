@@ -67,7 +67,9 @@ def _hand_effect(lm, pairs, site: PatchSite, head_dim: int, width: int, metric) 
     for pair in pairs:
         clean_ids, corrupt_ids = (torch.tensor(lm.tokenizer(t)["input_ids"]) for t in (pair.clean, pair.corrupted))
         pad = width - len(clean_ids)
-        answer, wrong = (torch.tensor(lm.tokenizer(t, add_special_tokens=False)["input_ids"][:1]) for t in (pair.answer, pair.wrong))
+        answer, wrong = (
+            torch.tensor(lm.tokenizer(t, add_special_tokens=False)["input_ids"][:1]) for t in (pair.answer, pair.wrong)
+        )
         clean_logits = lm.model(input_ids=clean_ids[None]).logits[:, -1].detach()
         targets = MetricTargets(answer, wrong, clean_logits.log_softmax(-1))
         handles = []
@@ -75,7 +77,7 @@ def _hand_effect(lm, pairs, site: PatchSite, head_dim: int, width: int, metric) 
             source = _hand_value(lm, clean_ids, layer, family.site)
             module, reads = _module(lm, layer, family.site)
 
-            def patch(value, source=source):
+            def patch(value, source=source, pad=pad):
                 value = value.clone()
                 if family.unit == "position":
                     if site.index >= pad:

@@ -11,7 +11,15 @@ from residlab.analyses.patching.attribution import attribute, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects
 from residlab.analyses.patching.metrics import MetricTargets, get_metric
 from residlab.analyses.patching.pairs import encode_pairs
-from residlab.analyses.patching.relp import RelpRules, half_rule, norm_rule_for, relp_rules, stabilise, _norm_hook, _activation_hook
+from residlab.analyses.patching.relp import (
+    RelpRules,
+    _activation_hook,
+    _norm_hook,
+    half_rule,
+    norm_rule_for,
+    relp_rules,
+    stabilise,
+)
 from residlab.analyses.patching.relp_attention import detached_attention, detached_pattern_attention
 from residlab.analyses.patching.sites import FAMILIES, site_grid
 from residlab.core.errors import ResidlabError
@@ -24,7 +32,9 @@ PAIRS = [
 ]
 
 
-def _grad_through(module: torch.nn.Module, hook, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_through(
+    module: torch.nn.Module, hook, x: torch.Tensor, upstream: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, d(output . upstream)/dx) of ``module`` with ``hook`` as a forward hook."""
     handle = module.register_forward_hook(hook)
     x = x.clone().requires_grad_(True)
@@ -46,7 +56,9 @@ def test_ln_rule_on_rmsnorm_is_scale_detached(family):
     inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(norm, "variance_epsilon", getattr(norm, "eps", 0)))
     assert torch.allclose(y, norm(x).detach())  # the value is the module's own
     assert torch.allclose(grad, c * weight.detach() * inv_rms, atol=1e-5)
-    plain = torch.autograd.grad((norm(x.clone().requires_grad_(True)) * c).sum(), x.requires_grad_(True), allow_unused=True)
+    plain = torch.autograd.grad(
+        (norm(x.clone().requires_grad_(True)) * c).sum(), x.requires_grad_(True), allow_unused=True
+    )
     assert plain is not None
 
 
@@ -108,7 +120,9 @@ def test_half_rule_halves_each_factor_of_the_gated_product():
     upstream = c @ mlp.down_proj.weight  # d/d(g)
     sig = torch.sigmoid(gate)
     dact = sig * (1 + gate * (1 - sig))  # silu'
-    want = (0.5 * upstream * up * dact) @ mlp.gate_proj.weight + (0.5 * upstream * torch.nn.functional.silu(gate)) @ mlp.up_proj.weight
+    want = (0.5 * upstream * up * dact) @ mlp.gate_proj.weight + (
+        0.5 * upstream * torch.nn.functional.silu(gate)
+    ) @ mlp.up_proj.weight
     assert torch.allclose(grad, want.detach(), atol=1e-5)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from residlab.cli.options import DtypeOption, ModelOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from residlab.analyses.patching.report import PatchingResult
+
 console = Console(highlight=False, soft_wrap=True)
 RULES = ("norm", "activation", "attention", "gated")
 
@@ -23,7 +26,9 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        raise ResidlabError(f"unknown {what} {', '.join(unknown) or '(none)'}.", hint=f"use some of {', '.join(allowed)}.")
+        raise ResidlabError(
+            f"unknown {what} {', '.join(unknown) or '(none)'}.", hint=f"use some of {', '.join(allowed)}."
+        )
     return names
 
 
@@ -32,7 +37,9 @@ def patch(
     dataset: Annotated[
         str, typer.Option(help="ioi, capitals, or a JSONL file of {clean, corrupted, answer, wrong} objects.")
     ] = "ioi",
-    sites: Annotated[str, typer.Option(help="Component families: resid, attn, mlp, heads, neurons.")] = "resid,attn,mlp,heads",
+    sites: Annotated[
+        str, typer.Option(help="Component families: resid, attn, mlp, heads, neurons.")
+    ] = "resid,attn,mlp,heads",
     methods: Annotated[str, typer.Option(help="exact, atp, relp (correlations need exact).")] = "exact,atp,relp",
     model: ModelOption = DEFAULT_MODEL,
     pairs: Annotated[int, typer.Option(min=1, help="Number of prompt pairs (capitals: at most one per country).")] = 16,
@@ -44,7 +51,9 @@ def patch(
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the generated datasets.")] = 0,
     dtype: DtypeOption = "auto",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: ./residlab-out/patching/<model>/<dataset>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: ./residlab-out/patching/<model>/<dataset>).")
+    ] = None,
 ) -> None:
     """Per-site patching effects (exact, AtP, RelP), their Pearson and Spearman r against exact
     patching per family, wall-clock per method, heatmaps and a report (patching.json, report.md, PNGs)."""
@@ -80,7 +89,7 @@ def patch(
     console.print(f"wrote {len(paths)} files to {out_dir} in {time.perf_counter() - started:.0f} s")
 
 
-def _print_table(result) -> None:  # type: ignore[no-untyped-def]
+def _print_table(result: PatchingResult) -> None:
     table = Table(title=f"{result.model} / {result.dataset}: estimates against exact patching")
     for column in ("family", "sites", "r AtP", "r RelP", "rho AtP", "rho RelP", "s exact", "s AtP", "s RelP"):
         table.add_column(column)

@@ -123,7 +123,9 @@ def capital_pairs(n: int | None = None, *, tokenizer: Any = None, seed: int = 0)
         others = [f for f in facts if f.subject != fact.subject]
         rng.shuffle(others)
         for other in others:
-            pair = PromptPair(clean, CAPITAL_PROMPT.format(subject=other.subject), " " + fact.answer, " " + other.answer)
+            pair = PromptPair(
+                clean, CAPITAL_PROMPT.format(subject=other.subject), " " + fact.answer, " " + other.answer
+            )
             if equal_length(pair, count) and _first_tokens_differ(pair, tokenizer):
                 pairs.append(pair)
                 break

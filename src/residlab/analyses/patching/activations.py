@@ -63,7 +63,7 @@ def capturing(lm: LanguageModel, sites: Sequence[str], layers: Sequence[int]) ->
         return lambda hidden: captured.__setitem__(key, hidden)
 
     try:
-        hooks.forward(lm.model.get_input_embeddings(), leaf)
+        hooks.forward(lm.model.get_input_embeddings(), leaf)  # type: ignore[operator]
         for layer in layers:
             for site in sites:
                 part, reads = SITES[site]

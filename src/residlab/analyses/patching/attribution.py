@@ -9,7 +9,7 @@ run without gradients (the clean prompts for denoising patching; an ablation's r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,9 @@ class Attribution:
     values: dict[SiteKey, torch.Tensor]
     grads: dict[SiteKey, torch.Tensor]
     logits: torch.Tensor  # the base run's last logits
-    mask: torch.Tensor  # [pairs, tokens] 0 = padding (whose values vary with the attention kernel, and count for nothing)
+    mask: (
+        torch.Tensor
+    )  # [pairs, tokens] 0 = padding (whose values vary with the attention kernel, and count for nothing)
     rules: tuple[str, ...]  # the RelP rules that shaped the gradients (empty: AtP)
 
 
@@ -47,7 +49,7 @@ def attribute(
     """Run ``ids`` forward and backward once, with ``rules`` (RelP) or without (AtP)."""
     sites = sorted({site for _, site in keys})
     layers = sorted({layer for layer, _ in keys})
-    context = relp_rules(lm, rules) if rules is not None else nullcontext([])
+    context: AbstractContextManager[list[str]] = relp_rules(lm, rules) if rules is not None else nullcontext([])
     with context as applied:
         values, grads = values_and_grads(lm, ids, mask, sites, layers, lambda logits: metric(logits, targets).mean())
     return Attribution(values.values, grads, values.logits, mask, tuple(applied))

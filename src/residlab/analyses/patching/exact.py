@@ -104,7 +104,9 @@ def compute_prefix(lm: LanguageModel, run: PatchRun, columns: int) -> Prefix:
     return Prefix(columns, cache if cache is not None else out.past_key_values)
 
 
-def _writer(rows: list[tuple[int, Selector]], source: torch.Tensor, copies: int, offset: int) -> Callable[..., torch.Tensor]:
+def _writer(
+    rows: list[tuple[int, Selector]], source: torch.Tensor, copies: int, offset: int
+) -> Callable[..., torch.Tensor]:
     """An edit function writing ``source``'s selected units into each chunk site's rows (row = pair *
     copies + site); the pass starts at column ``offset`` (after the shared prefix)."""
     source = source[:, offset:]

@@ -61,7 +61,9 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 def _check_methods(methods: Sequence[str]) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ResidlabError(f"unknown patching method(s) {', '.join(unknown) or '(none)'}.", hint="use exact, atp, relp.")
+        raise ResidlabError(
+            f"unknown patching method(s) {', '.join(unknown) or '(none)'}.", hint="use exact, atp, relp."
+        )
     return list(dict.fromkeys(methods))
 
 
@@ -122,7 +124,9 @@ def measure_faithfulness(
         family_seconds = {m: seconds[m] for m in estimates}
         if "exact" in methods:
             started = time.perf_counter()
-            effects["exact"] = exact_effects(lm, run, sites, score, shape.head_dim, max_rows=max_rows, progress=progress)
+            effects["exact"] = exact_effects(
+                lm, run, sites, score, shape.head_dim, max_rows=max_rows, progress=progress
+            )
             family_seconds["exact"] = corrupted_seconds + time.perf_counter() - started
             log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
         for method, attribution in estimates.items():

@@ -69,7 +69,7 @@ def detached_attention(model: torch.nn.Module, expected_calls: int) -> Iterator[
     """While the block runs, ``model``'s attention uses :func:`detached_pattern_attention`; on a clean
     exit, a clear error if fewer than ``expected_calls`` attention calls went through it."""
     _register()
-    config = model.config
+    config: Any = model.config
     previous = config._attn_implementation
     _calls[0] = 0
     config._attn_implementation = RELP_ATTENTION

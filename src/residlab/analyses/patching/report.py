@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from residlab.analyses.patching.faithfulness import ESTIMATES, FamilyEffects, Faithfulness
+from residlab.analyses.patching.faithfulness import ESTIMATES, Faithfulness, FamilyEffects
 from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.io import atomic_write_text
 
@@ -115,7 +115,8 @@ class PatchingResult(AnalysisResult):
             f"{self.num_pairs} prompt pairs, metric {self.metric} (clean {self.clean_score:.3f}, corrupted "
             f"{self.corrupted_score:.3f}), window {self.window}. RelP rules: {'; '.join(self.rules) or 'n/a'}.",
             "",
-            "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP | s exact | s AtP | s RelP |",
+            "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP "
+            "| s exact | s AtP | s RelP |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for fam in self.families:
