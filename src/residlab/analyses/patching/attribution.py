@@ -67,9 +67,18 @@ def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, hea
 
 
 def estimated_effects(
-    attribution: Attribution, sources: dict[SiteKey, torch.Tensor], sites: Sequence[PatchSite], head_dim: int
+    attribution: Attribution,
+    sources: dict[SiteKey, torch.Tensor],
+    sites: Sequence[PatchSite],
+    head_dim: int,
+    base: dict[SiteKey, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """[len(sites)] estimates: each site's unit scores summed over its window's layers."""
+    """[len(sites)] estimates: each site's unit scores summed over its window's layers.
+
+    ``base`` (default: the values of the differentiated pass) are the activations the deltas start
+    from; pass the base run's recorded values to keep RelP's eager attention kernel from adding
+    rounding-level deltas where the prompts agree (sites whose exact effect is exactly 0)."""
+    base = attribution.values if base is None else base
     scores: dict[tuple[SiteKey, str], torch.Tensor] = {}
     out = torch.zeros(len(sites), dtype=torch.float64)
     for i, site in enumerate(sites):
@@ -77,7 +86,7 @@ def estimated_effects(
         for layer in site.layers:
             key = (layer, family.site)
             if (key, family.name) not in scores:
-                delta = sources[key].to(attribution.values[key].device) - attribution.values[key]
+                delta = sources[key].to(base[key].device) - base[key]
                 delta = delta * attribution.mask.unsqueeze(-1).to(delta.dtype)
                 scores[key, family.name] = unit_scores(family, delta, attribution.grads[key], head_dim).cpu()
             out[i] += scores[key, family.name][site.index]

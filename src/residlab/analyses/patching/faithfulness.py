@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from scipy import stats
 
-from residlab.analyses.patching.activations import record_values, unit_shape
+from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
 from residlab.analyses.patching.attribution import attribute, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
@@ -100,6 +100,8 @@ def measure_faithfulness(
     batch = encode_pairs(lm, pairs)
     layers = list(range(lm.num_layers))
     site_names = sorted({f.site for f in chosen})
+    with torch.inference_mode():  # warm-up (lazy initialisation, allocator) outside every timed method
+        last_logits(lm, batch.clean_ids[:1], batch.attention_mask[:1])
     started = time.perf_counter()
     clean = record_values(lm, batch.clean_ids, batch.attention_mask, site_names, layers)
     clean_seconds = time.perf_counter() - started
@@ -130,7 +132,7 @@ def measure_faithfulness(
             family_seconds["exact"] = corrupted_seconds + time.perf_counter() - started
             log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
         for method, attribution in estimates.items():
-            effects[method] = estimated_effects(attribution, clean.values, sites, shape.head_dim)
+            effects[method] = estimated_effects(attribution, clean.values, sites, shape.head_dim, run.base)
         pearson, spearman = {}, {}
         if "exact" in effects:
             for method in estimates:
