@@ -21,7 +21,7 @@ from scipy import stats
 
 from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
 from residlab.analyses.patching.attribution import attribute, estimated_effects
-from residlab.analyses.patching.exact import PatchRun, exact_effects
+from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
 from residlab.analyses.patching.relp import RelpRules
@@ -56,6 +56,18 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     if a.std() == 0 or b.std() == 0:
         return float("nan"), float("nan")
     return float(stats.pearsonr(a, b)[0]), float(stats.spearmanr(a, b)[0])
+
+
+def _family_effects(
+    family: str, unit: str, units: int, effects: dict[str, torch.Tensor], seconds: dict[str, float], noop: int
+) -> FamilyEffects:
+    """Grids of every method's effects, and each estimate's correlations with exact patching."""
+    pearson, spearman = {}, {}
+    if "exact" in effects:
+        for method in (m for m in effects if m != "exact"):
+            pearson[method], spearman[method] = correlation(effects[method], effects["exact"])
+    grids = {m: e.view(-1, units).tolist() for m, e in effects.items()}
+    return FamilyEffects(family, unit, grids, seconds, pearson, spearman, len(next(iter(effects.values()))), noop)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -121,9 +133,8 @@ def measure_faithfulness(
     results = []
     for family in chosen:
         sites = site_grid(family, lm.num_layers, shape, window=window)
-        units = shape.count(family.unit)
-        effects: dict[str, torch.Tensor] = {}
         family_seconds = {m: seconds[m] for m in estimates}
+        effects: dict[str, torch.Tensor] = {}
         if "exact" in methods:
             started = time.perf_counter()
             effects["exact"] = exact_effects(
@@ -133,22 +144,9 @@ def measure_faithfulness(
             log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
         for method, attribution in estimates.items():
             effects[method] = estimated_effects(attribution, clean.values, sites, shape.head_dim, run.base)
-        pearson, spearman = {}, {}
-        if "exact" in effects:
-            for method in estimates:
-                pearson[method], spearman[method] = correlation(effects[method], effects["exact"])
-        noop = sum(bool((effects.get("exact", torch.ones(1))[i] == 0).item()) for i in range(len(sites)))
+        noop = sum(is_noop(run, site, shape.head_dim) for site in sites)
         results.append(
-            FamilyEffects(
-                family.name,
-                family.unit,
-                {m: e.view(-1, units).tolist() for m, e in effects.items()},
-                family_seconds,
-                pearson,
-                spearman,
-                len(sites),
-                noop if "exact" in effects else 0,
-            )
+            _family_effects(family.name, family.unit, shape.count(family.unit), effects, family_seconds, noop)
         )
     return Faithfulness(
         results,
