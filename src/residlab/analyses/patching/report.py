@@ -71,8 +71,9 @@ class PatchingResult(AnalysisResult):
                 im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower")
                 r_text = f" (r={fam.pearson[method]:.2f})" if method in fam.pearson else ""
                 ax.set_title(f"{fam.family}: {method}{r_text}", fontsize=9)
-                ax.set_ylabel("layer")
+                ax.set_ylabel("layer" if self.window == 1 else f"first layer of {self.window}")
                 ax.set_xlabel(xlabel)
+                ax.yaxis.get_major_locator().set_params(integer=True)
                 if unit == "position":
                     ax.set_xticks(range(len(self.tokens)))
                     ax.set_xticklabels(self.tokens, rotation=90, fontsize=6)
