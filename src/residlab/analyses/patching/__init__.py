@@ -13,3 +13,36 @@ One idea per module:
 - ``faithfulness``: estimates against exact patching (Pearson, Spearman, wall-clock), with figures
   and a report.
 """
+
+from residlab.analyses.patching.ablation import ABLATIONS, ablation_sources
+from residlab.analyses.patching.attribution import Attribution, attribute, estimated_effects
+from residlab.analyses.patching.exact import PatchRun, exact_effects
+from residlab.analyses.patching.faithfulness import Faithfulness, measure_faithfulness
+from residlab.analyses.patching.metrics import METRICS, MetricTargets, get_metric
+from residlab.analyses.patching.pairs import PairBatch, encode_pairs
+from residlab.analyses.patching.relp import RelpRules, relp_rules
+from residlab.analyses.patching.report import PatchingResult
+from residlab.analyses.patching.sites import FAMILIES, PatchSite, site_grid
+
+__all__ = [
+    "ABLATIONS",
+    "FAMILIES",
+    "METRICS",
+    "Attribution",
+    "Faithfulness",
+    "MetricTargets",
+    "PairBatch",
+    "PatchRun",
+    "PatchSite",
+    "PatchingResult",
+    "RelpRules",
+    "ablation_sources",
+    "attribute",
+    "encode_pairs",
+    "estimated_effects",
+    "exact_effects",
+    "get_metric",
+    "measure_faithfulness",
+    "relp_rules",
+    "site_grid",
+]
