@@ -275,6 +275,10 @@ from residlab.cli.sae_commands import sae_app  # noqa: E402
 
 app.add_typer(sae_app, name="sae")
 
+from residlab.cli.patch_commands import register as _register_patch  # noqa: E402
+
+_register_patch(app)
+
 
 def main() -> None:
     app()

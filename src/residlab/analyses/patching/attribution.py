@@ -1,0 +1,93 @@
+"""AtP and RelP: every site's patching effect estimated from one forward and one backward pass.
+
+``effect(site) ~ sum over the site's units of (source - base) * d metric / d base``, with the base run
+differentiated by plain autograd (AtP, attribution patching) or with the LRP rules of :mod:`.relp`
+active (RelP, whose "gradient" is the LRP relevance coefficient). The source activations come from a
+run without gradients (the clean prompts for denoising patching; an ablation's replacements).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from residlab.analyses.patching.activations import SiteKey, values_and_grads
+from residlab.analyses.patching.metrics import Metric, MetricTargets
+from residlab.analyses.patching.relp import RelpRules, relp_rules
+from residlab.analyses.patching.sites import FAMILIES, PatchSite, SiteFamily
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The base run's values and the (rule-shaped) gradients of the mean metric at every (layer, site)."""
+
+    values: dict[SiteKey, torch.Tensor]
+    grads: dict[SiteKey, torch.Tensor]
+    logits: torch.Tensor  # the base run's last logits
+    mask: (
+        torch.Tensor
+    )  # [pairs, tokens] 0 = padding (whose values vary with the attention kernel, and count for nothing)
+    rules: tuple[str, ...]  # the RelP rules that shaped the gradients (empty: AtP)
+
+
+def attribute(
+    lm: LanguageModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    targets: MetricTargets,
+    metric: Metric,
+    keys: Sequence[SiteKey],
+    rules: RelpRules | None = None,
+) -> Attribution:
+    """Run ``ids`` forward and backward once, with ``rules`` (RelP) or without (AtP)."""
+    sites = sorted({site for _, site in keys})
+    layers = sorted({layer for layer, _ in keys})
+    context: AbstractContextManager[list[str]] = relp_rules(lm, rules) if rules is not None else nullcontext([])
+    with context as applied:
+        values, grads = values_and_grads(lm, ids, mask, sites, layers, lambda logits: metric(logits, targets).mean())
+    return Attribution(values.values, grads, values.logits, mask, tuple(applied))
+
+
+def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Estimated effect of each unit of one (layer, site): (delta * grad) summed over pairs and over the
+    unit's positions and channels; [tokens], [heads] or [neurons]."""
+    product = (delta.double() * grad.double()).sum(0)  # [tokens, width]
+    if family.unit == "position":
+        return product.sum(-1)
+    if family.unit == "head":
+        return product.sum(0).view(-1, head_dim).sum(-1)
+    return product.sum(0)
+
+
+def estimated_effects(
+    attribution: Attribution,
+    sources: dict[SiteKey, torch.Tensor],
+    sites: Sequence[PatchSite],
+    head_dim: int,
+    base: dict[SiteKey, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """[len(sites)] estimates: each site's unit scores summed over its window's layers.
+
+    ``base`` (default: the values of the differentiated pass) are the activations the deltas start
+    from; pass the base run's recorded values to keep RelP's eager attention kernel from adding
+    rounding-level deltas where the prompts agree (sites whose exact effect is exactly 0)."""
+    base = attribution.values if base is None else base
+    scores: dict[tuple[SiteKey, str], torch.Tensor] = {}
+    out = torch.zeros(len(sites), dtype=torch.float64)
+    for i, site in enumerate(sites):
+        family = FAMILIES[site.family]
+        for layer in site.layers:
+            key = (layer, family.site)
+            if (key, family.name) not in scores:
+                delta = sources[key].to(base[key].device) - base[key]
+                delta = delta * attribution.mask.unsqueeze(-1).to(delta.dtype)
+                scores[key, family.name] = unit_scores(family, delta, attribution.grads[key], head_dim).cpu()
+            out[i] += scores[key, family.name][site.index]
+    return out

@@ -1,0 +1,160 @@
+"""How faithful AtP and RelP are to exact patching: every method on the same sites, correlated per family.
+
+:func:`measure_faithfulness` runs the clean and corrupted prompts once each (recording every site),
+exact patching of every site of each family, and the estimates (AtP; RelP with its rules), timing each
+method; :mod:`.report` turns the result into JSON, heatmaps and a markdown report.
+
+Timing: ``exact`` counts the corrupted recording and its patching passes, per family; ``atp`` and
+``relp`` count the clean forward pass (the source activations) plus their one forward and backward
+pass, which serve every family at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from scipy import stats
+
+from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
+from residlab.analyses.patching.attribution import attribute, estimated_effects
+from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
+from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
+from residlab.analyses.patching.pairs import encode_pairs
+from residlab.analyses.patching.relp import RelpRules
+from residlab.analyses.patching.sites import get_families, site_grid
+from residlab.core.errors import ResidlabError
+from residlab.data.prompt_pairs import PromptPair
+
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
+METHODS = ("exact", "atp", "relp")
+ESTIMATES = ("atp", "relp")
+
+
+@dataclass(frozen=True)
+class FamilyEffects:
+    """One family's effects: ``effects[method]`` is a [layers][units] grid (window starts x units)."""
+
+    family: str
+    unit: str  # position | head | neuron
+    effects: dict[str, list[list[float]]]
+    seconds: dict[str, float]
+    pearson: dict[str, float] = field(default_factory=dict)  # estimate method -> r against exact
+    spearman: dict[str, float] = field(default_factory=dict)
+    num_sites: int = 0
+    noop_sites: int = 0  # sites whose source equals the base value (effect exactly 0, not run)
+
+
+def correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(Pearson r, Spearman rho) of two vectors; NaN where either is constant."""
+    a, b = x.double().numpy(), y.double().numpy()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan"), float("nan")
+    return float(stats.pearsonr(a, b)[0]), float(stats.spearmanr(a, b)[0])
+
+
+def _family_effects(
+    family: str, unit: str, units: int, effects: dict[str, torch.Tensor], seconds: dict[str, float], noop: int
+) -> FamilyEffects:
+    """Grids of every method's effects, and each estimate's correlations with exact patching."""
+    pearson, spearman = {}, {}
+    if "exact" in effects:
+        for method in (m for m in effects if m != "exact"):
+            pearson[method], spearman[method] = correlation(effects[method], effects["exact"])
+    grids = {m: e.view(-1, units).tolist() for m, e in effects.items()}
+    return FamilyEffects(family, unit, grids, seconds, pearson, spearman, len(next(iter(effects.values()))), noop)
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ResidlabError(
+            f"unknown patching method(s) {', '.join(unknown) or '(none)'}.", hint="use exact, atp, relp."
+        )
+    return list(dict.fromkeys(methods))
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Everything one faithfulness run measured (see :mod:`.report` for the saved form)."""
+
+    families: list[FamilyEffects]
+    clean_score: float
+    corrupted_score: float
+    num_pairs: int
+    tokens: tuple[str, ...]
+    rules: tuple[str, ...]
+    metric: str
+    window: int
+
+
+def measure_faithfulness(
+    lm: LanguageModel,
+    pairs: Sequence[PromptPair],
+    *,
+    families: Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    methods: Sequence[str] = METHODS,
+    metric: str = "logit_diff",
+    rules: RelpRules = RelpRules(),
+    window: int = 1,
+    max_rows: int = 256,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> Faithfulness:
+    """Exact patching and the estimates of every site of ``families`` on ``pairs`` (see the module doc)."""
+    chosen, methods = get_families(families), _check_methods(methods)
+    score = get_metric(metric)
+    batch = encode_pairs(lm, pairs)
+    layers = list(range(lm.num_layers))
+    site_names = sorted({f.site for f in chosen})
+    with torch.inference_mode():  # warm-up (lazy initialisation, allocator) outside every timed method
+        last_logits(lm, batch.clean_ids[:1], batch.attention_mask[:1])
+    started = time.perf_counter()
+    clean = record_values(lm, batch.clean_ids, batch.attention_mask, site_names, layers)
+    clean_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    corrupted = record_values(lm, batch.corrupted_ids, batch.attention_mask, site_names, layers)
+    corrupted_seconds = time.perf_counter() - started
+    targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
+    run = PatchRun(batch.corrupted_ids, batch.attention_mask, targets, corrupted.values, clean.values, corrupted.logits)
+    shape = unit_shape(lm, clean.values, batch.num_tokens)
+    estimates, seconds = {}, {}
+    for method in (m for m in methods if m in ESTIMATES):
+        started = time.perf_counter()
+        relp = rules if method == "relp" else None
+        estimates[method] = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
+        seconds[method] = clean_seconds + time.perf_counter() - started
+        log(f"{method}: {seconds[method]:.2f} s for every site")
+    results = []
+    for family in chosen:
+        sites = site_grid(family, lm.num_layers, shape, window=window)
+        family_seconds = {m: seconds[m] for m in estimates}
+        effects: dict[str, torch.Tensor] = {}
+        if "exact" in methods:
+            started = time.perf_counter()
+            effects["exact"] = exact_effects(
+                lm, run, sites, score, shape.head_dim, max_rows=max_rows, progress=progress
+            )
+            family_seconds["exact"] = corrupted_seconds + time.perf_counter() - started
+            log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
+        for method, attribution in estimates.items():
+            effects[method] = estimated_effects(attribution, clean.values, sites, shape.head_dim, run.base)
+        noop = sum(is_noop(run, site, shape.head_dim) for site in sites)
+        results.append(
+            _family_effects(family.name, family.unit, shape.count(family.unit), effects, family_seconds, noop)
+        )
+    return Faithfulness(
+        results,
+        float(score(clean.logits, targets).mean()),
+        run.base_score(score),
+        batch.num_pairs,
+        batch.tokens,
+        tuple(estimates["relp"].rules) if "relp" in estimates else (),
+        metric_name(metric),
+        window,
+    )

@@ -1,0 +1,142 @@
+"""A faithfulness run saved: ``patching.json``, heatmaps, scatter plots and a markdown report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from residlab.analyses.patching.faithfulness import ESTIMATES, Faithfulness, FamilyEffects
+from residlab.analyses.result import AnalysisResult, figure
+from residlab.core.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class PatchingResult(AnalysisResult):
+    """Per-site effects of every method, their correlations with exact patching and their wall-clock."""
+
+    json_file: ClassVar[str] = "patching.json"
+
+    model: str
+    architecture: str
+    dataset: str
+    metric: str
+    num_pairs: int
+    window: int
+    tokens: list[str]
+    clean_score: float
+    corrupted_score: float
+    rules: list[str]
+    families: list[FamilyEffects]
+
+    @classmethod
+    def from_run(cls, run: Faithfulness, *, model: str, architecture: str, dataset: str) -> PatchingResult:
+        return cls(
+            model, architecture, dataset, run.metric, run.num_pairs, run.window, list(run.tokens),
+            run.clean_score, run.corrupted_score, list(run.rules), run.families,
+        )  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        rows: dict[str, Any] = {}
+        for fam in self.families:
+            row: dict[str, Any] = {"n_sites": fam.num_sites, "noop_sites": fam.noop_sites}
+            for method in ESTIMATES:
+                if method in fam.pearson:
+                    row[f"pearson_{method}"] = fam.pearson[method]
+                    row[f"spearman_{method}"] = fam.spearman[method]
+            for method, seconds in fam.seconds.items():
+                row[f"seconds_{method}"] = seconds
+            for method in ESTIMATES:
+                if method in fam.seconds and "exact" in fam.seconds:
+                    row[f"speedup_{method}"] = fam.seconds["exact"] / max(fam.seconds[method], 1e-9)
+            rows[fam.family] = row
+        return {"clean_score": self.clean_score, "corrupted_score": self.corrupted_score, "families": rows}
+
+    # -- figures ------------------------------------------------------------------------------
+    def _grid(self, plt: Any, unit: str, xlabel: str) -> Figure | None:
+        fams = [f for f in self.families if f.unit == unit]
+        if not fams:
+            return None
+        methods = list(fams[0].effects)
+        fig, axes = plt.subplots(len(fams), len(methods), figsize=(4.2 * len(methods), 3.4 * len(fams)), squeeze=False)
+        for r, fam in enumerate(fams):
+            for c, method in enumerate(methods):
+                grid = fam.effects[method]
+                bound = max((abs(v) for row in grid for v in row if not math.isnan(v)), default=1.0) or 1.0
+                ax = axes[r][c]
+                im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower")
+                r_text = f" (r={fam.pearson[method]:.2f})" if method in fam.pearson else ""
+                ax.set_title(f"{fam.family}: {method}{r_text}", fontsize=9)
+                ax.set_ylabel("layer" if self.window == 1 else f"first layer of {self.window}")
+                ax.set_xlabel(xlabel)
+                ax.yaxis.get_major_locator().set_params(integer=True)
+                if unit == "position":
+                    ax.set_xticks(range(len(self.tokens)))
+                    ax.set_xticklabels(self.tokens, rotation=90, fontsize=6)
+                fig.colorbar(im, ax=ax, fraction=0.046)
+        return fig
+
+    @figure("positions.png")
+    def _positions(self, plt: Any) -> Figure | None:
+        return self._grid(plt, "position", "position (first pair's tokens)")
+
+    @figure("heads.png")
+    def _heads(self, plt: Any) -> Figure | None:
+        return self._grid(plt, "head", "head")
+
+    @figure("scatter.png")
+    def _scatter(self, plt: Any) -> Figure | None:
+        fams = [f for f in self.families if "exact" in f.effects and f.pearson]
+        if not fams:
+            return None
+        fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.4), squeeze=False)
+        for ax, fam in zip(axes[0], fams, strict=True):
+            exact = [v for row in fam.effects["exact"] for v in row]
+            for method in fam.pearson:
+                est = [v for row in fam.effects[method] for v in row]
+                ax.scatter(exact, est, s=6, alpha=0.6, label=f"{method} r={fam.pearson[method]:.3f}")
+            lo, hi = min(exact), max(exact)
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+            ax.set_title(fam.family, fontsize=9)
+            ax.set_xlabel("exact patching effect")
+            ax.set_ylabel("estimate")
+            ax.legend(fontsize=7)
+        return fig
+
+    # -- report -------------------------------------------------------------------------------
+    def markdown(self, figures: list[str]) -> str:
+        """A short report: the setup, one table row per family, the ``figures`` (PNG file names)."""
+        lines = [
+            f"# Patching faithfulness: {self.model} on {self.dataset}",
+            "",
+            f"{self.num_pairs} prompt pairs, metric {self.metric} (clean {self.clean_score:.3f}, corrupted "
+            f"{self.corrupted_score:.3f}), window {self.window}. RelP rules: {'; '.join(self.rules) or 'n/a'}.",
+            "",
+            "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP "
+            "| s exact | s AtP | s RelP |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for fam in self.families:
+            cells = [fam.family, str(fam.num_sites), str(fam.noop_sites)]
+            cells += [_num(fam.pearson.get(m)) for m in ESTIMATES] + [_num(fam.spearman.get(m)) for m in ESTIMATES]
+            cells += [_num(fam.seconds.get(m), 2) for m in ("exact", *ESTIMATES)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "No-op sites write the value the corrupted run already has (positions before the prompts "
+                  "differ): their effect is exactly 0 and they are not run.", ""]  # fmt: skip
+        lines += [f"![{name}]({name})" for name in figures]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """JSON, figures, and ``report.md``."""
+        paths = super().save(out_dir)
+        report = Path(out_dir) / "report.md"
+        atomic_write_text(report, self.markdown([p.name for p in paths if p.suffix == ".png"]))
+        return [*paths, report]
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

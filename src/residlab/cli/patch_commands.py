@@ -1,0 +1,108 @@
+"""``residlab patch``: exact activation patching, AtP and RelP on prompt pairs, and how well they agree."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from residlab.cli.errors import err_console, handle_errors
+from residlab.cli.options import DtypeOption, ModelOption
+from residlab.core.errors import ResidlabError
+from residlab.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from residlab.analyses.patching.report import PatchingResult
+
+console = Console(highlight=False, soft_wrap=True)
+RULES = ("norm", "activation", "attention", "gated")
+
+
+def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ResidlabError(
+            f"unknown {what} {', '.join(unknown) or '(none)'}.", hint=f"use some of {', '.join(allowed)}."
+        )
+    return names
+
+
+@handle_errors
+def patch(
+    dataset: Annotated[
+        str, typer.Option(help="ioi, capitals, or a JSONL file of {clean, corrupted, answer, wrong} objects.")
+    ] = "ioi",
+    sites: Annotated[
+        str, typer.Option(help="Component families: resid, attn, mlp, heads, neurons.")
+    ] = "resid,attn,mlp,heads",
+    methods: Annotated[str, typer.Option(help="exact, atp, relp (correlations need exact).")] = "exact,atp,relp",
+    model: ModelOption = DEFAULT_MODEL,
+    pairs: Annotated[int, typer.Option(min=1, help="Number of prompt pairs (capitals: at most one per country).")] = 16,
+    metric: Annotated[str, typer.Option(help="logit_diff, probability or kl.")] = "logit_diff",
+    window: Annotated[int, typer.Option(min=1, help="Patch windows of this many consecutive layers.")] = 1,
+    rules: Annotated[
+        str, typer.Option(help="The LRP rules RelP applies: some of norm, activation, attention, gated, or none.")
+    ] = ",".join(RULES),
+    max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for the generated datasets.")] = 0,
+    dtype: DtypeOption = "auto",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: ./residlab-out/patching/<model>/<dataset>).")
+    ] = None,
+) -> None:
+    """Per-site patching effects (exact, AtP, RelP), their Pearson and Spearman r against exact
+    patching per family, wall-clock per method, heatmaps and a report (patching.json, report.md, PNGs)."""
+    from residlab.analyses.common import safe_name
+    from residlab.analyses.patching.faithfulness import METHODS, measure_faithfulness
+    from residlab.analyses.patching.relp import RelpRules
+    from residlab.analyses.patching.report import PatchingResult
+    from residlab.analyses.patching.sites import FAMILIES
+    from residlab.core.io import check_writable_dir
+    from residlab.data.prompt_pairs import load_pairs
+    from residlab.models.loading import load
+
+    started = time.perf_counter()
+    families = _names(sites, tuple(FAMILIES), "site family")
+    chosen_methods = _names(methods, METHODS, "method")
+    chosen_rules = [] if rules.strip() == "none" else _names(rules, RULES, "RelP rule")
+    relp_rules = RelpRules(**{r: r in chosen_rules for r in RULES})
+    out_dir = out if out is not None else Path("residlab-out") / "patching"
+    check_writable_dir(out_dir)
+    lm = load(model, dtype=dtype)
+    prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, seed=seed)
+    err_console.print(f"loaded {lm.name}; {len(prompt_pairs)} {dataset} pairs", markup=False)
+    run = measure_faithfulness(
+        lm, prompt_pairs, families=families, methods=chosen_methods, metric=metric, rules=relp_rules,
+        window=window, max_rows=max_rows, progress=True, log=lambda m: err_console.print(m, markup=False),
+    )  # fmt: skip
+    name = Path(dataset).stem if dataset not in ("ioi", "capitals") else dataset
+    result = PatchingResult.from_run(run, model=lm.name, architecture=lm.arch.family, dataset=name)
+    if out is None:
+        out_dir = out_dir / safe_name(lm.name) / name
+    paths = result.save(out_dir)
+    _print_table(result)
+    console.print(f"wrote {len(paths)} files to {out_dir} in {time.perf_counter() - started:.0f} s")
+
+
+def _print_table(result: PatchingResult) -> None:
+    table = Table(title=f"{result.model} / {result.dataset}: estimates against exact patching")
+    for column in ("family", "sites", "r AtP", "r RelP", "rho AtP", "rho RelP", "s exact", "s AtP", "s RelP"):
+        table.add_column(column)
+    for fam in result.families:
+        table.add_row(
+            fam.family, str(fam.num_sites),
+            *(f"{fam.pearson[m]:.3f}" if m in fam.pearson else "-" for m in ("atp", "relp")),
+            *(f"{fam.spearman[m]:.3f}" if m in fam.spearman else "-" for m in ("atp", "relp")),
+            *(f"{fam.seconds[m]:.2f}" if m in fam.seconds else "-" for m in ("exact", "atp", "relp")),
+        )  # fmt: skip
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``residlab patch`` to the top-level app."""
+    app.command("patch")(patch)
