@@ -5,7 +5,7 @@ One clean pass over the prompts gives the DLA of every head and MLP (see
 and the per-position means the ablations use. Mover-head candidates are ranked by
 ``mean over prompts of attention-to-subject x DLA(answer - wrong answer)``: heads that read the
 subject and write what tells the answer apart. The top ``k`` are mean-ablated together for each
-``k`` (against the same number of random other heads), and the change of every later MLP's DLA
+``k`` (the largest ``k`` also against ``k`` random other heads), and the change of every later MLP's DLA
 under the largest knockout measures how much of the heads' effect runs through MLPs. The last
 layer's direct effect on the answer is read from the DLA, and its attention and MLP are removed
 (zero and mean ablation) to see what that does to accuracy and the answer's probability.
@@ -121,7 +121,7 @@ def _knockouts(
         others = [h for h in all_heads if h not in chosen]
         rng = random.Random(seed + k)
         controls = []
-        for _ in range(draws if len(others) >= k else 0):
+        for _ in range(draws if len(others) >= k and k == ks[-1] else 0):  # a control for the largest k only
             picked = rng.sample(others, k)
             controls.append(outcome(_run(lm, batches, lambda s, p=picked: knock_out_heads(lm, p, means, s))))
         results.append(Knockout.measure(k, chosen, base, outcome(ablated), controls, clean, ablated))

@@ -5,8 +5,8 @@
    the logit difference more than ``RANDOM_FACTOR`` x as much as ablating k random other heads.
 2. **MLP gating / amplification**: under that knockout the MLPs' own DLA onto answer - wrong falls,
    by at least ``MLP_SHARE`` of the total drop: later MLPs carry (amplify) what the heads brought.
-3. **Final-layer suppression**: the last layer's direct effect on the answer, relative to the mean
-   logit, is negative, and mean-ablating the last layer's attention and MLP raises the answer's
+3. **Final-layer suppression**: the direct effect on the answer (relative to the mean logit) of the
+   last layer's attention, MLP or both is negative, and mean-ablating that part raises the answer's
    probability.
 """
 
@@ -68,20 +68,26 @@ def _mlp_gating(result: RecallResult) -> Finding:
 
 def _suppression(result: RecallResult) -> Finding:
     final = result.final_layer
-    centred = final.attn_dla_centred + final.mlp_dla_centred
-    mean_both = final.ablation("attn+mlp", "mean")
-    zero_both = final.ablation("attn+mlp", "zero")
-    if mean_both is None or zero_both is None:
+    centred = {"attn": final.attn_dla_centred, "mlp": final.mlp_dla_centred}
+    centred["attn+mlp"] = centred["attn"] + centred["mlp"]
+    removed = {target: final.ablation(target, "mean") for target in centred}
+    zeroed = {target: final.ablation(target, "zero") for target in centred}
+    if any(a is None for a in (*removed.values(), *zeroed.values())):
         return Finding("final_layer_suppression", None, "the last layer was not ablated.")
-    holds = centred < 0 and mean_both.prob_change > 0
+    suppressing = [t for t in centred if centred[t] < 0 and removed[t].prob_change > 0]  # type: ignore[union-attr]
+    changes = "; ".join(
+        f"{t}: mean {removed[t].prob_change:+.3f} / {removed[t].accuracy_change:+.1%}, "  # type: ignore[union-attr]
+        f"zero {zeroed[t].prob_change:+.3f} / {zeroed[t].accuracy_change:+.1%}"  # type: ignore[union-attr]
+        for t in centred
+    )
     return Finding(
         "final_layer_suppression",
-        holds,
+        bool(suppressing),
         f"layer {final.layer}'s direct effect on the answer relative to the mean logit: attention "
-        f"{final.attn_dla_centred:+.2f}, MLP {final.mlp_dla_centred:+.2f} (negative on {final.share_suppressed:.0%} "
-        f"of prompts; the answer's whole centred logit is {final.mean_answer_logit_centred:+.2f}). Mean-ablating "
-        f"its attention and MLP changes p(answer) by {mean_both.prob_change:+.3f} and accuracy by "
-        f"{mean_both.accuracy_change:+.1%}; zeroing them: {zero_both.prob_change:+.3f} / {zero_both.accuracy_change:+.1%}.",
+        f"{final.attn_dla_centred:+.2f}, MLP {final.mlp_dla_centred:+.2f} (their sum negative on "
+        f"{final.share_suppressed:.0%} of prompts; the answer's whole centred logit is "
+        f"{final.mean_answer_logit_centred:+.2f}). Removing them changes p(answer) / accuracy by: {changes}."
+        + (f" Suppressing: {', '.join(suppressing)}." if suppressing else ""),
     )
 
 
