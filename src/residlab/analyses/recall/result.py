@@ -61,6 +61,7 @@ class Knockout:
     direct_drop: float  # how much the knocked-out heads' own DLA(answer - wrong) fell
     via_mlps: float  # how much every MLP's DLA(answer - wrong) fell (> 0: MLPs carried the heads' effect)
     via_other_attention: float  # the other heads' and attention biases' share of the drop
+    via_embedding: float  # the embedding's share (it changes only through the final norm's scale)
     mlp_drop_per_layer: list[float]
 
     @staticmethod
@@ -100,6 +101,7 @@ class Knockout:
             direct_drop=float(head_drop[chosen].sum()),
             via_mlps=float(mlp_drop.sum()),
             via_other_attention=float(head_drop[~chosen].sum()) + bias_drop,
+            via_embedding=float((diff(clean.embed) - diff(ablated.embed)).mean()),
             mlp_drop_per_layer=[float(x) for x in mlp_drop],
         )
 
