@@ -130,9 +130,11 @@ def _markdown(report: dict[str, Any]) -> str:
         both = next(a for a in final["ablations"] if a["target"] == "attn+mlp" and a["mode"] == "mean")
         verdict = {k: {True: "holds", False: "no", None: "n/a"}[v["holds"]] for k, v in row["findings"].items()}
         lines.append(
-            f"| {row['model']} | {row['accuracy']:.1%} | {row['mean_answer_prob']:.3f} | {row['dla_sum_max_error']:.1e} "
+            f"| {row['model']} | {row['accuracy']:.1%} | {row['mean_answer_prob']:.3f} "
+            f"| {row['dla_sum_max_error']:.1e} "
             f"| {top['head']} ({top['subject_attention']:.2f}, {top['dla_diff']:+.2f}) "
-            f"| k={ko['k']}: {ko['drop_logit_diff']:+.2f} ({ko['random_drop_logit_diff']:+.2f}) | {ko['via_mlps']:+.2f} "
+            f"| k={ko['k']}: {ko['drop_logit_diff']:+.2f} ({ko['random_drop_logit_diff']:+.2f}) "
+            f"| {ko['via_mlps']:+.2f} "
             f"| {final['attn_dla_centred']:+.2f} / {final['mlp_dla_centred']:+.2f} "
             f"| {both['accuracy_change']:+.1%} / {both['prob_change']:+.3f} "
             f"| {verdict['mover_heads']} | {verdict['mlp_amplification']} | {verdict['final_layer_suppression']} |"

@@ -57,9 +57,11 @@ def _manual_pass(lm, rb):
     """Inputs of attention's output projection, the branch outputs and the final norm's input, by plain hooks."""
     got: dict = {}
     handles = []
-    for layer, block in enumerate(lm.blocks):
+    for layer in range(lm.num_layers):
         attn_out = lm.block_part(layer, "attn_out")
-        handles.append(attn_out.register_forward_pre_hook(lambda m, a, layer=layer: got.__setitem__(("z", layer), a[0])))
+        handles.append(
+            attn_out.register_forward_pre_hook(lambda m, a, layer=layer: got.__setitem__(("z", layer), a[0]))
+        )
     final = lm.model_part("final_norm")
     handles.append(final.register_forward_pre_hook(lambda m, a: got.__setitem__("r", a[0])))
     try:
@@ -122,7 +124,9 @@ def test_frozen_norms_equal_the_modules_and_are_linear():
                 assert torch.allclose(summed, frozen.linear(parts.sum(dim=1)), atol=1e-5)
                 direction = torch.randn(4, 64)
                 v = frozen.readout(direction)
-                assert torch.allclose((v * parts[:, 0]).sum(-1), (direction * frozen.linear(parts[:, 0])).sum(-1), atol=1e-4)
+                assert torch.allclose(
+                    (v * parts[:, 0]).sum(-1), (direction * frozen.linear(parts[:, 0])).sum(-1), atol=1e-4
+                )
             finally:
                 _tiny.cache_clear()
 

@@ -57,7 +57,9 @@ def _print(result: RecallResult) -> None:
             _fmt(h.mlp_along, "+.2f"),
         )  # fmt: skip
     console.print(heads)
-    knockouts = Table(title="mean-ablation knockouts of the top-k candidates", caption="drops of the mean logit difference")
+    knockouts = Table(
+        title="mean-ablation knockouts of the top-k candidates", caption="drops of the mean logit difference"
+    )
     for column in ("k", "drop", "random k", "accuracy after", "direct", "via MLPs", "other attn"):
         knockouts.add_column(column, justify="right")
     for k in result.knockouts:
@@ -91,7 +93,9 @@ def recall(
     model: ModelOption = DEFAULT_MODEL,
     prompt_file: Annotated[
         Path | None,
-        typer.Option(help='JSONL of {"prompt", "answer"[, "subject"]} (default: the shipped country -> capital table).'),
+        typer.Option(
+            help='JSONL of {"prompt", "answer"[, "subject"]} (default: the shipped country -> capital table).'
+        ),
     ] = None,
     templates: Annotated[
         str, typer.Option(help="Templates for the capitals table: 'all' or names (capital_of, question, ...).")
@@ -104,7 +108,9 @@ def recall(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random control heads.")] = 0,
     dtype: DtypeOption = "float32",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: ./residlab-out/analyses/<model>/recall).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: ./residlab-out/analyses/<model>/recall).")
+    ] = None,
 ) -> None:
     """Factual recall: DLA of every head and MLP, mover heads, knockouts, final-layer suppression."""
     from residlab.analyses.common import safe_name
@@ -119,7 +125,14 @@ def recall(
     lm = load(model, dtype=dtype)
     _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(prompts)} recall prompts")
     result = analyze_recall(
-        lm, prompts, knockout_ks=ks, random_draws=random_draws, batch_size=batch_size, seed=seed, progress=True, log=_log
+        lm,
+        prompts,
+        knockout_ks=ks,
+        random_draws=random_draws,
+        batch_size=batch_size,
+        seed=seed,
+        progress=True,
+        log=_log,
     )
     out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / "recall"
     paths = result.save(out_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -44,11 +45,14 @@ from residlab.core.errors import ResidlabError
 from residlab.core.types import Log
 from residlab.data.recall_prompts import RecallPrompt
 
+if TYPE_CHECKING:
+    from residlab.models.lm import LanguageModel
+
 Conditioner = Callable[[ExitStack], None]  # enters a condition's edits on the stack
 
 
 def _clean_pass(
-    lm, batches: Sequence[RecallBatch], means: PositionMeans, progress: bool
+    lm: LanguageModel, batches: Sequence[RecallBatch], means: PositionMeans, progress: bool
 ) -> tuple[BatchDLA, torch.Tensor]:
     """DLA, attention to the subject [n, layers, heads] (NaN without subject), and the means."""
     parts, attention = [], []
@@ -65,7 +69,7 @@ def _clean_pass(
     return BatchDLA.cat(parts), torch.cat(attention)
 
 
-def _run(lm, batches: Sequence[RecallBatch], condition: Conditioner) -> BatchDLA:
+def _run(lm: LanguageModel, batches: Sequence[RecallBatch], condition: Conditioner) -> BatchDLA:
     """A pass over every batch under the edits ``condition`` enters (entered before the recording, so
     the recording sees the edited values)."""
     parts = []
@@ -109,26 +113,39 @@ def rank_heads(dla: BatchDLA, attention: torch.Tensor, top: int) -> list[HeadCan
     ]
 
 
+def _heads_out(lm: LanguageModel, heads: Sequence[Head], means: PositionMeans) -> Conditioner:
+    return lambda stack: knock_out_heads(lm, heads, means, stack)
+
+
 def _knockouts(
-    lm, batches, clean: BatchDLA, candidates: list[HeadCandidate], ks: Sequence[int], draws: int, seed: int, means
+    lm: LanguageModel,
+    batches: Sequence[RecallBatch],
+    clean: BatchDLA,
+    candidates: list[HeadCandidate],
+    ks: Sequence[int],
+    draws: int,
+    seed: int,
+    means: PositionMeans,
 ) -> list[Knockout]:
     base = outcome(clean)
     results = []
     all_heads = [(layer, h) for layer in range(lm.num_layers) for h in range(num_heads(lm))]
     for k in ks:
         chosen: list[Head] = [(c.layer, c.head) for c in candidates[:k]]
-        ablated = _run(lm, batches, lambda s, c=chosen: knock_out_heads(lm, c, means, s))
+        ablated = _run(lm, batches, _heads_out(lm, chosen, means))
         others = [h for h in all_heads if h not in chosen]
         rng = random.Random(seed + k)
         controls = []
         for _ in range(draws if len(others) >= k and k == ks[-1] else 0):  # a control for the largest k only
             picked = rng.sample(others, k)
-            controls.append(outcome(_run(lm, batches, lambda s, p=picked: knock_out_heads(lm, p, means, s))))
+            controls.append(outcome(_run(lm, batches, _heads_out(lm, picked, means))))
         results.append(Knockout.measure(k, chosen, base, outcome(ablated), controls, clean, ablated))
     return results
 
 
-def _final_layer(lm, batches, clean: BatchDLA, means: PositionMeans) -> FinalLayerEffect:
+def _final_layer(
+    lm: LanguageModel, batches: Sequence[RecallBatch], clean: BatchDLA, means: PositionMeans
+) -> FinalLayerEffect:
     last = lm.num_layers - 1
     base = outcome(clean)
     ablations = []
@@ -145,7 +162,7 @@ def _final_layer(lm, batches, clean: BatchDLA, means: PositionMeans) -> FinalLay
 
 
 def analyze_recall(
-    lm,
+    lm: LanguageModel,
     prompts: Sequence[RecallPrompt],
     *,
     knockout_ks: Sequence[int] = (1, 3, 5, 10),

@@ -51,9 +51,7 @@ class BatchDLA:
 
     def total(self) -> torch.Tensor:
         """[n, 3]: the sum of every part (before any softcapping)."""
-        return (
-            self.embed + self.heads.sum(dim=(1, 2)) + self.attn_bias.sum(dim=1) + self.mlp.sum(dim=1) + self.constant
-        )
+        return self.embed + self.heads.sum(dim=(1, 2)) + self.attn_bias.sum(dim=1) + self.mlp.sum(dim=1) + self.constant
 
     @staticmethod
     def cat(parts: list[BatchDLA]) -> BatchDLA:
@@ -144,7 +142,9 @@ def measure_dla(lm: LanguageModel, rb: RecallBatch, rec: Recording, logits: torc
     for layer in range(layers):
         per_head, bias_part = _head_parts(lm, rec, layer)
         heads.append(torch.einsum("nhd,nkd->nhk", per_head, read))
-        attn_bias.append(torch.zeros_like(constant) if bias_part is None else torch.einsum("nd,nkd->nk", bias_part, read))
+        attn_bias.append(
+            torch.zeros_like(constant) if bias_part is None else torch.einsum("nd,nkd->nk", bias_part, read)
+        )
         mlp.append(torch.einsum("nd,nkd->nk", mlp_out[layer], read))
         reader = layer + 1 if lm.arch.parallel_residual else layer  # the first MLP that reads this head
         if reader < layers:

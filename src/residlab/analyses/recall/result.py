@@ -96,7 +96,9 @@ class Knockout:
             random_drop_logit_diff=sum(before.mean_logit_diff - c.mean_logit_diff for c in controls) / len(controls)
             if controls
             else nan,
-            random_drop_accuracy=sum(before.accuracy - c.accuracy for c in controls) / len(controls) if controls else nan,
+            random_drop_accuracy=sum(before.accuracy - c.accuracy for c in controls) / len(controls)
+            if controls
+            else nan,
             random_draws=len(controls),
             direct_drop=float(head_drop[chosen].sum()),
             via_mlps=float(mlp_drop.sum()),
@@ -342,7 +344,9 @@ class RecallResult(AnalysisResult):
         ax1.grid(alpha=0.3)
         labels = [f"{a.target}\n{a.mode}" for a in self.final_layer.ablations]
         y = list(range(len(labels)))
-        ax2.bar([i - 0.2 for i in y], [a.accuracy_change for a in self.final_layer.ablations], width=0.4, label="accuracy")
+        ax2.bar(
+            [i - 0.2 for i in y], [a.accuracy_change for a in self.final_layer.ablations], width=0.4, label="accuracy"
+        )
         ax2.bar([i + 0.2 for i in y], [a.prob_change for a in self.final_layer.ablations], width=0.4, label="p(answer)")
         ax2.set_xticks(y, labels, fontsize=8)
         ax2.axhline(0, color="k", lw=0.6)
@@ -351,4 +355,3 @@ class RecallResult(AnalysisResult):
         ax2.grid(alpha=0.3)
         fig.suptitle(f"{self.model}: knockouts and final-layer ablations", fontsize=10)
         return fig
-
