@@ -4,6 +4,7 @@ frozen norms, position means, head knockouts, attention capture and final-layer 
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import ExitStack
 
 import pytest
@@ -258,8 +259,16 @@ def test_analyze_recall_knockout_decomposition_and_result_files(tmp_path):
         analyze_recall(lm, PROMPTS, knockout_ks=(0,))
 
 
+@pytest.fixture
+def real_cache(monkeypatch):
+    """The user's cache (as tests/test_real_model.py): the model is fetched and converted once per machine."""
+    monkeypatch.delenv("RESIDLAB_CACHE", raising=False)
+    if os.environ.get("RESIDLAB_REAL_CACHE"):
+        monkeypatch.setenv("RESIDLAB_CACHE", os.environ["RESIDLAB_REAL_CACHE"])
+
+
 @pytest.mark.real_model
-def test_recall_on_the_default_model():
+def test_recall_on_the_default_model(real_cache):
     from residlab.data.recall_prompts import capital_prompts
     from residlab.models.loading import load
 
