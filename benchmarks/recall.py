@@ -83,6 +83,7 @@ def _row(result: Any, seconds: float, load_seconds: float) -> dict[str, Any]:
                 "direct_drop": k.direct_drop,
                 "via_mlps": k.via_mlps,
                 "via_other_attention": k.via_other_attention,
+                "via_embedding": k.via_embedding,
             }
             for k in result.knockouts
         ],
