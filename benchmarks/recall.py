@@ -116,8 +116,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Factual recall (arXiv 2403.19521) on the packaged models (commit {report['commit']})",
         "",
-        f"Prompts: {report['config']['prompts_note']}. CPU ({report['machine']}), float32, "
-        f"{report['config']['threads']} threads.",
+        f"CPU ({report['machine']}), float32, {report['config']['threads']} threads. Prompts, unless a row says "
+        f"otherwise: {report['config']['prompts_note']}, knockouts of k = {report['config']['knockout_k']}.",
         "",
         "| model | accuracy | p(answer) | DLA sum max error | top mover (attn to subject, DLA ans-wrong) "
         "| top-k knockout: drop of logit diff (random k) | via MLPs | last layer DLA attn / MLP (centred) "
@@ -142,7 +142,11 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "## Evidence per finding", ""]
     for row in report["models"]:
-        lines.append(f"**{row['model']}** ({row['seconds_analysis']} s)")
+        setup = row.get("config", report["config"])
+        lines.append(
+            f"**{row['model']}** ({row['seconds_analysis']} s; {setup['prompts_note']}, k = {setup['knockout_k']}, "
+            f"{setup['random_draws']} random draws)"
+        )
         lines.append("")
         for name, finding in row["findings"].items():
             lines.append(f"- {name}: **{finding['holds']}**. {finding['evidence']}")
@@ -176,24 +180,27 @@ def main() -> None:
         print(json.dumps({k: rows[-1][k] for k in ("model", "accuracy", "dla_sum_max_error", "findings")}, indent=1))
         del lm, result
         gc.collect()
+    config = {
+        "templates": list(templates),
+        "countries": args.limit or 80,
+        "prompts_note": f"{len(prompts)} = {args.limit or 80} countries x templates {', '.join(templates)}",
+        "knockout_k": ks,
+        "random_draws": args.random_draws,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+    }
     for row in rows:
         row["commit"] = _commit()
+        row["config"] = config
     done = {row["model"] for row in rows}
     if args.out.exists():  # models measured by an earlier run (one model per run keeps each run short) stay
-        earlier = json.loads(args.out.read_text()).get("models", [])
+        before = json.loads(args.out.read_text())
+        earlier = [{"config": before.get("config"), **row} for row in before.get("models", [])]
         rows = [row for row in earlier if row["model"] not in done] + rows
     report = {
         "commit": _commit(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "config": {
-            "templates": list(templates),
-            "countries": args.limit or 80,
-            "prompts_note": f"{len(prompts)} = {args.limit or 80} countries x templates {', '.join(templates)}",
-            "knockout_k": ks,
-            "random_draws": args.random_draws,
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-        },
+        "config": config,
         "models": rows,
     }
     from residlab.core.io import atomic_write_text, write_json
