@@ -279,3 +279,12 @@ def test_recall_on_the_default_model(real_cache):
     top = result.candidates[0]
     assert top.subject_attention > 0.5 and top.dla_diff > 0  # a head reads the country and writes the capital
     assert result.knockouts[-1].drop_logit_diff > 0
+
+
+def test_dla_in_bfloat16_still_adds_up_within_its_precision():
+    lm = tiny_model("qwen2")
+    lm.model.to(torch.bfloat16)
+    for rb, dla, logits in _clean(lm):
+        total = dla.total()[:, ANSWER]
+        actual = logits.gather(1, rb.answer_ids[:, None]).squeeze(1)
+        assert torch.allclose(total, actual, atol=0.1 * max(1.0, float(actual.abs().max())))

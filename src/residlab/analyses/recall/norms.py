@@ -77,10 +77,12 @@ def freeze_norm(module: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 
         if type(module).__name__.startswith("Gemma"):
             gain = 1.0 + gain  # Gemma's RMSNorm stores weight - 1 (initialised at 0)
         frozen = FrozenNorm(scale=torch.rsqrt(x.pow(2).mean(dim=-1) + eps), gain=gain, bias=None, centred=False)
+    dtype = weight.dtype if weight is not None else torch.float32
     with torch.no_grad():
-        actual = module(x.to(next(module.parameters()).dtype) if weight is not None else x).float()
+        actual = module(x.to(dtype)).float()
     error = float((frozen(x) - actual).abs().max()) if x.numel() else 0.0
     size = float(actual.abs().max()) if actual.numel() else 0.0
+    tolerance = max(tolerance, 8 * torch.finfo(dtype).eps)  # a half-precision module rounds its own output
     if error > tolerance * max(1.0, size):
         raise ResidlabError(
             f"the norm {type(module).__name__} does not behave as a LayerNorm or RMSNorm "
