@@ -32,10 +32,10 @@ from residlab.core.errors import ResidlabError
 ESTIMATORS = ("biased", "debiased")
 
 
-def _as_2d(x: torch.Tensor) -> torch.Tensor:
+def _as_2d(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if x.dim() != 2:
         x = x.reshape(x.shape[0], -1)
-    return x.double() if x.dtype != torch.float64 and not x.requires_grad else x
+    return x.to(dtype)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -81,16 +81,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     """Linear CKA of ``x`` [n, d1] and ``y`` [n, d2] (rows = the same examples); differentiable.
 
     The biased form is computed in feature space (``O(n d1 d2)``, no ``n x n`` matrix); the debiased
-    form needs the Grams. Kept in float64 unless an input requires a gradient (then in its dtype).
+    form needs the Grams. Computed in float64 unless an input requires a gradient (then in that input's dtype).
     """
     if x.shape[0] != y.shape[0]:
         raise ResidlabError(
             f"CKA compares the same examples: got {x.shape[0]} and {y.shape[0]} rows.",
             hint="pass two representations of the same inputs.",
         )
-    x, y = _as_2d(x), _as_2d(y)
-    if x.dtype != y.dtype:
-        x, y = x.to(torch.promote_types(x.dtype, y.dtype)), y.to(torch.promote_types(x.dtype, y.dtype))
+    # float64 for measurements; in a training loss, the dtype of the tensor being trained (float32 is fast)
+    dtype = x.dtype if x.requires_grad else y.dtype if y.requires_grad else torch.float64
+    x, y = _as_2d(x, dtype), _as_2d(y, dtype)
     if debiased:
         k, l_gram = x @ x.T, y @ y.T
         xy, xx, yy = hsic(k, l_gram, debiased=True), hsic(k, k, debiased=True), hsic(l_gram, l_gram, debiased=True)
