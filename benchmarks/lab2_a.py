@@ -26,7 +26,9 @@ OPTIONS: dict[str, Any] = {"texts": 24, "max_tokens": 128, "work_dir": Path("res
 
 def _commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -82,7 +84,13 @@ def guidance_section() -> dict[str, Any]:
     result, seconds = _timed(lambda: run_guidance_experiment(guide, cfg, OPTIONS["work_dir"] / "guidance"))
     result.save(OPTIONS["work_dir"] / "guidance" / "result")
     runs = [
-        {"condition": r.condition, "seed": r.seed, "final_ce": r.eval_ce[-1], "best_ce": min(r.eval_ce), "seconds": r.seconds}
+        {
+            "condition": r.condition,
+            "seed": r.seed,
+            "final_ce": r.eval_ce[-1],
+            "best_ce": min(r.eval_ce),
+            "seconds": r.seconds,
+        }
         for r in result.runs
     ]
     return {
@@ -107,7 +115,9 @@ def residual_section() -> dict[str, Any]:
     for name, sweep in ((DEFAULT_MODEL, True), (SECOND_MODEL, False)):
         lm = _load(name)
         kwargs: dict[str, Any] = {} if sweep else {"alphas": (), "range_alphas": ()}
-        result, seconds = _timed(lambda lm=lm, kwargs=kwargs: analyze_residual(lm, texts, max_tokens=OPTIONS["max_tokens"], **kwargs))
+        result, seconds = _timed(
+            lambda lm=lm, kwargs=kwargs: analyze_residual(lm, texts, max_tokens=OPTIONS["max_tokens"], **kwargs)
+        )
         result.save(OPTIONS["work_dir"] / f"residual_{lm.name}")
         out[lm.name] = {
             "tokens": result.num_tokens,
@@ -115,7 +125,9 @@ def residual_section() -> dict[str, Any]:
             "attn_ratio": result.attn_ratio,
             "mlp_ratio": result.mlp_ratio,
             "growth": result.growth,
-            "sweeps": [{"name": c.name, "layers": [c.start, c.stop], "alphas": c.alphas, "ce": c.ce} for c in result.sweeps],
+            "sweeps": [
+                {"name": c.name, "layers": [c.start, c.stop], "alphas": c.alphas, "ce": c.ce} for c in result.sweeps
+            ],
             **result.summary(),
         }
     return out
@@ -159,7 +171,12 @@ def _fmt(value: Any) -> str:
 
 def write_markdown(data: dict[str, Any], path: Path) -> None:
     """A short human-readable digest of the JSON file (its scalar numbers per section)."""
-    lines = ["# lab2_a: CKA, guidance, residual scaling, criticality", "", f"commit {data.get('commit')}, {data.get('machine')}", ""]
+    lines = [
+        "# lab2_a: CKA, guidance, residual scaling, criticality",
+        "",
+        f"commit {data.get('commit')}, {data.get('machine')}",
+        "",
+    ]
     for name in sections():
         section = data.get(name)
         if not section:

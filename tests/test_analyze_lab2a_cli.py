@@ -128,4 +128,6 @@ def test_real_criticality_trained_vs_fresh(real_cache, tmp_path):
     trained, fresh = data["trained"], data["fresh"]
     assert len(trained["growth"]) == 30 and data["initializer_range"] == pytest.approx(0.041666, rel=1e-3)
     # a trained network's residual grows far more over depth than the freshly initialised one's
-    assert trained["residual_rms"][-1] / trained["residual_rms"][0] > fresh["residual_rms"][-1] / fresh["residual_rms"][0]
+    assert (
+        trained["residual_rms"][-1] / trained["residual_rms"][0] > fresh["residual_rms"][-1] / fresh["residual_rms"][0]
+    )

@@ -77,7 +77,9 @@ def test_sweep_result_files_and_summary(qwen, tmp_path):
 def test_fitted_growth_is_exact_on_geometric_norms(qwen):
     result = analyze_residual(qwen, [TEXT], max_tokens=8, alphas=(), range_alphas=(), progress=False)
     n = result.num_layers
-    fake = type(result)(**{**result.__dict__, "skip_norm": [1.3**i for i in range(n)], "out_norm": [1.3 ** (i + 1) for i in range(n)]})
+    fake = type(result)(
+        **{**result.__dict__, "skip_norm": [1.3**i for i in range(n)], "out_norm": [1.3 ** (i + 1) for i in range(n)]}
+    )
     assert fake.fitted_growth() == pytest.approx(1.3)
 
 

@@ -203,7 +203,9 @@ class _Shuffler:
         self.pending: list[torch.Tensor] | None = None
 
     def push(self, parts: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-        self.pending = parts if self.pending is None else [torch.cat(p, 1) for p in zip(self.pending, parts)]
+        self.pending = (
+            parts if self.pending is None else [torch.cat(p, 1) for p in zip(self.pending, parts, strict=True)]
+        )
         while self.pending[0].shape[1] >= 4 * self.minibatch:  # shuffle within a window of four minibatches
             yield from self._cut(full_only=True)
 

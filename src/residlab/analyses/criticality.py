@@ -73,7 +73,7 @@ def _fitted_factor(values: Sequence[float]) -> float:
 
 
 def _power_law_exponent(values: Sequence[float]) -> float:
-    """Slope of ``log value`` against ``log (layer + 1)`` (0.5: the sqrt(depth) growth of a pre-norm residual at init)."""
+    """Slope of ``log value`` against ``log (layer + 1)`` (0.5: sqrt(depth) growth, a pre-norm residual at init)."""
     points = [(math.log(i + 1), math.log(v)) for i, v in enumerate(values) if v > 0 and math.isfinite(v)]
     if len(points) < 2:
         return float("nan")

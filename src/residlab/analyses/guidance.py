@@ -39,7 +39,9 @@ class CkaGuidanceLoss(torch.nn.Module):
     def __init__(self, mapping: Mapping[int, int], *, weight: float = 1.0, debiased: bool = False) -> None:
         super().__init__()
         if not mapping:
-            raise ResidlabError("the guidance mapping is empty.", hint="map at least one target layer to a guide layer.")
+            raise ResidlabError(
+                "the guidance mapping is empty.", hint="map at least one target layer to a guide layer."
+            )
         if not weight >= 0:
             raise ResidlabError(f"the guidance weight must be >= 0, got {weight}.", hint="pass e.g. 1.0.")
         self.mapping = dict(mapping)

@@ -88,7 +88,9 @@ class GuidanceResult(AnalysisResult):
             out[f"{condition}_final_cka_debiased"] = [
                 _mean_sd([r.cka_debiased[-1][i] for r in runs])[0] for i in range(layers)
             ]
-            out[f"{condition}_final_cka_biased"] = [_mean_sd([r.cka_biased[-1][i] for r in runs])[0] for i in range(layers)]
+            out[f"{condition}_final_cka_biased"] = [
+                _mean_sd([r.cka_biased[-1][i] for r in runs])[0] for i in range(layers)
+            ]
         base = self._by("baseline")
         for condition in conditions:
             if condition == "baseline" or not base:
@@ -108,10 +110,14 @@ class GuidanceResult(AnalysisResult):
     @figure("guidance_loss.png")
     def _loss(self, plt: Any) -> Figure:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        colours = {}
+        colours: dict[str, str] = {}
         for run in self.runs:
             colour = colours.setdefault(run.condition, f"C{len(colours)}")
-            label = run.condition if sum(r.condition == run.condition for r in self.runs[: self.runs.index(run)]) == 0 else None
+            label = (
+                run.condition
+                if sum(r.condition == run.condition for r in self.runs[: self.runs.index(run)]) == 0
+                else None
+            )
             ax.plot(run.steps, run.eval_ce, "-", color=colour, lw=1.2, alpha=0.8, label=label)
         ax.set_xlabel("training step")
         ax.set_ylabel("held-out cross-entropy (nats/token)")

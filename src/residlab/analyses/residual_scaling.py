@@ -19,6 +19,7 @@ norm, is left out):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ class ResidualResult(AnalysisResult):
     notes: list[str] = field(default_factory=list)
 
     def fitted_growth(self) -> float:
-        """``exp(slope)`` of a least-squares line through ``log mean||h_l||`` over layers 1..L (layer 0 input left out)."""
+        """``exp(slope)`` of a least-squares line through ``log mean||h_l||``, layers 1..L (not layer 0's input)."""
         norms = [*self.skip_norm[1:], self.out_norm[-1]]
         xs = list(range(1, len(norms) + 1))
         if len(norms) < 2:
@@ -275,7 +276,9 @@ def analyze_residual(
     if alphas:
         plans.append(("all", 0, lm.num_layers, sorted({float(a) for a in alphas})))
     if range_alphas and ranges >= 2:
-        plans += [(n, s, e, sorted({float(a) for a in range_alphas})) for n, s, e in depth_ranges(lm.num_layers, ranges)]
+        plans += [
+            (n, s, e, sorted({float(a) for a in range_alphas})) for n, s, e in depth_ranges(lm.num_layers, ranges)
+        ]
     bar = tqdm(total=1 + sum(len(p[3]) for p in plans), unit="pass", desc="alpha sweep", disable=not progress)
     baseline = mean_ce(lm, batches)
     bar.update()
@@ -283,9 +286,8 @@ def analyze_residual(
     for name, start, stop, values in plans:
         ce = []
         for alpha in values:
-            ce.append(
-                baseline if alpha == 1.0 else mean_ce(lm, batches, lambda: branch_scaling(lm, range(start, stop), alpha))
-            )
+            edits = functools.partial(branch_scaling, lm, range(start, stop), alpha)
+            ce.append(baseline if alpha == 1.0 else mean_ce(lm, batches, edits))
             bar.update()
             log(f"  {name} (layers {start}-{stop - 1}) alpha {alpha:g}: CE {ce[-1]:.4f}")
         sweeps.append(AlphaCurve(name, start, stop, values, ce))

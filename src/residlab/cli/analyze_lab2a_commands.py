@@ -41,7 +41,9 @@ def _floats(value: str, option: str) -> list[float]:
     try:
         return [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise ResidlabError(f"bad {option} {value!r}.", hint="pass numbers separated by commas, such as 0,0.5,1.") from None
+        raise ResidlabError(
+            f"bad {option} {value!r}.", hint="pass numbers separated by commas, such as 0,0.5,1."
+        ) from None
 
 
 def _begin(analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None) -> _Run:
@@ -99,9 +101,14 @@ def cka(
     for column in ("layer", "mapped to", "biased", "debiased", "best match (debiased)"):
         table.add_column(column, justify="right")
     for i, j in enumerate(result.mapping):
-        table.add_row(str(i), str(j), _fmt(result.biased[i][j]), _fmt(result.debiased[i][j]), str(s["best_match_debiased"][i]))
+        table.add_row(
+            str(i), str(j), _fmt(result.biased[i][j]), _fmt(result.debiased[i][j]), str(s["best_match_debiased"][i])
+        )
     console.print(table)
-    console.print(f"mean CKA along the even-stride mapping: biased {_fmt(s['mapped_mean_biased'])}, debiased {_fmt(s['mapped_mean_debiased'])}")
+    console.print(
+        f"mean CKA along the even-stride mapping: biased {_fmt(s['mapped_mean_biased'])}, "
+        f"debiased {_fmt(s['mapped_mean_debiased'])}"
+    )
     if "off_diagonal_mean_biased" in s:
         console.print(
             f"off-diagonal mean: biased {_fmt(s['off_diagonal_mean_biased'])}, debiased "
@@ -111,13 +118,21 @@ def cka(
 
 
 def _guidance_table(result: GuidanceResult) -> Table:
-    table = Table(title=f"guidance: {result.config['target']} target, guide {result.guide} layers {result.guide_layers}")
+    table = Table(
+        title=f"guidance: {result.config['target']} target, guide {result.guide} layers {result.guide_layers}"
+    )
     for column in ("condition", "seed", "held-out CE (start)", "final", "best", "final CKA (debiased) per layer", "s"):
         table.add_column(column, justify="right")
     for r in result.runs:
         cka_values = " ".join(_fmt(v, ".2f") for v in r.cka_debiased[-1])
         table.add_row(
-            r.condition, str(r.seed), _fmt(r.eval_ce[0]), _fmt(r.eval_ce[-1]), _fmt(min(r.eval_ce)), cka_values, f"{r.seconds:.0f}"
+            r.condition,
+            str(r.seed),
+            _fmt(r.eval_ce[0]),
+            _fmt(r.eval_ce[-1]),
+            _fmt(min(r.eval_ce)),
+            cka_values,
+            f"{r.seconds:.0f}",
         )
     return table
 
@@ -135,7 +150,9 @@ def guidance(
     conditions: Annotated[str, typer.Option(help="baseline, guided, guided_untrained.")] = "baseline,guided",
     layers: Annotated[int, typer.Option(min=1, help="Target layers.")] = 3,
     width: Annotated[int, typer.Option(min=4, help="Target width.")] = 128,
-    vocab: Annotated[int, typer.Option(min=2, help="Target vocabulary: the most frequent train tokens + other.")] = 2048,
+    vocab: Annotated[
+        int, typer.Option(min=2, help="Target vocabulary: the most frequent train tokens + other.")
+    ] = 2048,
     seq_len: Annotated[int, typer.Option(min=8, help="Tokens per training window.")] = 64,
     train_windows: Annotated[int, typer.Option(min=1, help="Training windows (guide states cached for each).")] = 768,
     eval_windows: Annotated[int, typer.Option(min=1, help="Held-out windows.")] = 64,
@@ -189,7 +206,9 @@ def residual(
     alphas: Annotated[str, typer.Option(help="Scales of every branch in every layer ('' = none).")] = (
         "0,0.1,0.2,0.3,0.5,0.7,0.85,1,1.15,1.3,1.5"
     ),
-    range_alphas: Annotated[str, typer.Option(help="Scales of one depth range's branches ('' = none).")] = "0,0.3,0.7,1.3",
+    range_alphas: Annotated[
+        str, typer.Option(help="Scales of one depth range's branches ('' = none).")
+    ] = "0,0.3,0.7,1.3",
     ranges: Annotated[int, typer.Option(min=1, help="Depth ranges for --range-alphas (3: early/middle/late).")] = 3,
     dtype: DtypeOption = "float32",
     out: Out = None,
@@ -218,7 +237,8 @@ def residual(
         console.print(f"CE vs alpha, {curve.name} (layers {curve.start}-{curve.stop - 1}): {points}")
     s = result.summary()
     console.print(
-        f"fitted norm growth {s['fitted_growth_per_layer']:.3f}x per layer (GPT-2 XL: {s['gpt2_xl_growth_per_layer']}x); "
+        f"fitted norm growth {s['fitted_growth_per_layer']:.3f}x per layer "
+        f"(GPT-2 XL: {s['gpt2_xl_growth_per_layer']}x); "
         f"median branch/skip: attention {_fmt(s['median_attn_ratio'])}, MLP {_fmt(s['median_mlp_ratio'])}; "
         f"{100 * s['fraction_of_branches_in_inception_range']:.0f}% of branches in Inception-ResNet's 0.1-0.3"
     )

@@ -260,8 +260,8 @@ from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
 
 _register_asc(app)
 
-from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 from residlab.cli import analyze_lab2a_commands  # noqa: E402, F401  (registers cka, guidance, residual, criticality)
+from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
