@@ -21,7 +21,13 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 SECOND_MODEL = "smollm2-135m-instruct"
-OPTIONS: dict[str, Any] = {"texts": 24, "max_tokens": 128, "work_dir": Path("residlab-out/bench-lab2a"), "seeds": 3}
+OPTIONS: dict[str, Any] = {
+    "texts": 24,
+    "max_tokens": 128,
+    "work_dir": Path("residlab-out/bench-lab2a"),
+    "seeds": 3,
+    "conditions": "baseline,guided",
+}
 
 
 def _commit() -> str:
@@ -79,7 +85,7 @@ def guidance_section() -> dict[str, Any]:
     """An RNN trained from scratch on wiki text, with and without CKA guidance from SmolLM2-135M's layers."""
     from residlab.analyses.guidance_experiment import GuidanceConfig, run_guidance_experiment
 
-    cfg = GuidanceConfig(seeds=tuple(range(OPTIONS["seeds"])), conditions=("baseline", "guided", "guided_untrained"))
+    cfg = GuidanceConfig(seeds=tuple(range(OPTIONS["seeds"])), conditions=tuple(OPTIONS["conditions"].split(",")))
     guide = _load(cfg.guide)
     result, seconds = _timed(lambda: run_guidance_experiment(guide, cfg, OPTIONS["work_dir"] / "guidance"))
     result.save(OPTIONS["work_dir"] / "guidance" / "result")
@@ -206,10 +212,19 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=OPTIONS["texts"])
     parser.add_argument("--max-tokens", type=int, default=OPTIONS["max_tokens"])
     parser.add_argument("--seeds", type=int, default=OPTIONS["seeds"])
+    parser.add_argument(
+        "--conditions", default=OPTIONS["conditions"], help="guidance conditions (finished runs reused)"
+    )
     parser.add_argument("--work-dir", type=Path, default=OPTIONS["work_dir"])
     parser.add_argument("--out", type=Path, default=RESULTS / "lab2_a.json")
     args = parser.parse_args()
-    OPTIONS.update(texts=args.texts, max_tokens=args.max_tokens, seeds=args.seeds, work_dir=args.work_dir)
+    OPTIONS.update(
+        texts=args.texts,
+        max_tokens=args.max_tokens,
+        seeds=args.seeds,
+        work_dir=args.work_dir,
+        conditions=args.conditions,
+    )
     torch.set_num_threads(2)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     data.update(commit=_commit(), machine=f"{platform.machine()}, torch {torch.__version__}, 2 threads")
