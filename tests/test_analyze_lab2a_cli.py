@@ -126,7 +126,8 @@ def test_real_criticality_trained_vs_fresh(real_cache, tmp_path):
           "--out", str(out)])  # fmt: skip
     data = json.loads((out / "criticality.json").read_text())
     trained, fresh = data["trained"], data["fresh"]
-    assert len(trained["growth"]) == 30 and data["initializer_range"] == pytest.approx(0.041666, rel=1e-3)
+    # the GGUF that ships the model records no initializer_range: transformers' default 0.02 is used
+    assert len(trained["growth"]) == 30 and data["initializer_range"] == pytest.approx(0.02)
     # a trained network's residual grows far more over depth than the freshly initialised one's
     assert (
         trained["residual_rms"][-1] / trained["residual_rms"][0] > fresh["residual_rms"][-1] / fresh["residual_rms"][0]

@@ -14,7 +14,9 @@ each model, per layer ``l`` and averaged over real tokens at positions >= ``firs
   nor damped relative to the signal.
 
 The fresh model is ``AutoModelForCausalLM.from_config(config)`` after ``torch.manual_seed(seed)``:
-the family's own initialisation (normal with the config's ``initializer_range``, norms at 1).
+the family's own initialisation (normal with the config's ``initializer_range``, norms at 1). Packaged
+models are converted from GGUF files, which do not record ``initializer_range``, so their configs carry
+transformers' default (0.02; SmolLM2's original config says 0.0417, Qwen2.5's 0.02).
 """
 
 from __future__ import annotations
