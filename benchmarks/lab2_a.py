@@ -21,6 +21,8 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 SECOND_MODEL = "smollm2-135m-instruct"
+# the original configs' initializer_range (the GGUF files the packaged models come from do not record it)
+ORIGINAL_INIT_RANGE = {SECOND_MODEL: 0.041666666666666664, "qwen2.5-coder-0.5b-instruct": 0.02}
 OPTIONS: dict[str, Any] = {
     "texts": 24,
     "max_tokens": 128,
@@ -148,7 +150,12 @@ def criticality_section() -> dict[str, Any]:
     out: dict[str, Any] = {"texts": len(texts)}
     for name in (DEFAULT_MODEL, SECOND_MODEL):
         lm = _load(name)
-        result, seconds = _timed(lambda lm=lm: analyze_criticality(lm, texts, max_tokens=OPTIONS["max_tokens"]))
+        init = ORIGINAL_INIT_RANGE.get(name)
+        result, seconds = _timed(
+            lambda lm=lm, init=init: analyze_criticality(
+                lm, texts, max_tokens=OPTIONS["max_tokens"], initializer_range=init
+            )
+        )
         result.save(OPTIONS["work_dir"] / f"criticality_{lm.name}")
         out[lm.name] = {
             "tokens": result.num_tokens,

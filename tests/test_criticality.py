@@ -36,6 +36,15 @@ def test_fresh_copy_is_the_same_architecture_with_new_deterministic_weights(qwen
             assert not torch.equal(pa[name], param)
 
 
+def test_fresh_copy_takes_another_initializer_range(qwen):
+    wide = fresh_copy(qwen, seed=3, initializer_range=0.5)
+    assert wide.model.config.initializer_range == 0.5 and qwen.model.config.initializer_range != 0.5
+    std = float(dict(wide.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"].std())
+    assert std == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(ResidlabError, match="initializer_range"):
+        fresh_copy(qwen, initializer_range=-1.0)
+
+
 def test_perturbation_gain_is_in_the_linear_regime(qwen):
     fresh = fresh_copy(qwen)
     small = analyze_criticality(qwen, TEXTS, max_tokens=12, eps=1e-4, fresh=fresh, progress=False)

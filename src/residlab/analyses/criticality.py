@@ -135,14 +135,22 @@ class CriticalityResult(AnalysisResult):
         return fig
 
 
-def fresh_copy(lm: LanguageModel, seed: int = 0) -> LanguageModel:
-    """The same architecture (config) as ``lm``, freshly initialised after ``torch.manual_seed(seed)``."""
+def fresh_copy(lm: LanguageModel, seed: int = 0, initializer_range: float | None = None) -> LanguageModel:
+    """The same architecture (config) as ``lm``, freshly initialised after ``torch.manual_seed(seed)``
+    (with ``initializer_range`` in place of the config's, when given)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     from residlab.models.lm import LanguageModel
 
+    config = copy.deepcopy(lm.model.config)
+    if initializer_range is not None:
+        if not (initializer_range > 0 and math.isfinite(initializer_range)):
+            raise ResidlabError(f"initializer_range must be > 0, got {initializer_range}.", hint="pass e.g. 0.02.")
+        config.initializer_range = initializer_range
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(lm.model.config, dtype=lm.dtype).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=lm.dtype).eval()
     return LanguageModel(model, lm.tokenizer, name=f"{lm.name} (fresh init)", source="from_config")
 
 
@@ -200,10 +208,12 @@ def analyze_criticality(
     eps: float = 1e-3,
     seed: int = 0,
     fresh: LanguageModel | None = None,
+    initializer_range: float | None = None,
     log: Log | None = None,
     progress: bool = True,
 ) -> CriticalityResult:
-    """Depth profiles of ``lm`` and of its architecture freshly initialised (``fresh``, else :func:`fresh_copy`)."""
+    """Depth profiles of ``lm`` and of its architecture freshly initialised (``fresh``, else :func:`fresh_copy`
+    with ``initializer_range`` if given)."""
     from tqdm.auto import tqdm
 
     log = log or (lambda message: None)
@@ -218,7 +228,7 @@ def analyze_criticality(
     if tokens == 0:
         raise ResidlabError(f"no token at position >= {first_position}.", hint="pass longer texts.")
     log(f"trained profile done; initialising {lm.name} afresh (seed {seed})")
-    initial = fresh if fresh is not None else fresh_copy(lm, seed)
+    initial = fresh if fresh is not None else fresh_copy(lm, seed, initializer_range)
     fresh_profile, _ = depth_profile(initial, batches, first_position, eps, seed)
     bar.update()
     bar.close()
@@ -231,7 +241,7 @@ def analyze_criticality(
         first_position=first_position,
         seed=seed,
         eps=eps,
-        initializer_range=getattr(lm.model.config, "initializer_range", None),
+        initializer_range=getattr(initial.model.config, "initializer_range", None),
         trained=trained,
         fresh=fresh_profile,
         notes=["the fresh model shares the trained model's tokenizer and config; only the weights differ."],

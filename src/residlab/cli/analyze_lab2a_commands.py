@@ -255,6 +255,9 @@ def criticality(
     batch_size: BatchSize = 8,
     first_position: FirstPosition = 1,
     eps: Annotated[float, typer.Option(min=0.0, help="Relative size of the input perturbation.")] = 1e-3,
+    init_range: Annotated[
+        float | None, typer.Option(min=0.0, help="Std of the fresh weights (default: the config's initializer_range).")
+    ] = None,
     seed: Seed = 0,
     dtype: DtypeOption = "float32",
     out: Out = None,
@@ -265,7 +268,7 @@ def criticality(
     run = _begin("criticality", model, text_file, limit, dtype, out)
     result = analyze_criticality(
         run.lm, run.texts, max_tokens=max_tokens, batch_size=batch_size, first_position=first_position, eps=eps,
-        seed=seed, log=_log,
+        seed=seed, initializer_range=init_range, log=_log,
     )  # fmt: skip
     paths = result.save(run.out_dir)
     table = Table(title=f"{result.model}: trained | fresh init (seed {result.seed}), {result.num_tokens} tokens")
