@@ -55,12 +55,12 @@ class GuidanceConfig:
     guide: str = "smollm2-135m-instruct"
     corpus: str = "wiki"
     seq_len: int = 64
-    train_windows: int = 768
+    train_windows: int = 1024
     eval_windows: int = 64
     vocab: int = 2048
     width: int = 128
     layers: int = 3
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 16
     lr: float = 2e-3
     weight: float = 1.0

@@ -145,7 +145,7 @@ def guidance(
     ),
     target: Annotated[str, typer.Option(help="Target network trained from scratch: rnn or transformer.")] = "rnn",
     corpus: Annotated[str, typer.Option(help="Training corpus (its train split; eval split held out).")] = "wiki",
-    steps: Annotated[int, typer.Option(min=1, help="Training steps per run.")] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per run.")] = 500,
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (one run per seed and condition).")] = "0,1,2",
     conditions: Annotated[str, typer.Option(help="baseline, guided, guided_untrained.")] = "baseline,guided",
     layers: Annotated[int, typer.Option(min=1, help="Target layers.")] = 3,
@@ -154,7 +154,7 @@ def guidance(
         int, typer.Option(min=2, help="Target vocabulary: the most frequent train tokens + other.")
     ] = 2048,
     seq_len: Annotated[int, typer.Option(min=8, help="Tokens per training window.")] = 64,
-    train_windows: Annotated[int, typer.Option(min=1, help="Training windows (guide states cached for each).")] = 768,
+    train_windows: Annotated[int, typer.Option(min=1, help="Training windows (guide states cached for each).")] = 1024,
     eval_windows: Annotated[int, typer.Option(min=1, help="Held-out windows.")] = 64,
     batch_size: Annotated[int, typer.Option(min=2, help="Windows per step.")] = 16,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 2e-3,
