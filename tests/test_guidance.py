@@ -120,3 +120,18 @@ def test_bad_config_is_refused():
         GuidanceConfig(target="lstm").check()
     with pytest.raises(ResidlabError, match="condition"):
         GuidanceConfig(conditions=("teacher",)).check()
+
+
+def test_summary_pairs_runs_by_seed():
+    from residlab.analyses.guidance_result import GuidanceResult, RunCurve
+
+    def run(condition, seed, ces):
+        return RunCurve(condition, seed, [0, 10, 20], [None, 1.0, 1.0], [None, 0.0, 0.0], ces, [[0.5]] * 3, [[0.4]] * 3)
+
+    runs = [run("baseline", 0, [5.0, 4.0, 3.0]), run("guided", 0, [5.0, 3.0, 2.5]), run("baseline", 1, [5.0, 4.0, 3.2])]
+    runs.append(run("guided", 1, [5.0, 3.9, 3.3]))
+    s = GuidanceResult({}, "g", [0], 1, 1, 1.0, runs).summary()
+    assert s["guided_minus_baseline_final_ce"] == pytest.approx(((2.5 - 3.0) + (3.3 - 3.2)) / 2)
+    assert s["guided_seeds_better"] == 1 and s["guided_helps"] is False
+    assert s["guided_mean_ce_over_training"] == pytest.approx(((3.0 + 2.5) / 2 + (3.9 + 3.3) / 2) / 2)
+    assert s["guided_steps_to_baseline_final_ce"] == [10, None]  # 3.0 <= 3.0 at step 10

@@ -57,6 +57,17 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
 
 
+def _training_mean(run: RunCurve) -> float:
+    """Mean held-out CE over the measurements after step 0 (the area under the curve, per measurement)."""
+    later = run.eval_ce[1:] or run.eval_ce
+    return sum(later) / len(later)
+
+
+def _first_step_at_most(run: RunCurve, level: float) -> int | None:
+    """The first measured step whose held-out CE is <= ``level`` (None if none is)."""
+    return next((step for step, ce in zip(run.steps, run.eval_ce, strict=True) if ce <= level), None)
+
+
 @dataclass(frozen=True)
 class GuidanceResult(AnalysisResult):
     """Every run of a guidance experiment and how the guided conditions compare with the baseline."""
@@ -76,14 +87,16 @@ class GuidanceResult(AnalysisResult):
         return {r.seed: r for r in self.runs if r.condition == condition}
 
     def summary(self) -> dict[str, Any]:
-        """Final and best held-out CE per condition (mean, sd over seeds), final CKA with the guide, and
-        each guided condition's paired difference from the baseline (negative = guidance helps)."""
+        """Final, best and mean-over-training held-out CE per condition (mean, sd over seeds), final CKA
+        with the guide, and each guided condition's paired differences from the baseline (negative =
+        guidance helps) with, per seed, the first step at which it reaches the baseline's final CE."""
         out: dict[str, Any] = {}
         conditions = list(dict.fromkeys(r.condition for r in self.runs))
         for condition in conditions:
             runs = list(self._by(condition).values())
             out[f"{condition}_final_ce"], out[f"{condition}_final_ce_sd"] = _mean_sd([r.eval_ce[-1] for r in runs])
             out[f"{condition}_best_ce"] = _mean_sd([min(r.eval_ce) for r in runs])[0]
+            out[f"{condition}_mean_ce_over_training"] = _mean_sd([_training_mean(r) for r in runs])[0]
             layers = len(runs[0].cka_debiased[-1])
             out[f"{condition}_final_cka_debiased"] = [
                 _mean_sd([r.cka_debiased[-1][i] for r in runs])[0] for i in range(layers)
@@ -102,6 +115,10 @@ class GuidanceResult(AnalysisResult):
             if deltas:
                 out[f"{condition}_minus_baseline_final_ce"], out[f"{condition}_minus_baseline_sd"] = _mean_sd(deltas)
                 out[f"{condition}_minus_baseline_best_ce"] = _mean_sd(best)[0]
+                over = [_training_mean(mine[s]) - _training_mean(base[s]) for s in seeds]
+                out[f"{condition}_minus_baseline_mean_ce_over_training"] = _mean_sd(over)[0]
+                reach = [_first_step_at_most(mine[s], base[s].eval_ce[-1]) for s in seeds]
+                out[f"{condition}_steps_to_baseline_final_ce"] = reach
                 out[f"{condition}_seeds_better"] = sum(d < 0 for d in deltas)
                 out[f"{condition}_helps"] = all(d < 0 for d in deltas)
         out["num_seeds"] = len(base) if base else len({r.seed for r in self.runs})
