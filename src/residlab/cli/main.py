@@ -260,6 +260,7 @@ from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
 
 _register_asc(app)
 
+from residlab.cli import analyze_lab2a_commands  # noqa: E402, F401  (registers cka, guidance, residual, criticality)
 from residlab.cli.analyze_commands import analyze_app  # noqa: E402
 from residlab.cli.recall_commands import recall as _recall_command  # noqa: E402, F401  (registers analyze recall)
 
