@@ -58,15 +58,18 @@ class ContinuousBatcher(Scheduler):
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._eos = frozenset(self.lm.eos_token_ids)
+        self._joinable: bool | None = None  # whether the model's cache takes rows mid-decode (seen at the first prefill)
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> None:
         room = self.max_batch - len(self._rows)
-        if self._rows and self._cache is not None and not kv_rows.joinable(self._cache):
+        if self._rows and not self._joinable:
             room = 0  # this model's cache cannot take rows mid-decode: new requests wait for the batch to drain
         fresh = self._take(room, wait=not self._rows) if room else []
-        if fresh:
-            self._guarded(lambda: self._admit(fresh), fresh)
+        # A cache that cannot join rows (or one not seen yet) takes its arrivals as one padded group.
+        groups = prefill_groups(fresh) if self._joinable else [fresh] if fresh else []
+        for group in groups:
+            self._guarded(lambda group=group: self._admit(group), group)
         if self._rows:
             rows = list(self._rows)
             self._guarded(self._decode, [row.job for row in rows], reset=True)
@@ -101,6 +104,8 @@ class ContinuousBatcher(Scheduler):
                 self._release(row)
             raise
         cache, mask = _returned_cache(out), batch.attention_mask
+        if self._joinable is None:
+            self._joinable = kv_rows.joinable(cache)
         keep = self._advance(rows, out.logits[:, -1, :])
         if not keep:
             return
@@ -180,6 +185,21 @@ class ContinuousBatcher(Scheduler):
             else:
                 keep.append(i)
         return keep
+
+
+def prefill_groups(jobs: list[Job], max_padding: float = 0.15) -> list[list[Job]]:
+    """``jobs`` sorted by prompt length and cut into groups that are prefilled together, each padding
+    at most ``max_padding`` of its tokens: a prefill is compute-bound, so padding is pure waste."""
+    groups: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: len(j.token_ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            real = sum(len(j.token_ids) for j in group) + len(job.token_ids)
+            if len(job.token_ids) * (len(group) + 1) <= (1 + max_padding) * real:
+                group.append(job)
+                continue
+        groups.append([job])
+    return groups
 
 
 def _returned_cache(out: Any) -> Any:
