@@ -205,7 +205,8 @@ def write(result: dict, texts: list[str], out: Path) -> None:
         f"Throughput ratio (concurrent / one at a time): **{result['throughput_ratio']:.2f}x** "
         f"(target {result['target_ratio']:.0f}x). Mean batch size of the concurrent run's forward passes: "
         f"{result['concurrent_batch_size']['mean']:.1f} over {result['concurrent_forward_passes']} passes.",
-        f"Requests whose concurrent text differs from the one-at-a-time text: {result['mismatched_requests'] or 'none'}; "
+        "Requests whose concurrent text differs from the one-at-a-time text: "
+        f"{result['mismatched_requests'] or 'none'}; "
         f"one-at-a-time texts checked against engine.generate alone: {result['direct_engine_checks']['checked']}, "
         f"mismatched: {result['direct_engine_checks']['mismatched'] or 'none'}.",
         "",

@@ -42,11 +42,9 @@ def expected_text(qwen, library, body, chat=True):
     raw = body.get("steering")
     resolved = library.resolve(SteeringRequest.model_validate(raw), qwen) if raw else None
     prompt = body["messages"] if chat else body["prompt"]
-    return (
-        as_engine(qwen)
-        .generate([prompt], SamplingParams(max_new_tokens=body["max_tokens"]), steering=resolved and resolved.spec(), chat=chat)[0]
-        .text
-    )
+    sampling = SamplingParams(max_new_tokens=body["max_tokens"])
+    spec = resolved.spec() if resolved is not None else None
+    return as_engine(qwen).generate([prompt], sampling, steering=spec, chat=chat)[0].text
 
 
 def test_steered_requests_get_what_the_engine_gives_alone(server, qwen):
@@ -198,7 +196,8 @@ def test_server_default_vector_applies_to_requests_without_steering(qwen, vector
     with serving_in_background(ModelServer(qwen, "127.0.0.1", 0, vector=vector, strength=3.0, vectors=library)) as s:
         port = s.server_address[1]
         default = send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 6}))
-        named = send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 6, "steering": {"vector": "alpha", "strength": 3.0, "positions": "prompt_last+generated"}}))  # fmt: skip
+        steering = {"vector": "alpha", "strength": 3.0, "positions": "prompt_last+generated"}
+        named = send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 6, "steering": steering}))
     assert default.ok and default.text == named.text
 
 
@@ -218,3 +217,20 @@ def _get(port, path):
     body = conn.getresponse().read()
     conn.close()
     return body
+
+
+def test_grouped_scheduler_serves_concurrent_requests(qwen, vectors_dir):
+    """The llama.cpp scheduler (groups by steering), here on the torch engine: answers as alone."""
+    library = VectorLibrary.from_directory(vectors_dir, qwen)
+    bodies = [
+        {
+            "messages": MESSAGES,
+            "max_tokens": 4 + i % 3,
+            **({"steering": {"vector": "beta", "strength": 2.0}} if i % 2 else {}),
+        }
+        for i in range(6)
+    ]
+    with serving_in_background(ModelServer(qwen, "127.0.0.1", 0, vectors=library, scheduler="grouped")) as s:
+        assert json.loads(_get(s.server_address[1], "/health"))["scheduler"] == "grouped-scheduler"
+        together, _ = concurrent(s.server_address[1], [LoadRequest(CHAT, b) for b in bodies], timeout=60)
+    assert [o.text for o in together] == [expected_text(qwen, library, b) for b in bodies]

@@ -226,7 +226,8 @@ def serve(
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoded together.")] = 32,
     scheduler: Annotated[
-        str, typer.Option(help="auto (continuous batching on torch, groups by vector on llama.cpp), continuous, grouped.")
+        str,
+        typer.Option(help="auto (continuous batching on torch, groups by vector on llama.cpp), continuous, grouped."),
     ] = "auto",
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may take (504 after).")] = 600,
 ) -> None:

@@ -68,7 +68,9 @@ class RowSteering:
         for layer, delta in checked.items():
             table = self._tables.get(layer)
             if table is None:
-                table = self._tables[layer] = torch.zeros(self.capacity, lm.hidden_size, device=lm.device, dtype=lm.dtype)
+                table = self._tables[layer] = torch.zeros(
+                    self.capacity, lm.hidden_size, device=lm.device, dtype=lm.dtype
+                )
             # the cast Steering makes of the same float32 delta: the same bits reach the add
             table[slot] = delta.flatten().to(lm.device, lm.dtype)
         self._layers[slot] = frozenset(checked)
@@ -94,8 +96,9 @@ class RowSteering:
         context = self._lm.tracker.context
         if context is None:
             raise RuntimeError("row steering ran outside a tracked forward pass")
-        if self._mask_key is not None and self._mask_key[0] is context and self._mask_key[1] == dtype:
-            return self._mask
+        if self._mask is not None and self._mask_key is not None and self._mask_key[0] is context:
+            if self._mask_key[1] == dtype:
+                return self._mask
         slots = context.row_index.tolist()
         mask = torch.zeros(context.positions.shape, dtype=torch.bool, device=context.positions.device)
         for rule in {self._rules[s] for s in slots if self._layers[s]}:

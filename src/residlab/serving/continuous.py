@@ -58,7 +58,9 @@ class ContinuousBatcher(Scheduler):
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._eos = frozenset(self.lm.eos_token_ids)
-        self._joinable: bool | None = None  # whether the model's cache takes rows mid-decode (seen at the first prefill)
+        self._joinable: bool | None = (
+            None  # whether the model's cache takes rows mid-decode (seen at the first prefill)
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> None:

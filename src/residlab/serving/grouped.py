@@ -48,13 +48,13 @@ class GroupedScheduler(Scheduler):
         group = [job for job in self._waiting if group_key(job) == key][: self.max_batch]
         self._waiting = [job for job in self._waiting if job not in group]
         try:
-            self._run(group)
+            self._generate(group)
         except Exception as err:  # noqa: BLE001 - one group's failure must not stop the loop
             traceback.print_exc(file=sys.stderr)
             for job in group:
                 job.fail(err)
 
-    def _run(self, group: list[Job]) -> None:
+    def _generate(self, group: list[Job]) -> None:
         first = group[0]
         budget = max(job.sampling.max_new_tokens for job in group)
         sampling = SamplingParams(

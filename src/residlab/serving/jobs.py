@@ -94,7 +94,9 @@ class Scheduler(ABC):
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise RequestError(503, f"the server is busy ({self._queue.maxsize} requests queued); retry later") from None
+            raise RequestError(
+                503, f"the server is busy ({self._queue.maxsize} requests queued); retry later"
+            ) from None
 
     @property
     def queued(self) -> int:

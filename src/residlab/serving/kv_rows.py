@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 def joinable(cache: Any) -> bool:
     """Whether rows can join ``cache``: every layer a plain full-attention ``DynamicLayer`` (a sliding
     window cache keeps a window per row that left padding would shift)."""
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
@@ -39,7 +39,9 @@ def join(cache: Any, mask: torch.Tensor, other: Any, other_mask: torch.Tensor) -
             a = _pad_left(a, length - a.shape[-2], -2)
             b = _pad_left(b, length - b.shape[-2], -2)
             setattr(mine, name, torch.cat([a, b], dim=0))
-    return torch.cat([_pad_left(mask, length - mask.shape[1], 1), _pad_left(other_mask, length - other_mask.shape[1], 1)])
+    return torch.cat(
+        [_pad_left(mask, length - mask.shape[1], 1), _pad_left(other_mask, length - other_mask.shape[1], 1)]
+    )
 
 
 def keep_rows(cache: Any, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,10 @@ class ServerMetrics:
                 "prompt_tokens": self.prompt_tokens,
                 "tokens_generated": self.tokens_generated,
                 "forward_passes": self.forward_passes,
-                "batch_size": {"mean": mean_batch, "histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())}},
+                "batch_size": {
+                    "mean": mean_batch,
+                    "histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                },
                 "latency_s": _percentiles(self.latency),
                 "time_to_first_token_s": _percentiles(self.first_token),
             }

@@ -244,7 +244,9 @@ class ModelServer(ThreadingHTTPServer):
         self.vectors = vectors or VectorLibrary({})
         self.default_steering = None
         if vector is not None and strength:
-            self.default_steering = ResolvedSteering((("default", vector, float(strength)),), tuple(vector.layers), positions)
+            self.default_steering = ResolvedSteering(
+                (("default", vector, float(strength)),), tuple(vector.layers), positions
+            )
         self.context_length = _context_length(self.engine)
         self.metrics = ServerMetrics()
         self.scheduler = make_scheduler(self.engine, self.metrics, scheduler, max_batch, self.limits.max_queue)
