@@ -234,3 +234,18 @@ def test_grouped_scheduler_serves_concurrent_requests(qwen, vectors_dir):
         assert json.loads(_get(s.server_address[1], "/health"))["scheduler"] == "grouped-scheduler"
         together, _ = concurrent(s.server_address[1], [LoadRequest(CHAT, b) for b in bodies], timeout=60)
     assert [o.text for o in together] == [expected_text(qwen, library, b) for b in bodies]
+
+
+def test_a_failing_batch_is_a_500_or_an_error_event_and_the_server_goes_on(server, qwen, monkeypatch):
+    port = server.server_address[1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(qwen, "_call", broken)
+    whole = send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 3}))
+    streamed = send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 3, "stream": True}))
+    monkeypatch.undo()
+    assert whole.status == 500 and "device on fire" in whole.error
+    assert streamed.status == 200 and "device on fire" in streamed.error
+    assert send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 3})).ok

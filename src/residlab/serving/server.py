@@ -149,8 +149,12 @@ class _Handler(BaseHTTPRequestHandler):
             if rest:
                 self._event(chunk(route, ident, name, rest))
             self._event(chunk(route, ident, name, None, finish=finish_reason(stop.value.hit_limit)))
-        except (RequestError, ResidlabError) as err:
-            self._event({"error": {"message": str(err), "type": "server_error"}})
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the client left: do_POST counts it and cancels the job
+        except Exception as err:  # noqa: BLE001 - after the first byte an error can only be an event
+            if not isinstance(err, RequestError | ResidlabError):
+                traceback.print_exc(file=sys.stderr)
+            self._event({"error": {"message": f"{type(err).__name__}: {err}", "type": "server_error"}})
         self._event("[DONE]")
 
     def _event(self, payload: dict[str, Any] | str) -> None:
