@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -113,10 +114,13 @@ def main() -> None:
         server = ModelServer(lm, "127.0.0.1", 0, vectors=library, max_batch=args.clients)
         with serving_in_background(server):
             port = server.server_address[1]
+            loads = [os.getloadavg()[0]]
             solo, solo_wall = one_at_a_time(port, solo_requests)
+            loads.append(os.getloadavg()[0])
             before = server.metrics.snapshot()
             together, together_wall = concurrent(port, together_requests)
             after = server.metrics.snapshot()
+            loads.append(os.getloadavg()[0])
         direct = direct_checks(lm, library, requests[: args.direct_checks], args.max_tokens)
 
     tokens = [o.tokens for o in solo]
@@ -151,6 +155,8 @@ def main() -> None:
         "direct_engine_checks": {"checked": len(direct), "mismatched": direct_bad},
         "concurrent_forward_passes": passes,
         "concurrent_batch_size": {"mean": mean_batch, "histogram": histogram},
+        # the machine is shared: its 1-minute load average before, between and after the two runs
+        "load_average": loads,
         "commit": _commit(),
         "total_s": time.perf_counter() - began,
     }
@@ -209,6 +215,9 @@ def write(result: dict, texts: list[str], out: Path) -> None:
         f"{result['mismatched_requests'] or 'none'}; "
         f"one-at-a-time texts checked against engine.generate alone: {result['direct_engine_checks']['checked']}, "
         f"mismatched: {result['direct_engine_checks']['mismatched'] or 'none'}.",
+        "",
+        f"Machine load average (1 min) before / between / after the runs: "
+        f"{' / '.join(f'{x:.1f}' for x in result['load_average'])} (2 cores, shared).",
         "",
         f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/serve_load.py --model {result['model']} "
         f"--clients {result['clients']} --max-tokens {result['max_tokens']}` ({result['total_s']:.0f} s in all).",
