@@ -152,6 +152,7 @@ def main() -> None:
         "target_ratio": 3.0,
         "errors": solo_summary["errors"] + together_summary["errors"],
         "mismatched_requests": bad,
+        "error_messages": sorted({o.error for o in [*solo, *together] if not o.ok}),
         "direct_engine_checks": {"checked": len(direct), "mismatched": direct_bad},
         "concurrent_forward_passes": passes,
         "concurrent_batch_size": {"mean": mean_batch, "histogram": histogram},

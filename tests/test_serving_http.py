@@ -249,3 +249,12 @@ def test_a_failing_batch_is_a_500_or_an_error_event_and_the_server_goes_on(serve
     assert whole.status == 500 and "device on fire" in whole.error
     assert streamed.status == 200 and "device on fire" in streamed.error
     assert send(port, LoadRequest(CHAT, {"messages": MESSAGES, "max_tokens": 3})).ok
+
+
+def test_many_clients_connecting_at_once_are_all_accepted(server):
+    """Regression: with the standard library's listen backlog of 5, 32 simultaneous clients got resets."""
+    requests = [
+        LoadRequest(CHAT, {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 2}) for i in range(48)
+    ]
+    outcomes, _ = concurrent(server.server_address[1], requests, timeout=60)
+    assert [o.error for o in outcomes if not o.ok] == []

@@ -227,6 +227,8 @@ class ModelServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # the listen backlog: the standard library's 5 resets connections when dozens of clients connect at once
+    request_queue_size = 256
 
     def __init__(
         self,
