@@ -132,12 +132,12 @@ def test_nan_strength_is_refused(server):
 
 
 def test_load_of_concurrent_clients_with_mixed_vectors(server, qwen):
-    """The fast version of benchmarks/serve_load.py: 12 clients, zero errors, every answer as alone."""
+    """The fast version of benchmarks/serve_load.py: 16 clients, zero errors, every answer as alone."""
     port = server.server_address[1]
     mix = [None, {"vector": "alpha", "strength": 3.0}, {"vector": "alpha", "strength": -2.0}, {"vector": "beta"}]
     prompts = ["Natalia sold clips", "How many?", "Weng earns $12 an hour", "The answer is 72"]
     requests = []
-    for i in range(12):
+    for i in range(16):
         body = {"messages": [{"role": "user", "content": prompts[i % 4]}], "max_tokens": 3 + i % 6}
         if mix[i % 4 - i // 4 % 2] is not None:
             body["steering"] = mix[i % 4 - i // 4 % 2]
@@ -149,7 +149,7 @@ def test_load_of_concurrent_clients_with_mixed_vectors(server, qwen):
     for request, outcome in zip(requests[:4], solo, strict=False):
         assert outcome.text == expected_text(qwen, server.vectors, request.body)
     metrics = _metrics_when(port, lambda m: m["in_flight"] == 0)  # a handler counts itself out after replying
-    assert metrics["responses_by_status"]["200"] >= 24 and metrics["in_flight"] == 0
+    assert metrics["responses_by_status"]["200"] >= 32 and metrics["in_flight"] == 0
     assert metrics["batch_size"]["mean"] > 1 and metrics["tokens_generated"] > 0
     assert metrics["latency_s"]["p50"] > 0
 
