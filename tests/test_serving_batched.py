@@ -227,3 +227,19 @@ def test_steering_spec_of_one_term_is_lm_steer(qwen):
     assert resolved.spec().chosen_layers == expected.chosen_layers == [2]
     delta = resolved.deltas()[2]
     assert torch.equal(delta, torch.stack([vector.directions[2].float()])[0] * torch.tensor(1.7))
+
+
+def test_stopping_answers_every_waiting_request(qwen):
+    batcher = ContinuousBatcher(as_engine(qwen), ServerMetrics(), max_batch=2)
+    running = Job(tokens(qwen, PROMPTS[0]), SamplingParams(max_new_tokens=20, ignore_eos=True))
+    queued = [Job(tokens(qwen, p), SamplingParams(max_new_tokens=2)) for p in PROMPTS]
+    batcher.submit(running)
+    batcher.step()
+    for job in queued:
+        batcher.submit(job)
+    batcher.stop()
+    for job in [running, *queued]:
+        with pytest.raises(RequestError, match="shutting down"):
+            drain(job)
+    with pytest.raises(RequestError):
+        batcher.submit(Job(tokens(qwen, PROMPTS[0]), SamplingParams(max_new_tokens=2)))

@@ -63,6 +63,13 @@ class ContinuousBatcher(Scheduler):
         )
 
     # -- the loop -------------------------------------------------------------------------------
+    def _in_progress(self) -> list[Job]:
+        jobs = [row.job for row in self._rows]
+        for row in self._rows:
+            self._release(row)
+        self._rows, self._cache, self._mask = [], None, None
+        return jobs
+
     def step(self) -> None:
         room = self.max_batch - len(self._rows)
         if self._rows and not self._joinable:

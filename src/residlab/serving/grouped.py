@@ -39,6 +39,10 @@ class GroupedScheduler(Scheduler):
         self.max_batch = max_batch
         self._waiting: list[Job] = []  # taken from the queue, not yet run (another group went first)
 
+    def _in_progress(self) -> list[Job]:
+        jobs, self._waiting = self._waiting, []
+        return jobs
+
     def step(self) -> None:
         self._waiting.extend(self._take(self.max_batch, wait=not self._waiting))
         self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]

@@ -112,6 +112,8 @@ class Scheduler(ABC):
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        for job in self._in_progress():
+            job.fail(RequestError(503, "the server is shutting down"))
         while True:  # whoever still waits gets an answer
             try:
                 self._queue.get_nowait().fail(RequestError(503, "the server is shutting down"))
@@ -132,6 +134,10 @@ class Scheduler(ABC):
             except queue.Empty:
                 break
         return [job for job in jobs if not job.cancelled.is_set()]
+
+    def _in_progress(self) -> list[Job]:
+        """Jobs taken from the queue and not finished (answered 503 when the scheduler stops)."""
+        return []
 
     def _run(self) -> None:
         while not self._stop.is_set():
