@@ -135,7 +135,7 @@ def test_serve_gets_parsed_options(tiny_dir, monkeypatch, tmp_path):
     class FakeServer:
         server_address = ("127.0.0.1", 1234)
 
-        def __init__(self, runner, host, port, *, vector, strength, positions, limits):
+        def __init__(self, runner, host, port, *, vector, strength, positions, limits, **serving):
             seen.update(strength=strength, positions=positions, max_new_tokens=limits.max_new_tokens)
 
         def serve_forever(self):

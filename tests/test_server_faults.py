@@ -46,7 +46,7 @@ def server(qwen):
         ({**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
         ({**GOOD, "temperature": -1}, 422, "temperature"),
         ({**GOOD, "top_p": 0}, 422, "top_p"),
-        ({**GOOD, "stream": True}, 400, "streaming"),
+        ({**GOOD, "steering": {"vector": "../etc/passwd"}}, 400, "never paths"),
         ({"max_tokens": 4}, 422, "messages"),
         ([1, 2], 400, "JSON object"),
         (b"{not json", 400, "not valid JSON"),

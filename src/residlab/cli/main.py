@@ -221,20 +221,35 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most new tokens one request may ask for.")] = 2048,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt (tokens) a request may send.")] = 4096,
     max_body_kb: Annotated[int, typer.Option(min=1, help="Largest request body in KiB (413 above it).")] = 1024,
+    vectors: Annotated[
+        Path | None, typer.Option(help="Folder of vector files clients may name in a request's `steering`.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoded together.")] = 32,
+    scheduler: Annotated[
+        str,
+        typer.Option(help="auto (continuous batching on torch, groups by vector on llama.cpp), continuous, grouped."),
+    ] = "auto",
+    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may take (504 after).")] = 600,
 ) -> None:
-    """Serve the model behind an OpenAI-compatible /v1/chat/completions endpoint."""
+    """Serve the model behind OpenAI-compatible /v1/chat/completions and /v1/completions endpoints
+    (streaming, concurrent requests batched, per-request steering by vector name from --vectors)."""
     from residlab.engines import open_engine
     from residlab.interventions.positions import recorded_rule
     from residlab.serving.schema import ServerLimits
     from residlab.serving.server import ModelServer, check_port_free
+    from residlab.serving.steering import VectorLibrary
     from residlab.vectors.files import load_vector
 
     check_port_free(host, port)  # before the model loads
     limits = ServerLimits(
-        max_body_bytes=max_body_kb * 1024, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_tokens_limit
+        max_body_bytes=max_body_kb * 1024,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_tokens_limit,
+        request_timeout_s=request_timeout,
     )
     runner = open_engine(model, engine, dtype=dtype)
     vec = load_vector(vector, runner) if vector is not None else None
+    library = VectorLibrary.from_directory(vectors, runner) if vectors is not None else None
     rule = positions.rule if positions is not None else recorded_rule([vec.position_rule]) if vec else None
     server = ModelServer(
         runner,
@@ -244,12 +259,20 @@ def serve(
         strength=strength,
         positions=rule or "prompt_last+generated",
         limits=limits,
+        vectors=library,
+        scheduler=scheduler,
+        max_batch=max_batch,
     )
     address = f"http://{host}:{server.server_address[1]}/v1"
     steered = ""
     if rule is not None and strength:
         steered = f", steered (strength {strength}, {_rule_note(rule, positions)})"
-    print(f"serving {runner.name} ({runner.kind} engine{steered}) on {address} (Ctrl-C stops)", file=sys.stderr)
+    offered = f"; vectors: {', '.join(library.names())}" if library is not None else ""
+    print(
+        f"serving {runner.name} ({runner.kind} engine{steered}, batches of up to {max_batch}{offered}) on {address} "
+        "(Ctrl-C stops)",
+        file=sys.stderr,
+    )
     try:
         server.serve_forever()
     finally:

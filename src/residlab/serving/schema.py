@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from residlab.serving.steering import SteeringRequest
 
 
 @dataclass(frozen=True)
@@ -22,13 +24,17 @@ class ServerLimits:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 2048
     default_new_tokens: int = 256
+    request_timeout_s: float = 600.0  # a generation still running after this is answered 504
+    max_queue: int = 256  # requests waiting beyond the running batch; more are answered 503
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompt_tokens", "max_new_tokens", "default_new_tokens"):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_new_tokens", "default_new_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         # a request that names no budget must never be refused for the server's own default
         object.__setattr__(self, "default_new_tokens", min(self.default_new_tokens, self.max_new_tokens))
+        if not self.request_timeout_s > 0:
+            raise ValueError("request_timeout_s must be positive")
 
 
 class TextPart(BaseModel):
@@ -53,12 +59,11 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat-completions request residlab serves (other fields are ignored)."""
+class GenerationRequest(BaseModel):
+    """The fields chat and plain completions share (other OpenAI fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     # strict: a boolean or a string is not a token count (lax mode would read `true` as 1)
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
@@ -68,6 +73,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)
     stream: bool = Field(default=False, strict=True)
+    # residlab's own: per-request steering by vector name (OpenAI clients send it through extra_body)
+    steering: SteeringRequest | None = None
 
     def token_budget(self, limits: ServerLimits, room: int | None = None) -> int:
         """The requested number of new tokens (``max_completion_tokens`` wins); when none is asked for,
@@ -76,3 +83,29 @@ class ChatCompletionRequest(BaseModel):
         if asked is not None:
             return asked
         return max(1, min(limits.default_new_tokens, room)) if room is not None else limits.default_new_tokens
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """OpenAI's chat-completions request (``POST /v1/chat/completions``), the subset residlab serves."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI's (legacy) completions request (``POST /v1/completions``): one plain-text prompt, which
+    the model continues as it is (no chat template)."""
+
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("one prompt per request (send several requests: the server batches them)")
+        if not (prompt if isinstance(prompt, str) else prompt[0]):
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
