@@ -261,7 +261,9 @@ from residlab.cli.asc_commands import register as _register_asc  # noqa: E402
 _register_asc(app)
 
 from residlab.cli.analyze_commands import analyze_app  # noqa: E402
+from residlab.cli.analyze_lab2b_commands import register as _register_lab2b  # noqa: E402
 
+_register_lab2b(analyze_app)
 app.add_typer(analyze_app, name="analyze")
 
 from residlab.cli.extract_commands import register as _register_extract  # noqa: E402
