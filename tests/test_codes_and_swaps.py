@@ -66,7 +66,9 @@ def test_knn_majority_vote_and_ties_by_hand():
 
 def test_codes_are_the_sign_of_the_gate_computed_by_hand(qwen):
     layer = 1
-    got = collect_codes(qwen, TEXTS[:1], [layer], max_tokens=16, batch_size=1, first_position=1, desc="", progress=False)
+    got = collect_codes(
+        qwen, TEXTS[:1], [layer], max_tokens=16, batch_size=1, first_position=1, desc="", progress=False
+    )
     with qwen.record([layer], positions="all", sites=("pre_mlp_norm",)) as rec:
         qwen.forward(TEXTS[:1])
     normed = rec[layer, "pre_mlp_norm"][0, 1:16]  # positions 1..15 (one text: no padding)
@@ -80,7 +82,9 @@ def test_analyze_codes_on_train_texts_finds_each_token_at_distance_zero(qwen, tm
     # Test texts = train texts, k = 1: every token's nearest code is its own (or an identical code), so
     # the accuracy is at least the share of tokens whose code no other token id shares.
     r = analyze_codes(qwen, TEXTS, TEXTS, k=1, top_classes=200, max_tokens=24, progress=False)
-    assert r.layers == [0, 1, 2] and r.train_tokens == r.test_tokens > 20 and r.bits == qwen.model.config.intermediate_size
+    assert (
+        r.layers == [0, 1, 2] and r.train_tokens == r.test_tokens > 20 and r.bits == qwen.model.config.intermediate_size
+    )
     for i in range(3):
         assert r.knn["current"][i] >= 1 - r.ambiguous[i] - 1e-9
         assert 0 <= r.redundancy[i] <= r.ambiguous[i] + 1 and 0 < r.firing_rate[i] < 1
@@ -151,12 +155,23 @@ def test_observed_relu_zeros_are_the_non_positive_pre_activations(qwen):
         run_decoder(qwen, batches[0])
     valid = batches[0].valid(1)
     for i, layer in enumerate([0, 2]):
-        assert cands["relu"].stats()["zero_fraction"][i] == pytest.approx(float((rec[layer, "mlp_pre"][valid] <= 0).double().mean()))
+        assert cands["relu"].stats()["zero_fraction"][i] == pytest.approx(
+            float((rec[layer, "mlp_pre"][valid] <= 0).double().mean())
+        )
     assert pre.sums[0, 0] == valid.sum() * qwen.model.config.intermediate_size
 
 
 def test_analyze_activations_reports_every_swap_and_calibrates_on_train_texts(lm, tmp_path):
-    r = analyze_activations(lm, TEXTS[:2], TEXTS[2:], activations=("relu", "crrelu", torch.tanh), layers=[0, 1], calibrate=True, max_tokens=16, progress=False)
+    r = analyze_activations(
+        lm,
+        TEXTS[:2],
+        TEXTS[2:],
+        activations=("relu", "crrelu", torch.tanh),
+        layers=[0, 1],
+        calibrate=True,
+        max_tokens=16,
+        progress=False,
+    )
     assert [s.name for s in r.swaps] == ["relu", "crrelu", "tanh"] and r.layers == [0, 1] and r.train_texts == 2
     for s in r.swaps:
         assert s.delta_ce == pytest.approx(s.ce - r.baseline_ce) and len(s.scales) == 2

@@ -104,7 +104,7 @@ def test_analyze_rsparse_variants_keep_the_budget(qwen, tmp_path):
         assert v.ppl_increase_percent == pytest.approx(100 * (v.perplexity / r.dense_perplexity - 1))
     assert set(r.searched_alphas) == {name for name, _ in block_linears(qwen.blocks[0])}
     assert all(a in r.alpha_grid for alphas in r.searched_alphas.values() for a in alphas)
-    assert r.speed_layer == 1 and len(r.speed) == 7 and "mean_cett" in r.variants[4].extra
+    assert r.speed_layer == 1 and len(r.speed) == 21 and "mean_cett" in r.variants[4].extra
     assert {p.name for p in r.save(tmp_path)} == {
         "rsparse.json",
         "rsparse_perplexity.png",

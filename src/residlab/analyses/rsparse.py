@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from residlab.analyses.heldout import batches_of, heldout_loss
+from residlab.analyses.common import TokenBatch
+from residlab.analyses.heldout import Loss, batches_of, heldout_loss
 from residlab.analyses.means import mean
 from residlab.analyses.result import AnalysisResult, figure
 from residlab.analyses.rsparse_edit import (
@@ -28,7 +29,7 @@ from residlab.analyses.rsparse_edit import (
     measure,
     search_alphas,
 )
-from residlab.analyses.rsparse_factors import Budget
+from residlab.analyses.rsparse_factors import Budget, SparseLowRank
 from residlab.analyses.rsparse_speed import SpeedRow, time_linears
 from residlab.core.errors import ResidlabError
 
@@ -64,7 +65,7 @@ class RSparseResult(AnalysisResult):
     speed: list[SpeedRow] = field(default_factory=list)
 
     def derived(self) -> dict[str, Any]:
-        return {"speed_speedup": {row.linear: row.speedup for row in self.speed}}
+        return {"speed_speedup": [row.speedup for row in self.speed]}
 
     def summary(self) -> dict[str, Any]:
         """Perplexity increase and MACs kept per variant, the mean searched alpha, the block's speed-up."""
@@ -73,11 +74,11 @@ class RSparseResult(AnalysisResult):
             out[f"{v.name}_ppl_increase_percent"] = v.ppl_increase_percent
             out[f"{v.name}_macs_kept"] = v.macs_kept
         out["mean_searched_alpha"] = mean([a for alphas in self.searched_alphas.values() for a in alphas])
-        if self.speed:
-            dense = sum(r.dense_us for r in self.speed)
-            sparse = sum(r.sparse_us for r in self.speed)
-            out["block_dense_us"], out["block_sparse_us"] = dense, sparse
-            out["block_speedup"] = dense / sparse if sparse else float("nan")
+        for variant in dict.fromkeys(r.variant for r in self.speed):
+            rows = [r for r in self.speed if r.variant == variant]
+            dense, sparse = sum(r.dense_us for r in rows), sum(r.sparse_us for r in rows)
+            out[f"layer_dense_us_{variant}"], out[f"layer_sparse_us_{variant}"] = dense, sparse
+            out[f"layer_speedup_{variant}"] = dense / sparse if sparse else float("nan")
         return out
 
     @figure("rsparse_perplexity.png")
@@ -120,11 +121,13 @@ class RSparseResult(AnalysisResult):
     def _speed_figure(self, plt: Any) -> Figure | None:
         if not self.speed:
             return None
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(self.speed)), 4))
         xs = range(len(self.speed))
         ax.bar([x - 0.2 for x in xs], [r.dense_us for r in self.speed], width=0.4, label="dense F.linear")
         ax.bar([x + 0.2 for x in xs], [r.sparse_us for r in self.speed], width=0.4, label="sparse + low-rank path")
-        ax.set_xticks(list(xs), [f"{r.linear}\na={r.alpha:g}" for r in self.speed], fontsize=7)
+        ax.set_xticks(
+            list(xs), [f"{r.linear.split('.')[-1]}\n{r.variant}\na={r.alpha:g}" for r in self.speed], fontsize=6
+        )
         ax.set_ylabel("microseconds per token (median)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
@@ -134,6 +137,66 @@ class RSparseResult(AnalysisResult):
 
 def _budgets(factors: dict[Key, Any], sparsity: float, alphas: dict[Key, float] | float) -> dict[Key, Budget]:
     return {k: f.budget(sparsity, alphas if isinstance(alphas, float) else alphas[k]) for k, f in factors.items()}
+
+
+TOPK, SEARCHED = "alpha = 1: top-k input channels only", "alpha per linear from the train-text search"
+ALL_LINEARS, MLP_DOWN = "all linears", "MLP down-projection"
+
+
+def _down_variants(
+    lm: LanguageModel,
+    evaluation: list[TokenBatch],
+    factors: dict[Key, SparseLowRank],
+    inputs: dict[Key, torch.Tensor],
+    alphas: dict[Key, float],
+    sparsity: float,
+    dense: Loss,
+    first_position: int,
+    progress: bool,
+) -> list[Variant]:
+    """CETT, top-k and searched R-Sparse on the MLP down-projections alone, at the same sparsity."""
+    down = {k: f for k, f in factors.items() if k[1] == lm.arch.mlp_down}
+    if not down:
+        return []
+    activations = {k[0]: inputs[k] for k in down}
+    out = [
+        cett_down_variant(
+            lm, evaluation, activations, sparsity, dense, first_position=first_position, progress=progress
+        )
+    ]
+    for name, a, text in (("topk_down", 1.0, TOPK), ("searched_down", alphas, SEARCHED)):
+        out.append(measure(lm, evaluation, down, _budgets(down, sparsity, a), dense, name, text, MLP_DOWN, progress))
+    return out
+
+
+def _per_linear_name(
+    alphas: dict[Key, float], errors: dict[Key, list[float]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Searched alpha per layer, and the mean search error at each grid alpha, keyed by the linear's name."""
+    by_name: dict[str, list[float]] = defaultdict(list)
+    err_by_name: dict[str, list[list[float]]] = defaultdict(list)
+    for (layer, name), alpha in alphas.items():
+        by_name[name].append(alpha)
+        err_by_name[name].append(errors[layer, name])
+    return dict(by_name), {n: torch.tensor(e).mean(0).tolist() for n, e in err_by_name.items()}
+
+
+def _speed_rows(
+    factors: dict[Key, SparseLowRank],
+    inputs: dict[Key, torch.Tensor],
+    alphas: dict[Key, float],
+    sparsity: float,
+    layer: int,
+    threads: int,
+) -> list[SpeedRow]:
+    """One-token timing of ``layer``'s linears at the searched alpha, alpha = 1 and alpha = 0."""
+    picked = {name: f for (at, name), f in factors.items() if at == layer}
+    one_token = {name: inputs[layer, name][0] for name in picked}
+    rows = []
+    for variant, alpha in (("searched", None), ("topk", 1.0), ("lowrank", 0.0)):
+        budgets = {n: f.budget(sparsity, alphas[layer, n] if alpha is None else alpha) for n, f in picked.items()}
+        rows += [replace(row, variant=variant) for row in time_linears(picked, one_token, budgets, threads=threads)]
+    return rows
 
 
 def analyze_rsparse(
@@ -169,45 +232,20 @@ def analyze_rsparse(
         lm, train, list(factors), tokens=search_tokens, first_position=first_position, seed=seed, progress=progress
     )
     alphas, errors = search_alphas(factors, inputs, sparsity, alpha_grid, progress=progress)
-    everything, down = "all linears", "MLP down-projection"
-    runs = [
-        ("topk", 1.0, "alpha = 1: top-k input channels only"),
+    runs: list[tuple[str, float | dict[Key, float], str]] = [
+        ("topk", 1.0, TOPK),
         ("lowrank", 0.0, "alpha = 0: truncated SVD only"),
         ("uniform", float(uniform_alpha), f"alpha = {uniform_alpha:g} in every layer"),
-        ("searched", alphas, "alpha per linear from the train-text search"),
+        ("searched", alphas, SEARCHED),
     ]
     variants = [
-        measure(lm, evaluation, factors, _budgets(factors, sparsity, a), dense, name, text, everything, progress)
+        measure(lm, evaluation, factors, _budgets(factors, sparsity, a), dense, name, text, ALL_LINEARS, progress)
         for name, a, text in runs
     ]
-    down_keys = {k: f for k, f in factors.items() if k[1] == lm.arch.mlp_down}
-    if down_keys:
-        variants.append(
-            cett_down_variant(
-                lm,
-                evaluation,
-                {k[0]: inputs[k] for k in down_keys},
-                sparsity,
-                dense,
-                first_position=first_position,
-                progress=progress,
-            )
-        )
-        for name, a, text in (("topk_down", 1.0, runs[0][2]), ("searched_down", alphas, runs[3][2])):
-            variants.append(measure(lm, evaluation, down_keys, _budgets(down_keys, sparsity, a), dense, name, text, down, progress))
-    by_name: dict[str, list[float]] = defaultdict(list)
-    err_by_name: dict[str, list[list[float]]] = defaultdict(list)
-    for (layer, name), alpha in alphas.items():
-        by_name[name].append(alpha)
-        err_by_name[name].append(errors[layer, name])
-    speed_layer, rows = None, []
-    if speed:
-        speed_layer = chosen[len(chosen) // 2]
-        picked = {name: f for (layer, name), f in factors.items() if layer == speed_layer}
-        one_token = {name: inputs[speed_layer, name][0] for name in picked}
-        rows = time_linears(
-            picked, one_token, {n: f.budget(sparsity, alphas[speed_layer, n]) for n, f in picked.items()}, threads=speed_threads
-        )
+    variants += _down_variants(lm, evaluation, factors, inputs, alphas, sparsity, dense, first_position, progress)
+    by_name, err_by_name = _per_linear_name(alphas, errors)
+    speed_layer = chosen[len(chosen) // 2] if speed else None
+    rows = _speed_rows(factors, inputs, alphas, sparsity, speed_layer, speed_threads) if speed_layer is not None else []
     return RSparseResult(
         model=lm.name,
         family=lm.arch.family,
@@ -222,10 +260,9 @@ def analyze_rsparse(
         dense_ce=dense.ce,
         dense_perplexity=dense.perplexity,
         variants=variants,
-        searched_alphas=dict(by_name),
-        search_errors={n: torch.tensor(e).mean(0).tolist() for n, e in err_by_name.items()},
+        searched_alphas=by_name,
+        search_errors=err_by_name,
         speed_layer=speed_layer,
         speed_threads=speed_threads,
         speed=rows,
     )
-

@@ -84,7 +84,9 @@ def factorise(
             rank = max_rank_needed(max(shape), min(shape), sparsity)  # symmetric in in/out
             out[layer, name] = SparseLowRank(module, rank)
     if not out:
-        raise ResidlabError(f"no linear layer found in the blocks of {lm.name}.", hint="use a mapped transformer family.")
+        raise ResidlabError(
+            f"no linear layer found in the blocks of {lm.name}.", hint="use a mapped transformer family."
+        )
     return out
 
 
@@ -182,7 +184,9 @@ def measure(
     with RSparseEdit(lm, factors, budgets):
         loss = heldout_loss(lm, batches, desc=name, progress=progress)
     kept = sum(b.kept_macs for b in budgets.values()) / sum(b.dense_macs for b in budgets.values())
-    return Variant(name, description, loss.ce, loss.perplexity, 100 * (loss.perplexity / dense.perplexity - 1), kept, touched)
+    return Variant(
+        name, description, loss.ce, loss.perplexity, 100 * (loss.perplexity / dense.perplexity - 1), kept, touched
+    )
 
 
 @torch.inference_mode()

@@ -114,7 +114,8 @@ class SparseLowRank:
         x = x.float()
         if budget.rank > self.left.shape[1]:
             raise ResidlabError(
-                f"rank {budget.rank} exceeds the {self.left.shape[1]} factors kept.", hint="factorise with a larger max_rank."
+                f"rank {budget.rank} exceeds the {self.left.shape[1]} factors kept.",
+                hint="factorise with a larger max_rank.",
             )
         mask = self.keep_mask(x, budget.channels)
         y = (x * mask) @ self.weight.T

@@ -12,6 +12,7 @@ so the gathered path does not batch; there the layer stays dense.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class SpeedRow:
     macs_kept: float
     dense_us: float
     sparse_us: float
+    variant: str = ""  # which alpha choice it times (set by the analysis)
 
     @property
     def speedup(self) -> float:
@@ -80,7 +82,12 @@ class SpeedRow:
 def _median_us(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
     from torch.utils.benchmark import Timer
 
-    return 1e6 * Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time).median
+    return (
+        1e6
+        * Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        .blocked_autorange(min_run_time=min_run_time)
+        .median
+    )
 
 
 @torch.inference_mode()
@@ -98,8 +105,8 @@ def time_linears(
         x, budget = inputs[name].float().contiguous(), budgets[name]
         path = PreparedPath.of(f, budget)
         weight, bias = f.weight.contiguous(), f.bias
-        dense = _median_us(lambda w=weight, b=bias, v=x: F.linear(v, w, b), threads, min_run_time)
-        sparse = _median_us(lambda p=path, v=x: sparse_matvec(p, v), threads, min_run_time)
+        dense = _median_us(functools.partial(F.linear, x, weight, bias), threads, min_run_time)
+        sparse = _median_us(functools.partial(sparse_matvec, path, x), threads, min_run_time)
         rows.append(
             SpeedRow(
                 name,

@@ -85,7 +85,9 @@ def _activation(name: str) -> str | Callable:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError):
-        raise ResidlabError(f"cannot import {name!r}.", hint="use package.module:function (on the Python path).") from None
+        raise ResidlabError(
+            f"cannot import {name!r}.", hint="use package.module:function (on the Python path)."
+        ) from None
     if not callable(fn):
         raise ResidlabError(f"{name!r} is not callable.", hint="name a Tensor -> Tensor function.")
     return fn
@@ -132,7 +134,18 @@ def codes(
             f"top-1: {_fmt(result.model_next_accuracy)}"
         ),
     )
-    for column in ("layer", "redund.", "ambig.", "on", "kNN cur", "LR cur", "rand cur", "kNN next", "LR next", "rand next"):
+    for column in (
+        "layer",
+        "redund.",
+        "ambig.",
+        "on",
+        "kNN cur",
+        "LR cur",
+        "rand cur",
+        "kNN next",
+        "LR next",
+        "rand next",
+    ):
         table.add_column(column, justify="right")
     for i, layer in enumerate(result.layers):
         table.add_row(
@@ -259,11 +272,11 @@ def rsparse(
         )
     console.print(table)
     s = result.summary()
-    if result.speed:
+    for variant in dict.fromkeys(row.variant for row in result.speed):
         console.print(
-            f"layer {result.speed_layer}, one token, {result.speed_threads} thread(s): dense "
-            f"{s['block_dense_us']:.0f} us, sparse + low-rank {s['block_sparse_us']:.0f} us "
-            f"(speed-up {s['block_speedup']:.2f}x)"
+            f"layer {result.speed_layer}'s linears, one token, {result.speed_threads} thread(s), {variant} alpha: "
+            f"dense {s[f'layer_dense_us_{variant}']:.0f} us, sparse {s[f'layer_sparse_us_{variant}']:.0f} us "
+            f"(speed-up {s[f'layer_speedup_{variant}']:.2f}x)"
         )
     run.finish(paths)
 
