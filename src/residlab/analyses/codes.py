@@ -86,9 +86,14 @@ def logistic_accuracy(
     """Test accuracy of a multinomial logistic regression (L2, C = 1, lbfgs) fitted on the train codes."""
     import warnings
 
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ResidlabError(
+            "the logistic-regression probe needs scikit-learn.", hint="pip install scikit-learn (or `make install`)."
+        ) from None
 
     if len(np.unique(train_y)) < 2:
         return float((test_y == train_y[0]).mean()) if len(train_y) else float("nan")
