@@ -29,8 +29,8 @@ FIGURES = Path("residlab-out") / "benchmarks" / "lab2_b"  # PNGs stay out of the
 
 # Sizes: small but honest on a 2-core CPU (tokens are counted in the output).
 CODES = {"train_texts": 48, "test_texts": 16, "max_tokens": 64, "layers": list(range(0, 24, 2)) + [23], "k": 9}
-ACTIVATIONS = {"train_texts": 8, "eval_texts": 24, "max_tokens": 128}
-RSPARSE = {"train_texts": 8, "eval_texts": 24, "max_tokens": 128, "sparsity": 0.5, "uniform_alpha": 0.9}
+ACTIVATIONS = {"train_texts": 4, "eval_texts": 8, "max_tokens": 128}
+RSPARSE = {"train_texts": 4, "eval_texts": 8, "max_tokens": 128, "sparsity": 0.5, "uniform_alpha": 0.9}
 
 
 @functools.cache
