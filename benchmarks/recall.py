@@ -116,13 +116,13 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Factual recall (arXiv 2403.19521) on the packaged models (commit {report['commit']})",
         "",
-        f"CPU ({report['machine']}), float32, {report['config']['threads']} threads. Prompts, unless a row says "
-        f"otherwise: {report['config']['prompts_note']}, knockouts of k = {report['config']['knockout_k']}.",
+        f"CPU ({report['machine']}), float32, {report['config']['threads']} threads. Each model's prompt set and "
+        "knockout sizes are under its evidence below; the table's knockout is the largest k.",
         "",
-        "| model | accuracy | p(answer) | DLA sum max error | top mover (attn to subject, DLA ans-wrong) "
+        "| model | prompts | accuracy | p(answer) | DLA sum max error | top mover (attn to subject, DLA ans-wrong) "
         "| top-k knockout: drop of logit diff (random k) | via MLPs | last layer DLA attn / MLP (centred) "
         "| last layer mean-ablated: accuracy / p change | movers | MLP ampl. | final suppr. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["models"]:
         top = row["top_mover_heads"][0]
@@ -131,7 +131,7 @@ def _markdown(report: dict[str, Any]) -> str:
         both = next(a for a in final["ablations"] if a["target"] == "attn+mlp" and a["mode"] == "mean")
         verdict = {k: {True: "holds", False: "no", None: "n/a"}[v["holds"]] for k, v in row["findings"].items()}
         lines.append(
-            f"| {row['model']} | {row['accuracy']:.1%} | {row['mean_answer_prob']:.3f} "
+            f"| {row['model']} | {row['prompts']} | {row['accuracy']:.1%} | {row['mean_answer_prob']:.3f} "
             f"| {row['dla_sum_max_error']:.1e} "
             f"| {top['head']} ({top['subject_attention']:.2f}, {top['dla_diff']:+.2f}) "
             f"| k={ko['k']}: {ko['drop_logit_diff']:+.2f} ({ko['random_drop_logit_diff']:+.2f}) "

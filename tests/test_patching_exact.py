@@ -103,8 +103,16 @@ def _hand_effect(lm, pairs, site: PatchSite, head_dim: int, width: int, metric) 
     return total / len(pairs)
 
 
-@pytest.mark.parametrize("metric_name", ["logit_diff", "kl"])
-def test_exact_patching_equals_hand_hooks(lm, metric_name):
+def test_exact_patching_equals_hand_hooks(lm):
+    _check_against_hand_hooks(lm, "logit_diff")
+
+
+@pytest.mark.parametrize("metric_name", ["kl", "probability"])
+def test_exact_patching_equals_hand_hooks_other_metrics(qwen, metric_name):
+    _check_against_hand_hooks(qwen, metric_name)
+
+
+def _check_against_hand_hooks(lm, metric_name):
     batch, run, shape = _setup(lm)
     metric = get_metric(metric_name)
     last = batch.num_tokens - 1
@@ -121,7 +129,7 @@ def test_exact_patching_equals_hand_hooks(lm, metric_name):
     got = exact_effects(lm, run, sites, metric, shape.head_dim, max_rows=6)  # several sites per pass
     want = [_hand_effect(lm, PAIRS, s, shape.head_dim, batch.num_tokens, metric) for s in sites]
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=2e-4, rtol=1e-3), (got, want)
-    assert any(abs(w) > 1e-3 for w in want)  # the comparison is not vacuous
+    assert any(abs(w) > 1e-4 for w in want)  # the comparison is not vacuous
 
 
 def test_batching_and_prefix_do_not_change_effects(qwen):
