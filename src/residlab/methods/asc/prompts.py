@@ -10,3 +10,9 @@ CONCISE = (
     "{question}\nSolve this with equations only: no words, no explanations, as few steps as possible. "
     "Put the final answer within \\boxed{{}}."
 )
+# Chain of Draft (Xu et al. 2025, "Chain of Draft: Thinking Faster by Writing Less"): the paper's
+# instruction, with the answer format this pipeline grades (\boxed{} instead of a "####" separator).
+CHAIN_OF_DRAFT = (
+    "{question}\nThink step by step, but only keep a minimum draft for each thinking step, with 5 words at most. "
+    "Put the final answer within \\boxed{{}}."
+)
