@@ -1,0 +1,102 @@
+"""The ASC vector methods beyond the mean difference: prompt-contrast and the learned vector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from residlab import ResidlabError
+from residlab.data import load_problems
+from residlab.methods.asc import prompts
+from residlab.methods.asc.prompt_contrast import prompt_contrast_vector, prompt_requests, shared_suffix
+from residlab.recipes.extraction import read_states
+from residlab.recipes.learned_vector import (
+    LearnSettings,
+    PreferencePair,
+    _batch,
+    energies,
+    learn_vector,
+)
+
+PAIRS = [
+    PreferencePair("Q: 2+3?\nA:", " 2+3=5. \\boxed{5}", " We add two and three, which gives five in total. \\boxed{5}"),
+    PreferencePair(
+        "Q: 4*2?\nA:", " 4*2=8. \\boxed{8}", " Four groups of two make eight when we count them. \\boxed{8}"
+    ),
+]
+GENERAL = ["The river rose slowly through the night.", "Farmers moved their animals to higher ground."]
+
+
+def test_shared_suffix():
+    assert shared_suffix([1, 2, 3, 4], [9, 3, 4]) == 2
+    assert shared_suffix([1, 2], [3, 4]) == 0
+    assert shared_suffix([5], [5]) == 1
+
+
+def test_prompt_contrast_reads_the_shared_tail_and_is_the_mean_difference(qwen):
+    problems = load_problems("synthetic", "train", limit=4)
+    concise, plain = prompt_requests(qwen, problems, prompts.CONCISE)
+    for c, p in zip(concise, plain, strict=True):
+        tail = -c.read.start
+        assert tail >= 1 and c.token_ids[-tail:] == p.token_ids[-tail:]  # the same tokens are read
+        assert c.token_ids != p.token_ids
+    extraction, stats = prompt_contrast_vector(qwen, problems)
+    states = read_states(qwen, concise + plain, range(qwen.num_layers))
+    by_hand = states[:4].mean(0) - states[4:].mean(0)
+    for layer in range(qwen.num_layers):
+        torch.testing.assert_close(extraction.vector.directions[layer], by_hand[layer], rtol=1e-4, atol=1e-5)
+    assert stats.n_pairs == 4 and stats.mean_concise_tokens > 0
+    assert extraction.vector.info["concise_source"] == "prompt-contrast"
+    with pytest.raises(ResidlabError, match="at least two"):
+        prompt_contrast_vector(qwen, problems[:1])
+
+
+def _parameters(lm):
+    return {name: (p.detach().clone(), p.requires_grad) for name, p in lm.model.named_parameters()}
+
+
+def test_learned_vector_lowers_the_loss_and_only_the_vector_changes(qwen):
+    before = _parameters(qwen)
+    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    settings = LearnSettings(layer=1, steps=12, learning_rate=0.5, kl_eps=0.5, pairs_per_step=2)
+    learned = learn_vector(qwen, PAIRS, GENERAL, initial, settings)
+    after = _parameters(qwen)
+    assert before.keys() == after.keys()
+    for name, (tensor, flag) in before.items():
+        assert torch.equal(tensor, after[name][0]) and flag == after[name][1], name
+    assert not torch.equal(learned.vector, initial)
+    history = learned.history
+    assert len(history) == 12
+    assert history[-1]["preference"] < history[0]["preference"]
+    # The margin (E(preferred) - E(dispreferred)) moved in the preferred direction under the trained vector.
+    batch, heads = _batch(
+        qwen, [p.prompt for p in PAIRS] * 2, [p.preferred for p in PAIRS] + [p.dispreferred for p in PAIRS], 96
+    )
+    with torch.no_grad():
+        e0 = energies(qwen, batch, heads, (1, initial))
+        e1 = energies(qwen, batch, heads, (1, learned.vector))
+    assert float((e1[:2] - e1[2:]).mean()) < float((e0[:2] - e0[2:]).mean())
+
+
+def test_learning_resumes_where_it_stopped(qwen, tmp_path):
+    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5
+    straight = learn_vector(qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=6, learning_rate=0.3))
+    # A run stopped after 4 steps, then continued to 6 from its checkpoint (vector, Adam state, step).
+    learn_vector(
+        qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=4, learning_rate=0.3), checkpoint_dir=tmp_path
+    )
+    (checkpoint,) = tmp_path.glob("learned-*.pt")
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    resumed = learn_vector(
+        qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=6, learning_rate=0.3), checkpoint_dir=tmp_path
+    )
+    assert torch.load(checkpoint, weights_only=False)["step"] == 6
+    torch.testing.assert_close(resumed.vector, straight.vector, rtol=1e-5, atol=1e-6)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-4)
+
+
+def test_learn_settings_are_checked():
+    with pytest.raises(ResidlabError, match="steps must be at least 1"):
+        LearnSettings(layer=1, steps=0)
+    with pytest.raises(ResidlabError, match="learning rate must be positive"):
+        LearnSettings(layer=1, learning_rate=0.0)
