@@ -100,3 +100,46 @@ def test_learn_settings_are_checked():
         LearnSettings(layer=1, steps=0)
     with pytest.raises(ResidlabError, match="learning rate must be positive"):
         LearnSettings(layer=1, learning_rate=0.0)
+
+
+def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    common = [
+        *"compress --dtype float32 --max-new-tokens 8 --batch-size 4 --pairs 4 --pairs-dataset synthetic".split(),
+        *"--keep all --eval synthetic --limit 2 --calibration-states 2 --layer 1 --strength 0.3".split(),
+        *["--model", model],
+    ]
+    work = tmp_path / "contrast"
+    conditions = "baseline,asc,chain_of_draft,asc+chain_of_draft"
+    args = [*common, "--work-dir", str(work), "--method", "prompt-contrast", "--adaptive", "until-answer"]
+    result = runner.invoke(app, [*args, "--conditions", conditions])
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "tiny" / "report.json").read_text())
+    assert report["method"] == "prompt-contrast" and report["pair_source"] == "prompt-contrast"
+    assert list(report["conditions"]) == [
+        "baseline",
+        "asc-until-answer",
+        "chain_of_draft",
+        "asc-until-answer+chain_of_draft",
+    ]
+    assert not (work / "tiny" / "pairs").exists()  # no trace was generated
+
+    work = tmp_path / "learned"
+    result = runner.invoke(app, [*common, "--work-dir", str(work), "--method", "learned", "--learn-steps", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "tiny" / "report.json").read_text())
+    assert report["method"] == "learned" and len(report["learned"]["history"]) == 2
+    # The strength used is the learned vector's own norm.
+    assert report["strength"] == pytest.approx(report["learned"]["norm"], rel=1e-5)
+    assert list((work / "tiny" / "learned").glob("learned-*.pt"))
+
+    bad = runner.invoke(app, [*common, "--work-dir", str(work), "--adaptive", "sometimes"])
+    assert bad.exit_code != 0 and "unknown adaptive strength" in bad.output

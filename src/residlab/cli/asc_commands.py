@@ -62,7 +62,31 @@ def compress(
     teacher_model: str = "default",
     pairs_file: Annotated[Path | None, typer.Option(help="JSONL with id and concise (--pair-source file).")] = None,
     read: Annotated[str, typer.Option(help="Read residuals at the trace's 'mean' or 'last' token.")] = "mean",
-    method: Annotated[str, typer.Option(help="mean_diff or pca.")] = "mean_diff",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="How the vector is made: mean_diff (trace pairs), pca, logistic, prompt-contrast (concise vs plain "
+            "instruction, no traces) or learned (trained from mean_diff: contrastive energy loss + KL hinge)."
+        ),
+    ] = "mean_diff",
+    learn_steps: Annotated[int, typer.Option(min=1, help="--method learned: optimiser steps (resumable).")] = 24,
+    learn_kl_eps: Annotated[
+        float, typer.Option(min=0.0, help="--method learned: per-token KL on general text before the hinge bites.")
+    ] = 0.05,
+    adaptive: Annotated[
+        str | None,
+        typer.Option(
+            help="Adaptive strength for every steered condition: until-answer (stop after \\boxed{..}), "
+            "step-boundaries (newline tokens only) or entropy (scaled by next-token entropy)."
+        ),
+    ] = None,
+    conditions: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of conditions; the first is the baseline. Templates: baseline, concise_prompt, "
+            "chain_of_draft; steered: asc, asc+<template>, asc-<schedule>[+<template>]."
+        ),
+    ] = "baseline,asc,concise_prompt,asc+concise_prompt",
     layer: Annotated[
         int | None, typer.Option(help="Steering layer (default: the model's tuned layer, else best separation).")
     ] = None,
@@ -103,6 +127,10 @@ def compress(
         pairs_file=str(pairs_file) if pairs_file else None,
         read=read,
         method=method,
+        learn_steps=learn_steps,
+        learn_kl_eps=learn_kl_eps,
+        adaptive=adaptive,
+        conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()),
         layer=layer,
         strength=parse_compress_strength(strength),
         eps=eps,
@@ -137,7 +165,9 @@ def evaluate_command(
     ] = "1.0",
     eps: float = 1e-3,
     positions: PositionsOption = DEFAULT_POSITIONS,
-    template: Annotated[str, typer.Option(help="baseline (step by step) or concise_prompt.")] = "baseline",
+    template: Annotated[
+        str, typer.Option(help="baseline (step by step), concise_prompt or chain_of_draft.")
+    ] = "baseline",
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 8,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,

@@ -48,7 +48,7 @@ class CompressOutcome:
 
     @property
     def baseline(self) -> str:
-        return self.config.conditions[0]
+        return self.config.condition_names[0]
 
 
 def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
@@ -70,6 +70,9 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "dtype": outcome.dtype,
         # The config with the strength it left open filled in (what the run used).
         "config": asdict(replace(cfg, strength=outcome.steering.strength)),
+        "method": cfg.method,
+        "pair_source": "prompt-contrast" if cfg.method == "prompt-contrast" else cfg.pair_source,
+        "adaptive": cfg.adaptive,
         "n_pairs": concise.pairs.n_pairs,
         "n_eval": outcome.n_eval,
         "layer": outcome.steering.layer,
@@ -78,6 +81,8 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "positions": cfg.positions,
         "steering_sources": {"layer": outcome.steering.layer_source, "strength": outcome.steering.strength_source},
         "pairs": pairs,
+        "learned": {k.removeprefix("learned_"): v for k, v in concise.vector.info.items() if k.startswith("learned_")}
+        or None,
         "separation": concise.extraction.separation,
         "residual_norm": concise.extraction.residual_norm,
         "calibration": outcome.calibrated.report(),
@@ -105,11 +110,14 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
     cfg, steering = outcome.config, outcome.steering
     strength, bound = outcome.calibrated.strength, outcome.calibrated.calibration.strength
     projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
+    sides = "concise vs plain instruction" if cfg.method == "prompt-contrast" else f"{cfg.pair_source} concise traces"
+    adaptive = f", adaptive strength {cfg.adaptive}" if cfg.adaptive else ""
     lines = [
         f"# ASC report: {outcome.model_name}",
         "",
-        f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces"
-        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, strength {strength:.4g} on the unit "
+        f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({sides}"
+        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, "
+        f"strength {strength:.4g}{adaptive} on the unit "
         f"vector (KL-bound strength for eps={cfg.eps}: {bound:.4g}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",
         f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
@@ -142,7 +150,7 @@ def write_report(run_dir: Path, outcome: CompressOutcome, log: Log = print) -> d
         f"{outcome.model_name}: {cfg.eval_dataset} {cfg.eval_split}, n={outcome.n_eval}",
     )
     plot_token_histograms(
-        {name: [r.tokens for r in outcome.records[name]] for name in cfg.conditions[:2]},
+        {name: [r.tokens for r in outcome.records[name]] for name in cfg.condition_names[:2]},
         run_dir / "token_histogram.png",
         f"{outcome.model_name}: generated tokens",
     )
