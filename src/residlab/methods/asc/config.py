@@ -51,6 +51,7 @@ class CompressConfig:
     positions: str = "prompt_last+generated"
     eval_dataset: str = "gsm8k"
     eval_split: str = "test"
+    eval_offset: int = 0  # skip this many eval problems (a train-split evaluation must skip the pair problems)
     limit: int = 40
     max_new_tokens: int = 512
     batch_size: int = 8

@@ -71,7 +71,9 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
     lens = vector_lens(lm, vector)
     log(f"      logit lens of the vector: promotes {lens.promotes[:8]}, suppresses {lens.suppresses[:8]}")
 
-    problems = load_problems(cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit)
+    problems = load_problems(
+        cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.eval_offset
+    )
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     conditions = compress_conditions(cfg.condition_names, vector, calibrated.strength, cfg.positions)
     log(

@@ -8,6 +8,7 @@ from typing import Any
 
 from residlab.core.io import atomic_write_text, write_json
 from residlab.core.types import Log
+from residlab.evaluation.frontier import FrontierPoint, plot_frontier, tokens_saved
 from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.report import (
     ConditionSummary,
@@ -19,6 +20,7 @@ from residlab.evaluation.report import (
     summarize,
 )
 from residlab.methods.asc.calibration import CalibratedStrength
+from residlab.methods.asc.conditions import parse_condition_name
 from residlab.methods.asc.config import CompressConfig
 from residlab.methods.asc.steering import SteeringChoice
 from residlab.methods.asc.vector import ConciseVector, VectorLens
@@ -90,9 +92,37 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "vector_suppresses": outcome.lens.suppresses,
         "conditions": {name: asdict(s) for name, s in summaries.items()},
         "comparisons": _comparisons(outcome, summaries),
+        "frontier": _frontier(outcome),
         "vector": str(outcome.vector_path),
         "seconds": outcome.seconds,
     }
+
+
+def _frontier(outcome: CompressOutcome) -> dict[str, dict[str, Any]]:
+    """Tokens saved at accuracy within 2 points of the baseline (bootstrap CI), per condition after the first."""
+    base = FrontierPoint.from_records(outcome.baseline, outcome.records[outcome.baseline])
+    return {
+        name: asdict(tokens_saved(base, [FrontierPoint.from_records(name, records)]))
+        for name, records in outcome.records.items()
+        if name != outcome.baseline
+    }
+
+
+def _plot_frontier(outcome: CompressOutcome, path: Path) -> None:
+    """Accuracy vs tokens: steered conditions as one line per prompt, prompt-only conditions as markers."""
+    steered: dict[str, list[tuple[float, float, str]]] = {}
+    references: dict[str, tuple[float, float]] = {}
+    for name, records in outcome.records.items():
+        point = FrontierPoint.from_records(name, records)
+        is_steered, schedule, template_name = parse_condition_name(name)
+        if is_steered:
+            group = f"{outcome.config.method} {schedule or 'constant'} ({template_name})"
+            steered.setdefault(group, []).append((point.mean_tokens, point.accuracy, ""))
+        else:
+            references[name] = (point.mean_tokens, point.accuracy)
+    cfg = outcome.config
+    title = f"{outcome.model_name}: {cfg.eval_dataset} {cfg.eval_split}, n={outcome.n_eval}"
+    plot_frontier(steered, references, path, title)
 
 
 def _comparisons(outcome: CompressOutcome, summaries: dict[str, ConditionSummary]) -> dict[str, dict[str, Any]]:
@@ -133,7 +163,9 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
         lines.append(
             f"- {name}: accuracy {c['accuracy_difference']:+.1%} ({low:+.1%} to {high:+.1%}), "
             f"McNemar p={c['mcnemar_p']:.3f}, token reduction {c['token_reduction']:+.1%}, "
-            f"speedup {c['speedup']:.2f}x"
+            f"speedup {c['speedup']:.2f}x; tokens saved within 2 points of the baseline "
+            f"{report['frontier'][name]['estimate']:.1%} ({report['frontier'][name]['ci95'][0]:.1%} to "
+            f"{report['frontier'][name]['ci95'][1]:.1%})"
         )
     return "\n".join(lines) + "\n"
 
@@ -154,6 +186,7 @@ def write_report(run_dir: Path, outcome: CompressOutcome, log: Log = print) -> d
         run_dir / "token_histogram.png",
         f"{outcome.model_name}: generated tokens",
     )
+    _plot_frontier(outcome, run_dir / "frontier.png")
     atomic_write_text(run_dir / "report.md", report_markdown(outcome, report))
     log(markdown_table(list(summaries.values()), outcome.baseline))
     log(
