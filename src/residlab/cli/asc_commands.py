@@ -226,6 +226,16 @@ def sweep(
     layers: LayersOption = Layers((12,)),
     strengths: Annotated[str, typer.Option(help="Comma list, x residual norm at the layer.")] = "0,0.1,0.2,0.3",
     positions: Annotated[str, typer.Option(help="Comma list of position rules.")] = "prompt_last+generated",
+    adaptive: Annotated[
+        str, typer.Option(help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy.")
+    ] = "constant",
+    prompt_baselines: Annotated[
+        str,
+        typer.Option(help="Comma list of templates run unsteered on the same problems (the frontier's references)."),
+    ] = "concise_prompt,chain_of_draft",
+    oracle_samples: Annotated[
+        int, typer.Option(min=0, help="Samples per problem for the best-of-N shortest-correct oracle (0: cached only).")
+    ] = 0,
     template: str = "baseline",
     dataset: str = "gsm8k",
     split: Annotated[str, typer.Option(help="Tune on train, never on test.")] = "train",
@@ -238,7 +248,8 @@ def sweep(
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
-    """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
+    """Accuracy vs tokens over layers x strengths x position rules x adaptive schedules (on a train split by
+    default), with the prompt baselines and the best-of-N oracle on the same axes (frontier.png)."""
     from residlab.core.io import check_writable_dir
     from residlab.interventions.positions import STEERING_RULES, validate_rule
     from residlab.methods.asc import run_dir_for
@@ -254,6 +265,9 @@ def sweep(
         layers=tuple(layers),
         strengths=tuple(parse_strength(s) for s in strengths.split(",")),
         positions=rules,
+        schedules=tuple(a.strip() for a in adaptive.split(",") if a.strip()),
+        prompt_baselines=tuple(t.strip() for t in prompt_baselines.split(",") if t.strip()),
+        oracle_samples=oracle_samples,
         template=template,
         dataset=dataset,
         split=split,
