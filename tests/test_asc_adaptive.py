@@ -128,14 +128,6 @@ def test_scheduled_generation_equals_a_hand_applied_teacher_forced_pass(qwen):
 
 
 def test_constant_schedules_reduce_to_plain_steering(qwen):
-    @dataclass(frozen=True)
-    class Constant(StrengthSchedule):
-        name: ClassVar[str] = "constant"
-        value: float = 1.0
-
-        def scales(self, step):
-            return torch.full((len(step.generated),), self.value)
-
     vec = random_vector(qwen, [1], scale=3.0)
     with qwen.steer(vec, strength=1.0, positions="all"):
         ones = qwen.generate(PROMPTS, max_new_tokens=8, chat=False, schedule=Constant(1.0))
@@ -174,3 +166,60 @@ def test_torch_engine_and_conditions_carry_the_schedule(qwen):
     ).fingerprint(decoding, "m")
     with pytest.raises(ResidlabError, match="unknown adaptive strength"):
         compress_conditions(["asc-sometimes"], vec, 2.0, "all")
+
+
+@dataclass(frozen=True)
+class Constant(StrengthSchedule):
+    name: ClassVar[str] = "constant"
+    value: float = 1.0
+
+    def scales(self, step: ScheduleStep) -> torch.Tensor:
+        return torch.full((len(step.generated),), self.value)
+
+
+LLAMA_PROMPTS = [
+    "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples are left? Think step by step.",
+    "A train travels 60 km per hour for 2.5 hours. How far does it go? Explain your reasoning.",
+    "What is the sum of the first 10 positive integers? Show your work.",
+]
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_llamacpp_runs_schedules_by_equal_scale_groups(monkeypatch):
+    """On llama.cpp a schedule is exact by construction (each step's rows decoded in groups of equal
+    scale): a constant-1 schedule is plain steering and a constant-0 one steers only the prompt, token
+    for token; real schedules agree with the torch engine's up to quantisation (as the rules do)."""
+    import os
+
+    from residlab import SteeringVector
+    from residlab.engines import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed (`make install-llamacpp`).")
+    monkeypatch.delenv("RESIDLAB_CACHE", raising=False)
+    if os.environ.get("RESIDLAB_REAL_CACHE"):
+        monkeypatch.setenv("RESIDLAB_CACHE", os.environ["RESIDLAB_REAL_CACHE"])
+    model = "qwen2.5-coder-0.5b-instruct"
+    with open_engine(model, "llamacpp") as llama, open_engine(model, "torch", dtype="float32") as torch_engine:
+        g = torch.Generator().manual_seed(5)
+        direction = torch.randn(llama.hidden_size, generator=g)
+        vec = SteeringVector.from_layers({10: direction / direction.norm()}, model=llama)
+        greedy = SamplingParams(20)
+
+        def run(engine, rule, schedule=None):
+            spec = SteeringSpec(vec, 6.0, rule, schedule=schedule)
+            return [g.token_ids for g in engine.generate(LLAMA_PROMPTS, greedy, steering=spec, batch_size=3)]
+
+        assert run(llama, "all", Constant(1.0)) == run(llama, "all")
+        assert run(llama, "all", Constant(0.0)) == run(llama, "prompt")
+        for schedule in (StepBoundaries(), EntropyScaled()):
+            got, want = (
+                run(llama, "prompt_last+generated", schedule),
+                run(torch_engine, "prompt_last+generated", schedule),
+            )
+            shared = sum(
+                next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                for a, b in zip(got, want, strict=True)
+            )
+            assert shared >= 0.6 * sum(len(w) for w in want), schedule.name

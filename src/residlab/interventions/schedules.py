@@ -117,10 +117,7 @@ class EntropyScaled(StrengthSchedule):
         return (entropy / self.reference).clamp(0.0, self.cap).cpu()
 
 
-SCHEDULES: dict[str, type[StrengthSchedule]] = {
-    s.name: s  # type: ignore[type-abstract]
-    for s in (UntilAnswer, StepBoundaries, EntropyScaled)
-}
+SCHEDULES: dict[str, type[StrengthSchedule]] = {s.name: s for s in (UntilAnswer, StepBoundaries, EntropyScaled)}
 
 
 def strength_schedule(name: str | StrengthSchedule | None) -> StrengthSchedule | None:
