@@ -143,3 +143,52 @@ def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
 
     bad = runner.invoke(app, [*common, "--work-dir", str(work), "--adaptive", "sometimes"])
     assert bad.exit_code != 0 and "unknown adaptive strength" in bad.output
+
+
+def _verbose_record(problem, output, correct):
+    from residlab.evaluation.records import EvalRecord, problem_fingerprint
+
+    return EvalRecord(
+        id=problem.id, condition="verbose", output=output, tokens=40, hit_limit=False, seconds=0.1,
+        batch_seconds=0.1, batch_size=1, extracted=problem.answer if correct else None, rule="boxed",
+        gold=problem.answer, correct=correct, time=0.0, problem_sha=problem_fingerprint(problem),
+    )  # fmt: skip
+
+
+def test_rewrite_source_rewrites_only_correct_traces(qwen, tmp_path):
+    from dataclasses import replace
+
+    from residlab.evaluation.records import problem_fingerprint
+    from residlab.evaluation.runner import Decoding
+    from residlab.methods.asc.pairs import CONCISE_SOURCES, PairRequest
+    from residlab.methods.asc.teacher import TeacherClient
+
+    problems = load_problems("synthetic", "train", limit=3)
+    traces = ["First, 2 + 3 = 5. \\boxed{5}", "wrong", "Then 4 * 2 = 8 so \\boxed{8}"]
+    verbose = [_verbose_record(p, t, c) for p, t, c in zip(problems, traces, [True, False, True], strict=True)]
+    request = PairRequest(
+        qwen, problems, verbose, Decoding(max_new_tokens=6), tmp_path, "both_correct", 1, None, None, False
+    )
+    by_model = CONCISE_SOURCES["rewrite"](request)
+    assert by_model[1] == ("", False)  # a wrong verbose trace is not rewritten
+    (records,) = tmp_path.glob("rewrite-*.jsonl")
+    import json
+
+    stored = [json.loads(line) for line in records.read_text().splitlines()]
+    # The model was asked to rewrite each correct trace: the question it saw embeds that trace.
+    expected = {
+        problem_fingerprint(replace(p, question=prompts.REWRITE.format(question=p.question, trace=t)))
+        for p, t in zip(problems, traces, strict=True)
+    }
+    assert {r["problem_sha"] for r in stored} <= expected and len(stored) == 2
+
+    asked = []
+
+    class Rewriter(TeacherClient):
+        def complete(self, question, max_tokens, template=prompts.CONCISE):
+            asked.append(template.format(question=question))
+            return f"x=1 \\boxed{{{problems[0].answer}}}" if traces[0] in question else "\\boxed{-12345}"
+
+    by_teacher = CONCISE_SOURCES["rewrite"](replace(request, teacher=Rewriter("http://127.0.0.1:9/v1")))
+    assert [c.correct for c in by_teacher] == [True, False, False]  # kept only when it reaches the gold answer
+    assert len(asked) == 2 and traces[0] in asked[0] and "minimal, dense derivation" in asked[0]

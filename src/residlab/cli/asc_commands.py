@@ -39,7 +39,11 @@ def compress(
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
     pair_source: Annotated[
-        str, typer.Option(help="Concise traces: reference, self, sampled, teacher or file.")
+        str,
+        typer.Option(
+            help="Concise traces: reference, self, sampled, teacher, rewrite (the model's own correct trace made "
+            "dense by --teacher-url or the model itself) or file."
+        ),
     ] = "reference",
     pair_samples: Annotated[
         int, typer.Option(min=1, help="Samples per problem for --pair-source sampled (shortest correct wins).")
