@@ -144,6 +144,7 @@ def main() -> None:
         report = run_compress(cfg, log=log)
         runs[f"{args.split}:{args.offset}:{args.limit}:{label}"] = {
             "seconds": report["seconds"],
+            "stage_seconds": report.get("stage_seconds"),
             "layer": report["layer"],
             "strength": report["strength"],
             "n_pairs": report["n_pairs"],

@@ -39,7 +39,9 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
     lm = load(cfg.model, dtype=cfg.dtype)
     engine = open_engine(cfg.model, cfg.engine, lm=lm)
     log(f"      generation engine: {engine.kind} ({engine.identity})")
+    stages = {"load": time.perf_counter() - started}
     concise, steering, choose = _vector_stage(lm, cfg, run_dir, engine, log)
+    stages["pairs_and_vector"] = time.perf_counter() - started - sum(stages.values())
     extraction, layer = concise.extraction, steering.layer
     raw = concise.vector
     raw.save(run_dir / "vector_all_layers.safetensors")
@@ -66,6 +68,7 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         f"{bound.strength_centred:.4g}); using strength {calibrated.strength:.4g} "
         f"(measured KL median {calibrated.measured_kl_median:.3g}, bound {calibrated.bound:.3g})"
     )
+    stages["calibration"] = time.perf_counter() - started - sum(stages.values())
     vector = steering_vector(concise, layer, calibrated.strength, cfg.positions, bound.strength)
     vector_path = vector.save(run_dir / "concise.safetensors")
     lens = vector_lens(lm, vector)
@@ -81,6 +84,7 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
     )
     records = {c.name: evaluate(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
+    stages["evaluation"] = time.perf_counter() - started - sum(stages.values())
     outcome = CompressOutcome(
         config=cfg,
         model_name=lm.name,
@@ -95,6 +99,7 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         n_eval=len(problems),
         vector_path=vector_path,
         seconds=round(time.perf_counter() - started, 1),
+        stage_seconds={k: round(v, 1) for k, v in stages.items()},
     )
     return write_report(run_dir, outcome, log)
 

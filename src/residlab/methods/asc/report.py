@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class CompressOutcome:
     n_eval: int
     vector_path: Path
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # load, pairs_and_vector, calibration, evaluation
 
     @property
     def summaries(self) -> dict[str, ConditionSummary]:
@@ -95,6 +96,7 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "frontier": _frontier(outcome),
         "vector": str(outcome.vector_path),
         "seconds": outcome.seconds,
+        "stage_seconds": outcome.stage_seconds,  # this run's wall time per stage (cached work costs nothing)
     }
 
 
