@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    parser.add_argument("--adaptive", default="until-answer", help="the schedule of the adaptive rows")
+    parser.add_argument("--adaptive", default="until-answer", help="the adaptive rows' schedule ('': none)")
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--offset", type=int, default=1000, help="first eval problem (train: past the pairs)")
     parser.add_argument("--limit", type=int, default=24)
@@ -119,7 +119,7 @@ def main() -> None:
     rows = {_key(r): r for r in previous.get("rows", [])}
     runs = dict(previous.get("runs", {}))
     for index, label in enumerate(m for m in args.methods.split(",") if m):
-        steered = ("asc", f"asc-{args.adaptive}")
+        steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
         conditions = ("baseline", *steered, *PROMPT_BASELINES) if index == 0 else ("baseline", *steered)
         cfg = CompressConfig(
             model=args.model,
