@@ -192,3 +192,16 @@ def test_rewrite_source_rewrites_only_correct_traces(qwen, tmp_path):
     by_teacher = CONCISE_SOURCES["rewrite"](replace(request, teacher=Rewriter("http://127.0.0.1:9/v1")))
     assert [c.correct for c in by_teacher] == [True, False, False]  # kept only when it reaches the gold answer
     assert len(asked) == 2 and traces[0] in asked[0] and "minimal, dense derivation" in asked[0]
+
+
+def test_vector_method_registry():
+    from residlab.methods.asc.vector import build_concise_vector
+    from residlab.methods.asc.vector_methods import VECTOR_METHODS, refine_learned, vector_method
+
+    # The default method is the unchanged mean-difference stage (its vector stays bit-identical).
+    assert vector_method("mean_diff").build is build_concise_vector and vector_method("mean_diff").refine is None
+    assert vector_method("pca").build is build_concise_vector
+    assert vector_method("learned").refine is refine_learned
+    assert not VECTOR_METHODS["prompt-contrast"].needs_traces
+    with pytest.raises(ResidlabError, match="unknown vector method"):
+        vector_method("telepathy")
