@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--max-concise-ratio", type=float, default=None)
     parser.add_argument("--project-out", default=None, help="second pair source to project out, e.g. sampled")
     parser.add_argument("--read", default="mean")
+    parser.add_argument("--method", default="mean_diff", help="mean_diff, pca, prompt-contrast or learned")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", help="torch engine dtype (also used for extraction)")
@@ -53,6 +54,7 @@ def main() -> None:
         max_concise_ratio=args.max_concise_ratio,
         project_out=args.project_out,
         read=args.read,
+        method=args.method,
         layer=args.layer,
         strength=parse_strength(args.strength),
         positions=args.positions,
@@ -94,7 +96,8 @@ def main() -> None:
         "strength_applies_to": "unit vector",
         "strength_relative_to_residual_norm": report["config"]["strength"],
         "positions": args.positions,
-        "pair_source": args.pair_source,
+        "method": args.method,
+        "pair_source": report.get("pair_source", args.pair_source),
         "project_out": args.project_out,
         "read": args.read,
         "max_new_tokens": args.max_new_tokens,
@@ -122,6 +125,7 @@ def main() -> None:
         + (f" --strength {args.strength}" if args.strength is not None else "")
         + (f" --layer {args.layer}" if args.layer is not None else "")
         + (f" --pair-source {args.pair_source}" if args.pair_source != "reference" else "")
+        + (f" --method {args.method}" if args.method != "mean_diff" else "")
         + (f" --project-out {args.project_out}" if args.project_out else "")
         + "`\n\n"
         + md.split("\n", 1)[1]

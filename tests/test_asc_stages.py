@@ -151,7 +151,11 @@ def test_calibration_problems_default_to_what_compress_uses():
 def test_one_template_map_for_every_condition(qwen):
     from conftest import random_vector
 
-    assert TEMPLATES == {"baseline": prompts.VERBOSE, "concise_prompt": prompts.CONCISE}
+    assert TEMPLATES == {
+        "baseline": prompts.VERBOSE,
+        "concise_prompt": prompts.CONCISE,
+        "chain_of_draft": prompts.CHAIN_OF_DRAFT,
+    }
     assert template("concise_prompt") == prompts.CONCISE
     with pytest.raises(ResidlabError, match="unknown template 'terse'"):
         template("terse")

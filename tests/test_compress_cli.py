@@ -60,12 +60,22 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     sweep_args = "--layers 0:3 --strengths 0,0.5 --dataset synthetic --limit 2 --offset 0 --positions generated,all"
     sweep = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.split()])
     assert sweep.exit_code == 0, sweep.output
-    rows = strict_json(run_dir / "sweep.json")["rows"]
-    assert len(rows) == 3 * 2 * 2
-    assert (run_dir / "sweep.png").is_file()
-    more = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *sweep_args.replace("0,0.5", "1").split()])
+    swept = strict_json(run_dir / "sweep.json")
+    rows = swept["rows"]
+    assert len(rows) == 3 * 2 * 2 + 2  # the grid and the two prompt baselines
+    assert {r["template"] for r in rows if r["layer"] < 0} == {"concise_prompt", "chain_of_draft"}
+    assert all(len(r["correct"]) == len(r["tokens"]) == 2 for r in rows)
+    assert set(swept["frontier"]["references"]) == {"baseline", "concise_prompt", "chain_of_draft"}
+    assert len(swept["frontier"]["methods"]) == 3 * 2  # one per layer x position rule
+    for summary in swept["frontier"]["methods"].values():
+        assert 0.0 <= summary["estimate"] <= 1.0 and summary["tolerance"] == 0.02
+    assert (run_dir / "sweep.png").is_file() and (run_dir / "frontier.png").is_file()
+    more_args = sweep_args.replace("0,0.5", "1").split() + ["--adaptive", "constant,until-answer"]
+    more = runner.invoke(app, ["sweep", *common, "--vector", vector_file, *more_args])
     assert more.exit_code == 0, more.output
-    assert len(strict_json(run_dir / "sweep.json")["rows"]) == 3 * 2 * 3  # results accumulate
+    rows = strict_json(run_dir / "sweep.json")["rows"]
+    assert len(rows) == 3 * 2 * 2 + 2 + 3 * 2 * 2  # results accumulate; prompt baselines replaced
+    assert {r["schedule"] for r in rows if r["relative_strength"] == 1} == {None, "until-answer"}
 
     eval_args = ["--dataset", "synthetic", "--limit", "2", "--strength", "auto"]
     eval_args += ["--calibration-dataset", "synthetic", "--calibration-states", "2"]

@@ -39,7 +39,11 @@ def compress(
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
     pair_source: Annotated[
-        str, typer.Option(help="Concise traces: reference, self, sampled, teacher or file.")
+        str,
+        typer.Option(
+            help="Concise traces: reference, self, sampled, teacher, rewrite (the model's own correct trace made "
+            "dense by --teacher-url or the model itself) or file."
+        ),
     ] = "reference",
     pair_samples: Annotated[
         int, typer.Option(min=1, help="Samples per problem for --pair-source sampled (shortest correct wins).")
@@ -62,7 +66,31 @@ def compress(
     teacher_model: str = "default",
     pairs_file: Annotated[Path | None, typer.Option(help="JSONL with id and concise (--pair-source file).")] = None,
     read: Annotated[str, typer.Option(help="Read residuals at the trace's 'mean' or 'last' token.")] = "mean",
-    method: Annotated[str, typer.Option(help="mean_diff or pca.")] = "mean_diff",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="How the vector is made: mean_diff (trace pairs), pca, logistic, prompt-contrast (concise vs plain "
+            "instruction, no traces) or learned (trained from mean_diff: contrastive energy loss + KL hinge)."
+        ),
+    ] = "mean_diff",
+    learn_steps: Annotated[int, typer.Option(min=1, help="--method learned: optimiser steps (resumable).")] = 24,
+    learn_kl_eps: Annotated[
+        float, typer.Option(min=0.0, help="--method learned: per-token KL on general text before the hinge bites.")
+    ] = 0.05,
+    adaptive: Annotated[
+        str | None,
+        typer.Option(
+            help="Adaptive strength for every steered condition: until-answer (stop after \\boxed{..}), "
+            "step-boundaries (newline tokens only) or entropy (scaled by next-token entropy)."
+        ),
+    ] = None,
+    conditions: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of conditions; the first is the baseline. Templates: baseline, concise_prompt, "
+            "chain_of_draft; steered: asc, asc+<template>, asc-<schedule>[+<template>]."
+        ),
+    ] = "baseline,asc,concise_prompt,asc+concise_prompt",
     layer: Annotated[
         int | None, typer.Option(help="Steering layer (default: the model's tuned layer, else best separation).")
     ] = None,
@@ -103,6 +131,10 @@ def compress(
         pairs_file=str(pairs_file) if pairs_file else None,
         read=read,
         method=method,
+        learn_steps=learn_steps,
+        learn_kl_eps=learn_kl_eps,
+        adaptive=adaptive,
+        conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()),
         layer=layer,
         strength=parse_compress_strength(strength),
         eps=eps,
@@ -137,7 +169,9 @@ def evaluate_command(
     ] = "1.0",
     eps: float = 1e-3,
     positions: PositionsOption = DEFAULT_POSITIONS,
-    template: Annotated[str, typer.Option(help="baseline (step by step) or concise_prompt.")] = "baseline",
+    template: Annotated[
+        str, typer.Option(help="baseline (step by step), concise_prompt or chain_of_draft.")
+    ] = "baseline",
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 8,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
@@ -196,6 +230,16 @@ def sweep(
     layers: LayersOption = Layers((12,)),
     strengths: Annotated[str, typer.Option(help="Comma list, x residual norm at the layer.")] = "0,0.1,0.2,0.3",
     positions: Annotated[str, typer.Option(help="Comma list of position rules.")] = "prompt_last+generated",
+    adaptive: Annotated[
+        str, typer.Option(help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy.")
+    ] = "constant",
+    prompt_baselines: Annotated[
+        str,
+        typer.Option(help="Comma list of templates run unsteered on the same problems (the frontier's references)."),
+    ] = "concise_prompt,chain_of_draft",
+    oracle_samples: Annotated[
+        int, typer.Option(min=0, help="Samples per problem for the best-of-N shortest-correct oracle (0: cached only).")
+    ] = 0,
     template: str = "baseline",
     dataset: str = "gsm8k",
     split: Annotated[str, typer.Option(help="Tune on train, never on test.")] = "train",
@@ -208,7 +252,8 @@ def sweep(
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
-    """Accuracy vs tokens over layers x strengths x position rules (on a train split by default)."""
+    """Accuracy vs tokens over layers x strengths x position rules x adaptive schedules (on a train split by
+    default), with the prompt baselines and the best-of-N oracle on the same axes (frontier.png)."""
     from residlab.core.io import check_writable_dir
     from residlab.interventions.positions import STEERING_RULES, validate_rule
     from residlab.methods.asc import run_dir_for
@@ -224,6 +269,9 @@ def sweep(
         layers=tuple(layers),
         strengths=tuple(parse_strength(s) for s in strengths.split(",")),
         positions=rules,
+        schedules=tuple(a.strip() for a in adaptive.split(",") if a.strip()),
+        prompt_baselines=tuple(t.strip() for t in prompt_baselines.split(",") if t.strip()),
+        oracle_samples=oracle_samples,
         template=template,
         dataset=dataset,
         split=split,

@@ -29,6 +29,7 @@ from residlab.core.generation import (
 )
 from residlab.core.types import finite_number
 from residlab.interventions.positions import STEERING_RULES, PositionRule, recorded_rule, validate_rule
+from residlab.interventions.schedules import StrengthSchedule
 
 if TYPE_CHECKING:
     from residlab.vectors.steering_vector import SteeringVector
@@ -42,13 +43,15 @@ class SteeringSpec:
     the vector's layers) at the positions ``positions`` selects (default: the rule the vector
     records, e.g. ``all`` for a llama.cpp / repeng control vector; after construction ``positions``
     and :attr:`rule` hold the rule that runs). ``strength`` multiplies the vector as stored
-    (residlab saves unit vectors, so it is then the norm of what is added)."""
+    (residlab saves unit vectors, so it is then the norm of what is added). ``schedule`` (optional)
+    scales it per row and generated token (:mod:`residlab.interventions.schedules`)."""
 
     vector: SteeringVector
     strength: float = 1.0
     positions: PositionRule | None = None
     layers: tuple[int, ...] | None = None
     allow_other_model: bool = False  # a vector recorded for a model of another name (same shape) is fine
+    schedule: StrengthSchedule | None = None  # adaptive strength during generation (None: constant)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", finite_number(self.strength, "strength"))

@@ -9,7 +9,10 @@ Positions: a control vector is a context-wide setting, so the engine switches it
 phases of a generation: the prompt minus its last token, the last prompt token, and the generated
 tokens (:class:`~residlab.interventions.positions.SteeringPhases`). That gives exactly residlab's
 rules ``all``, ``prompt``, ``generated`` and ``prompt_last+generated``; token-index rules and
-per-row vectors are torch-engine only.
+per-row vectors are torch-engine only. An adaptive strength schedule runs exactly too: each step's
+active sequences are decoded in groups of equal scale, the control vector scaled per group (a 0/1
+schedule costs at most two decode calls a step; ``entropy`` gives each row its own scale, so its
+rows decode one by one).
 
 Batching: up to ``batch_size`` prompts run as parallel llama.cpp sequences in one context, all of
 them decoded in one ``llama_decode`` call per step; finished sequences leave the batch. Token ids
@@ -34,6 +37,7 @@ from residlab.core.errors import ResidlabError
 from residlab.core.generation import BatchDecoder, DecodedBatch, PromptBatch, SamplingParams, pick_next_tokens
 from residlab.engines.base import Engine, SteeringSpec
 from residlab.interventions.positions import NO_STEERING, PHASED_RULES, SteeringPhases, steering_phases
+from residlab.interventions.schedules import ScheduleStep, StrengthSchedule
 
 _quiet_callback: Any = None  # kept alive: llama.cpp holds the pointer
 
@@ -238,7 +242,8 @@ class LlamaCppEngine(Engine):
         """Prompts run as parallel sequences, the control vector switched per phase of the rule."""
         cvec = self.control_vector(steering)
         phases = steering_phases(steering.rule) if cvec is not None else NO_STEERING  # type: ignore[union-attr]
-        yield functools.partial(self._decode_batch, cvec=cvec, phases=phases)  # type: ignore[arg-type]
+        schedule = steering.schedule if cvec is not None and phases.generated else None  # type: ignore[union-attr]
+        yield functools.partial(self._decode_batch, cvec=cvec, phases=phases, schedule=schedule)  # type: ignore[arg-type]
 
     def _decode_batch(
         self,
@@ -248,6 +253,7 @@ class LlamaCppEngine(Engine):
         *,
         cvec: _ControlVector | None,
         phases: SteeringPhases,
+        schedule: StrengthSchedule | None = None,
     ) -> DecodedBatch:
         rows = prompts.token_ids
         count = len(rows)
@@ -268,12 +274,16 @@ class LlamaCppEngine(Engine):
         finished = [False] * count
         eos = frozenset() if sampling.ignore_eos else self.eos_ids
         memory = self._lib.llama_get_memory(self._ctx)
+        logits = torch.from_numpy(self._logits(len(active)))  # a view of llama.cpp's buffer
+        scale = dict.fromkeys(active, 1.0)
         for step in range(max_new_tokens):
-            logits = torch.from_numpy(self._logits(len(active)))  # a view of llama.cpp's buffer
             picks = pick_next_tokens(logits, sampling, generator).tolist()
-            still: list[int] = []
             for seq, token in zip(active, picks, strict=True):
                 outputs[seq].append(token)
+            if schedule is not None:
+                scale = self._schedule_scales(schedule, active, picks, logits, scale, outputs)
+            still: list[int] = []
+            for seq, token in zip(active, picks, strict=True):
                 if token in eos:
                     finished[seq] = True
                     self._lib.llama_memory_seq_rm(memory, seq, -1, -1)  # frees its KV cells
@@ -282,8 +292,52 @@ class LlamaCppEngine(Engine):
             active = still
             if not active or step == max_new_tokens - 1:
                 break
-            self._decode([(outputs[seq][-1], positions[seq] + step, seq, True) for seq in active])
+            items = [(outputs[seq][-1], positions[seq] + step, seq, True) for seq in active]
+            if schedule is None:
+                self._decode(items)
+                logits = torch.from_numpy(self._logits(len(active)))
+            else:
+                logits = self._decode_scaled(items, [scale[seq] for seq in active], cvec)  # type: ignore[arg-type]
         return DecodedBatch(outputs, [not f for f in finished])
+
+    def _schedule_scales(
+        self,
+        schedule: StrengthSchedule,
+        active: list[int],
+        picks: list[int],
+        logits: torch.Tensor,
+        scale: dict[int, float],
+        outputs: list[list[int]],
+    ) -> dict[int, float]:
+        """sequence -> the schedule's scale for the position of its new token."""
+        step = ScheduleStep(
+            torch.tensor(picks),
+            logits.float(),
+            torch.tensor([scale[seq] for seq in active], dtype=torch.float32),
+            [outputs[seq] for seq in active],
+            self.tokenizer.decode,
+        )
+        return dict(zip(active, schedule.scales(step).tolist(), strict=True))
+
+    def _decode_scaled(
+        self, items: list[tuple[int, int, int, bool]], scales: list[float], cvec: _ControlVector
+    ) -> torch.Tensor:
+        """Decode one token per sequence, each under ``scale * cvec`` (the context-wide control vector
+        set once per group of equal scale); logits [items, vocab] in the items' order."""
+        logits = torch.empty((len(items), self.vocab_size), dtype=torch.float32)
+        for value in sorted(set(scales)):
+            group = [i for i, s in enumerate(scales) if s == value]
+            scaled = None
+            if value != 0:
+                scaled = (
+                    cvec
+                    if value == 1
+                    else _ControlVector(cvec.data * np.float32(value), cvec.first_layer, cvec.last_layer)
+                )
+            self.set_control_vector(scaled)
+            self._decode([items[i] for i in group])
+            logits[group] = torch.from_numpy(self._logits(len(group)).copy())
+        return logits
 
     def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:
         """Teacher-forced logits [tokens, vocab] for one sequence (steering at every position)."""

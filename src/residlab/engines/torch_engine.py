@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -49,7 +50,8 @@ class TorchEngine(Engine):
     @contextlib.contextmanager
     def _steered(self, steering: SteeringSpec | None) -> Iterator[BatchDecoder]:
         with self._steering(steering):
-            yield self.lm.decode_batch
+            schedule = steering.schedule if steering is not None and steering.strength != 0 else None
+            yield functools.partial(self.lm.decode_batch, schedule=schedule) if schedule else self.lm.decode_batch
 
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int], steering: SteeringSpec | None = None) -> np.ndarray:

@@ -17,6 +17,7 @@ from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
 from residlab.evaluation.records import EvalRecord, problem_fingerprint, record_key
+from residlab.interventions.schedules import StrengthSchedule
 from residlab.models.lm import LanguageModel
 from residlab.vectors.steering_vector import SteeringVector
 
@@ -43,7 +44,8 @@ class Decoding:
 class Condition:
     """A prompt template (with ``{question}``), an optional system message and optional steering.
 
-    ``strength`` multiplies ``vector`` as stored.
+    ``strength`` multiplies ``vector`` as stored; ``schedule`` (optional) scales it per generated
+    token (:mod:`residlab.interventions.schedules`).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Condition:
     vector: SteeringVector | None = None
     strength: float = 0.0
     positions: str = "prompt_last+generated"
+    schedule: StrengthSchedule | None = None
 
     @property
     def steered(self) -> bool:
@@ -76,6 +79,9 @@ class Condition:
             "positions": self.positions if self.steered else None,
             "decoding": asdict(decoding),
         }
+        if self.steered and self.schedule is not None:
+            # Only adaptive conditions carry the key: every constant-strength fingerprint is unchanged.
+            payload["schedule"] = self.schedule.describe()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -113,7 +119,7 @@ def evaluate(
         )
     use_chat = engine.has_chat_template
     steering = (
-        SteeringSpec(condition.vector, condition.strength, condition.positions)  # type: ignore[arg-type]
+        SteeringSpec(condition.vector, condition.strength, condition.positions, schedule=condition.schedule)  # type: ignore[arg-type]
         if condition.steered
         else None
     )

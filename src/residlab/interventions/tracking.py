@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from residlab.interventions.positions import ForwardContext, PositionRule, steering_mask
+from residlab.interventions.schedules import position_scales
 
 
 def _cache_length(cache: Any) -> int:
@@ -37,6 +38,9 @@ class ForwardTracker:
         # re-feeds the whole sequence, which would otherwise look like a new, longer prompt).
         self.row_index: torch.Tensor | None = None
         self.prompt_lengths: torch.Tensor | None = None
+        # Set by a decoder running an adaptive strength schedule: [batch, steps so far] scale of each
+        # generated position (see interventions.schedules); steering masks are multiplied by it.
+        self.generated_scales: torch.Tensor | None = None
         self._masks: dict[Any, torch.Tensor] = {}
 
     # -- activation -------------------------------------------------------------------------
@@ -90,12 +94,18 @@ class ForwardTracker:
         self._masks.clear()
 
     def steering_mask(self, rule: PositionRule, dtype: torch.dtype) -> torch.Tensor:
-        """[batch, tokens, 1] mask for ``rule`` in the current pass, computed once per pass."""
+        """[batch, tokens, 1] mask for ``rule`` in the current pass (times the adaptive scale of each
+        position, when a schedule runs), computed once per pass."""
         key = (rule, dtype)
         cached = self._masks.get(key)
         if cached is None:
             if self.context is None:
                 raise RuntimeError("steering hook ran outside a tracked forward pass")
-            cached = steering_mask(rule, self.context).unsqueeze(-1).to(dtype)
+            mask = steering_mask(rule, self.context).float()
+            scales = self.generated_scales
+            if scales is not None and scales.shape[0] == mask.shape[0]:
+                ctx = self.context
+                mask = mask * position_scales(ctx.positions, ctx.prompt_lengths, scales.to(mask.device))
+            cached = mask.unsqueeze(-1).to(dtype)
             self._masks[key] = cached
         return cached

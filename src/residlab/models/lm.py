@@ -31,6 +31,7 @@ from residlab.interventions.edit import Edit, EditFn, skip_blocks
 from residlab.interventions.operators import SteeringOperator
 from residlab.interventions.positions import PositionRule, recorded_rule
 from residlab.interventions.record import Recording
+from residlab.interventions.schedules import ScheduleStep, StrengthSchedule
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
 from residlab.models.architectures import ArchitectureMap, architecture_for, get_module
@@ -205,6 +206,7 @@ class LanguageModel:
         use_cache: bool = True,
         ignore_eos: bool = False,
         progress: bool = False,
+        schedule: StrengthSchedule | None = None,
     ) -> list[Generation]:
         """Generate a completion for each prompt (greedy when ``temperature`` is 0).
 
@@ -212,13 +214,14 @@ class LanguageModel:
         (checked there). Prompts are sorted by length into batches of ``batch_size`` to limit
         padding; results come back in the caller's order, and per-row steering vectors follow their
         rows. ``ignore_eos`` always generates ``max_new_tokens`` tokens (for speed measurements).
+        ``schedule`` scales the active steering per row and token (:mod:`residlab.interventions.schedules`).
         """
         sampling = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos
         )
 
         def decode(batch: PromptBatch, sampling: SamplingParams, generator: torch.Generator | None) -> DecodedBatch:
-            return self.decode_batch(batch, sampling, generator, use_cache=use_cache)
+            return self.decode_batch(batch, sampling, generator, use_cache=use_cache, schedule=schedule)
 
         return generate_batched(
             self.tokenizer,
@@ -240,10 +243,12 @@ class LanguageModel:
         generator: torch.Generator | None,
         *,
         use_cache: bool = True,
+        schedule: StrengthSchedule | None = None,
     ) -> DecodedBatch:
         """Generate for one batch of tokenised prompts (left-padded here): the torch engine's batch
         decoder. Rows that finish are dropped from the batch (and the KV cache), so a long straggler
-        does not make every finished row keep paying for forward passes."""
+        does not make every finished row keep paying for forward passes. ``schedule``: the active
+        steering's scale at each generated position, per row (1 everywhere without one)."""
         batch = self.pad(prompts.token_ids)
         caller_rows = torch.tensor(prompts.rows, device=self.device)
         eos_ids = [] if sampling.ignore_eos else self.eos_token_ids or [-1]
@@ -257,13 +262,20 @@ class LanguageModel:
         cache: Any = None if use_cache else False
         step_ids, step_mask, step_pos = ids, mask, positions
         tracker = self.tracker
+        scales = torch.ones((ids.shape[0], 0))  # [active rows, steps]: the schedule's scale per generated position
         try:
             for _ in range(sampling.max_new_tokens):
                 tracker.row_index, tracker.prompt_lengths = caller_rows[active], prompt_lengths
+                tracker.generated_scales = scales if schedule is not None else None
                 out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
-                next_token = pick_next_tokens(out.logits[:, -1, :].float(), sampling, generator)
+                logits = out.logits[:, -1, :].float()
+                next_token = pick_next_tokens(logits, sampling, generator)
                 for row, token in zip(active.tolist(), next_token.tolist(), strict=True):
                     generated[row].append(token)
+                if schedule is not None:
+                    scales = torch.cat(
+                        [scales, self._schedule_step(schedule, next_token, logits, scales, generated, active)], 1
+                    )
                 done = torch.isin(next_token, eos)
                 if use_cache:
                     cache = _returned_cache(out)
@@ -273,7 +285,7 @@ class LanguageModel:
                     keep = (~done).nonzero().squeeze(1)
                     if keep.numel() == 0:
                         break
-                    active, next_token = active[keep], next_token[keep]
+                    active, next_token, scales = active[keep], next_token[keep], scales[keep.cpu()]
                     ids, mask, positions, prompt_lengths = ids[keep], mask[keep], positions[keep], prompt_lengths[keep]
                     if use_cache:
                         cache.batch_select_indices(keep)
@@ -287,8 +299,24 @@ class LanguageModel:
                 else:
                     step_ids, step_mask, step_pos = ids, mask, positions
         finally:
-            tracker.row_index = tracker.prompt_lengths = None
+            tracker.row_index = tracker.prompt_lengths = tracker.generated_scales = None
         return DecodedBatch(generated, [not f for f in finished_by_eos])
+
+    def _schedule_step(
+        self,
+        schedule: StrengthSchedule,
+        tokens: torch.Tensor,
+        logits: torch.Tensor,
+        scales: torch.Tensor,
+        generated: list[list[int]],
+        active: torch.Tensor,
+    ) -> torch.Tensor:
+        """[active, 1]: the schedule's scale for the position of each row's new token."""
+        previous = scales[:, -1] if scales.shape[1] else torch.ones(scales.shape[0])
+        step = ScheduleStep(
+            tokens.cpu(), logits, previous, [generated[r] for r in active.tolist()], self.tokenizer.decode
+        )
+        return schedule.scales(step).float().reshape(-1, 1)
 
     # -- interventions ------------------------------------------------------------------------
     def record(

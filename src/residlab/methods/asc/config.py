@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.core.errors import ResidlabError
+from residlab.interventions.schedules import strength_schedule
 from residlab.models.registry import DEFAULT_MODEL
 
 # Strengths found by the KL bound instead of given: the paper's bound, and the same bound on
@@ -38,7 +39,10 @@ class CompressConfig:
     teacher_model: str = "default"
     pairs_file: str | None = None
     read: str = "mean"
-    method: str = "mean_diff"
+    method: str = "mean_diff"  # an extraction aggregator, prompt-contrast or learned (methods.asc.vector_methods)
+    learn_steps: int = 24  # --method learned: optimiser steps
+    learn_kl_eps: float = 0.05  # --method learned: per-token KL (nats) on general text before the hinge bites
+    adaptive: str | None = None  # every steered condition under this strength schedule (asc -> asc-<adaptive>)
     layer: int | None = None  # None: the model's tuned layer (registry), else the best separated middle layer
     strength: Strength = None  # x residual norm at the layer (unit vector); "auto" = KL bound,
     # "auto-centred" = the same bound on mean-free logit changes (tighter, still valid);
@@ -47,6 +51,7 @@ class CompressConfig:
     positions: str = "prompt_last+generated"
     eval_dataset: str = "gsm8k"
     eval_split: str = "test"
+    eval_offset: int = 0  # skip this many eval problems (a train-split evaluation must skip the pair problems)
     limit: int = 40
     max_new_tokens: int = 512
     batch_size: int = 8
@@ -62,10 +67,27 @@ class CompressConfig:
                 f"--project-out {self.project_out} is the pair source itself: nothing would be left of the vector.",
                 hint="project out a different source, e.g. --pair-source reference --project-out sampled.",
             )
+        if self.adaptive is not None:
+            strength_schedule(self.adaptive)  # an unknown name fails here, before any work
+        if self.method == "learned" and isinstance(self.strength, str):
+            raise ResidlabError(
+                "--method learned trains from a given strength, not a KL-bound mode.",
+                hint="give a number for --strength (x residual norm) or leave it out (the tuned strength).",
+            )
         if isinstance(self.strength, str) and self.strength not in STRENGTH_MODES:
             raise ResidlabError(
                 f"unknown strength {self.strength!r}.", hint="give a number (x residual norm), auto or auto-centred."
             )
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """The conditions that run: ``conditions``, each steered one made adaptive when ``adaptive`` is set."""
+        if self.adaptive is None:
+            return self.conditions
+        return tuple(
+            f"asc-{self.adaptive}{name[3:]}" if name == "asc" or name.startswith("asc+") else name
+            for name in self.conditions
+        )
 
     def run_dir(self) -> Path:
         """Where this run's vectors, records and report go."""

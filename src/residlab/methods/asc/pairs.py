@@ -4,7 +4,9 @@ of thought and a concise, math-centric one from a chosen source.
 Sources of the concise side (a registry, :data:`CONCISE_SOURCES`, of plain callables): ``reference``
 (the dataset's solution), ``self`` (the model under the concise prompt), ``sampled`` (the shortest
 correct of N of the model's own samples under the plain prompt: same style, same prompt, only
-shorter), ``teacher`` (an OpenAI-compatible endpoint) and ``file``."""
+shorter), ``teacher`` (an OpenAI-compatible endpoint), ``rewrite`` (the model's own correct trace
+rewritten densely by the teacher endpoint, or by the model itself without one; kept only when the
+rewrite still reaches the gold answer) and ``file``."""
 
 from __future__ import annotations
 
@@ -117,6 +119,34 @@ def teacher_source(request: PairRequest) -> list[ConciseTrace]:
     return [_graded(text, p) for text, p in zip(texts, request.problems, strict=True)]
 
 
+def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
+    """The model's own correct verbose traces, rewritten as dense derivations (:data:`prompts.REWRITE`) by
+    the teacher endpoint, else by the model itself (greedy, cached like every trace). A problem whose
+    verbose trace is wrong gets no rewrite (an empty, wrong trace: the filter drops it)."""
+    wanted = [
+        replace(p, question=prompts.REWRITE.format(question=p.question, trace=v.output))
+        for p, v in zip(request.problems, request.verbose, strict=True)
+        if v.solved
+    ]
+    if request.teacher is not None:
+        texts = teacher_traces(
+            request.teacher,
+            wanted,
+            request.work_dir,
+            request.decoding.max_new_tokens,
+            template="{question}",
+            tag="rewrite",
+        )
+        rewritten = {p.id: _graded(text, p) for p, text in zip(wanted, texts, strict=True)}
+    else:
+        records = evaluate(
+            request.runner, wanted, Condition("rewrite", "{question}"), request.decoding, request.work_dir,
+            progress=request.progress,
+        )  # fmt: skip
+        rewritten = {r.id: ConciseTrace(r.output, r.solved) for r in records}
+    return [rewritten.get(p.id, ConciseTrace("", False)) for p in request.problems]
+
+
 def file_source(request: PairRequest) -> list[ConciseTrace]:
     """A user's JSONL file of ``id`` and ``concise`` traces (see :func:`read_pairs_file`)."""
     if request.pairs_file is None:
@@ -136,6 +166,7 @@ CONCISE_SOURCES: dict[str, ConciseSource] = {
     "self": self_source,
     "sampled": sampled_source,
     "teacher": teacher_source,
+    "rewrite": rewrite_source,
     "file": file_source,
 }
 

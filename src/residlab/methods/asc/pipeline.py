@@ -9,21 +9,26 @@ all finished work.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from residlab.core.types import Log
 from residlab.data import load_problems
-from residlab.engines import open_engine
+from residlab.engines import Engine, open_engine
 from residlab.evaluation.runner import Decoding, evaluate
 from residlab.methods.asc.calibration import CalibrationProblems, calibrate_strength
 from residlab.methods.asc.conditions import compress_conditions
 from residlab.methods.asc.config import CompressConfig
 from residlab.methods.asc.report import CompressOutcome, write_report
-from residlab.methods.asc.steering import resolve_steering
-from residlab.methods.asc.vector import build_concise_vector, steering_vector, vector_lens
+from residlab.methods.asc.steering import SteeringChoice, resolve_steering
+from residlab.methods.asc.vector import ConciseVector, steering_vector, vector_lens
+from residlab.methods.asc.vector_methods import vector_method
+from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import packaged_model
+from residlab.recipes.calibration import Calibration
 
 
 def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
@@ -34,17 +39,11 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
     lm = load(cfg.model, dtype=cfg.dtype)
     engine = open_engine(cfg.model, cfg.engine, lm=lm)
     log(f"      generation engine: {engine.kind} ({engine.identity})")
-    concise = build_concise_vector(lm, cfg, run_dir / "pairs", engine, log)
-    extraction = concise.extraction
-    steering = resolve_steering(
-        cfg.layer,
-        cfg.strength,
-        tuned=packaged_model(cfg.model),
-        separation=extraction.separation,
-        num_layers=lm.num_layers,
-        model_name=lm.name,
-    )
-    layer, raw = steering.layer, concise.vector
+    stages = {"load": time.perf_counter() - started}
+    concise, steering, choose = _vector_stage(lm, cfg, run_dir, engine, log)
+    stages["pairs_and_vector"] = time.perf_counter() - started - sum(stages.values())
+    extraction, layer = concise.extraction, steering.layer
+    raw = concise.vector
     raw.save(run_dir / "vector_all_layers.safetensors")
     log(
         f"      layer {layer}: separation {extraction.separation[layer]:.2f}, raw norm {raw.norm(layer):.2f} "
@@ -60,7 +59,7 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         unit.directions[layer],
         eps=cfg.eps,
         lm=lm,
-        choose=partial(steering.absolute_strength, extraction.residual_norm[layer]),
+        choose=choose,
     )
     bound = calibrated.calibration
     log(
@@ -69,19 +68,23 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         f"{bound.strength_centred:.4g}); using strength {calibrated.strength:.4g} "
         f"(measured KL median {calibrated.measured_kl_median:.3g}, bound {calibrated.bound:.3g})"
     )
+    stages["calibration"] = time.perf_counter() - started - sum(stages.values())
     vector = steering_vector(concise, layer, calibrated.strength, cfg.positions, bound.strength)
     vector_path = vector.save(run_dir / "concise.safetensors")
     lens = vector_lens(lm, vector)
     log(f"      logit lens of the vector: promotes {lens.promotes[:8]}, suppresses {lens.suppresses[:8]}")
 
-    problems = load_problems(cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit)
+    problems = load_problems(
+        cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.eval_offset
+    )
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    conditions = compress_conditions(cfg.conditions, vector, calibrated.strength, cfg.positions)
+    conditions = compress_conditions(cfg.condition_names, vector, calibrated.strength, cfg.positions)
     log(
         f"[4/4] evaluating {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems x {len(conditions)} conditions "
         f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
     )
     records = {c.name: evaluate(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
+    stages["evaluation"] = time.perf_counter() - started - sum(stages.values())
     outcome = CompressOutcome(
         config=cfg,
         model_name=lm.name,
@@ -96,5 +99,31 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         n_eval=len(problems),
         vector_path=vector_path,
         seconds=round(time.perf_counter() - started, 1),
+        stage_seconds={k: round(v, 1) for k, v in stages.items()},
     )
     return write_report(run_dir, outcome, log)
+
+
+def _vector_stage(
+    lm: LanguageModel, cfg: CompressConfig, run_dir: Path, engine: Engine, log: Log
+) -> tuple[ConciseVector, SteeringChoice, Callable[[Calibration], float]]:
+    """The vector by ``cfg.method``, the steering layer and strength, and how the strength is chosen
+    from the calibration (a refined method's vector carries its own strength: its norm)."""
+    method = vector_method(cfg.method)
+    concise = method.build(lm, cfg, run_dir / "pairs", engine, log)
+    steering = resolve_steering(
+        cfg.layer,
+        cfg.strength,
+        tuned=packaged_model(cfg.model),
+        separation=concise.extraction.separation,
+        num_layers=lm.num_layers,
+        model_name=lm.name,
+    )
+    layer = steering.layer
+    choose = partial(steering.absolute_strength, concise.extraction.residual_norm[layer])
+    if method.refine is None:
+        return concise, steering, choose
+    start = float(steering.strength) * concise.extraction.residual_norm[layer]
+    refined = method.refine(lm, cfg, concise, layer, start, run_dir, engine, log)
+    norm = refined.vector.norm(layer)
+    return refined, steering, lambda calibration: norm

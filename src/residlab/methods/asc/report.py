@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from residlab.core.io import atomic_write_text, write_json
 from residlab.core.types import Log
+from residlab.evaluation.frontier import FrontierPoint, plot_frontier, tokens_saved
 from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.report import (
     ConditionSummary,
@@ -19,6 +20,7 @@ from residlab.evaluation.report import (
     summarize,
 )
 from residlab.methods.asc.calibration import CalibratedStrength
+from residlab.methods.asc.conditions import parse_condition_name
 from residlab.methods.asc.config import CompressConfig
 from residlab.methods.asc.steering import SteeringChoice
 from residlab.methods.asc.vector import ConciseVector, VectorLens
@@ -41,6 +43,7 @@ class CompressOutcome:
     n_eval: int
     vector_path: Path
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # load, pairs_and_vector, calibration, evaluation
 
     @property
     def summaries(self) -> dict[str, ConditionSummary]:
@@ -48,7 +51,7 @@ class CompressOutcome:
 
     @property
     def baseline(self) -> str:
-        return self.config.conditions[0]
+        return self.config.condition_names[0]
 
 
 def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
@@ -70,6 +73,9 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "dtype": outcome.dtype,
         # The config with the strength it left open filled in (what the run used).
         "config": asdict(replace(cfg, strength=outcome.steering.strength)),
+        "method": cfg.method,
+        "pair_source": "prompt-contrast" if cfg.method == "prompt-contrast" else cfg.pair_source,
+        "adaptive": cfg.adaptive,
         "n_pairs": concise.pairs.n_pairs,
         "n_eval": outcome.n_eval,
         "layer": outcome.steering.layer,
@@ -78,6 +84,8 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "positions": cfg.positions,
         "steering_sources": {"layer": outcome.steering.layer_source, "strength": outcome.steering.strength_source},
         "pairs": pairs,
+        "learned": {k.removeprefix("learned_"): v for k, v in concise.vector.info.items() if k.startswith("learned_")}
+        or None,
         "separation": concise.extraction.separation,
         "residual_norm": concise.extraction.residual_norm,
         "calibration": outcome.calibrated.report(),
@@ -85,9 +93,38 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "vector_suppresses": outcome.lens.suppresses,
         "conditions": {name: asdict(s) for name, s in summaries.items()},
         "comparisons": _comparisons(outcome, summaries),
+        "frontier": _frontier(outcome),
         "vector": str(outcome.vector_path),
         "seconds": outcome.seconds,
+        "stage_seconds": outcome.stage_seconds,  # this run's wall time per stage (cached work costs nothing)
     }
+
+
+def _frontier(outcome: CompressOutcome) -> dict[str, dict[str, Any]]:
+    """Tokens saved at accuracy within 2 points of the baseline (bootstrap CI), per condition after the first."""
+    base = FrontierPoint.from_records(outcome.baseline, outcome.records[outcome.baseline])
+    return {
+        name: asdict(tokens_saved(base, [FrontierPoint.from_records(name, records)]))
+        for name, records in outcome.records.items()
+        if name != outcome.baseline
+    }
+
+
+def _plot_frontier(outcome: CompressOutcome, path: Path) -> None:
+    """Accuracy vs tokens: steered conditions as one line per prompt, prompt-only conditions as markers."""
+    steered: dict[str, list[tuple[float, float, str]]] = {}
+    references: dict[str, tuple[float, float]] = {}
+    for name, records in outcome.records.items():
+        point = FrontierPoint.from_records(name, records)
+        is_steered, schedule, template_name = parse_condition_name(name)
+        if is_steered:
+            group = f"{outcome.config.method} {schedule or 'constant'} ({template_name})"
+            steered.setdefault(group, []).append((point.mean_tokens, point.accuracy, ""))
+        else:
+            references[name] = (point.mean_tokens, point.accuracy)
+    cfg = outcome.config
+    title = f"{outcome.model_name}: {cfg.eval_dataset} {cfg.eval_split}, n={outcome.n_eval}"
+    plot_frontier(steered, references, path, title)
 
 
 def _comparisons(outcome: CompressOutcome, summaries: dict[str, ConditionSummary]) -> dict[str, dict[str, Any]]:
@@ -105,11 +142,14 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
     cfg, steering = outcome.config, outcome.steering
     strength, bound = outcome.calibrated.strength, outcome.calibrated.calibration.strength
     projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
+    sides = "concise vs plain instruction" if cfg.method == "prompt-contrast" else f"{cfg.pair_source} concise traces"
+    adaptive = f", adaptive strength {cfg.adaptive}" if cfg.adaptive else ""
     lines = [
         f"# ASC report: {outcome.model_name}",
         "",
-        f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({cfg.pair_source} concise traces"
-        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, strength {strength:.4g} on the unit "
+        f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({sides}"
+        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, "
+        f"strength {strength:.4g}{adaptive} on the unit "
         f"vector (KL-bound strength for eps={cfg.eps}: {bound:.4g}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",
         f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
@@ -125,7 +165,9 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
         lines.append(
             f"- {name}: accuracy {c['accuracy_difference']:+.1%} ({low:+.1%} to {high:+.1%}), "
             f"McNemar p={c['mcnemar_p']:.3f}, token reduction {c['token_reduction']:+.1%}, "
-            f"speedup {c['speedup']:.2f}x"
+            f"speedup {c['speedup']:.2f}x; tokens saved within 2 points of the baseline "
+            f"{report['frontier'][name]['estimate']:.1%} ({report['frontier'][name]['ci95'][0]:.1%} to "
+            f"{report['frontier'][name]['ci95'][1]:.1%})"
         )
     return "\n".join(lines) + "\n"
 
@@ -142,10 +184,11 @@ def write_report(run_dir: Path, outcome: CompressOutcome, log: Log = print) -> d
         f"{outcome.model_name}: {cfg.eval_dataset} {cfg.eval_split}, n={outcome.n_eval}",
     )
     plot_token_histograms(
-        {name: [r.tokens for r in outcome.records[name]] for name in cfg.conditions[:2]},
+        {name: [r.tokens for r in outcome.records[name]] for name in cfg.condition_names[:2]},
         run_dir / "token_histogram.png",
         f"{outcome.model_name}: generated tokens",
     )
+    _plot_frontier(outcome, run_dir / "frontier.png")
     atomic_write_text(run_dir / "report.md", report_markdown(outcome, report))
     log(markdown_table(list(summaries.values()), outcome.baseline))
     log(

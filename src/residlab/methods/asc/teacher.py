@@ -30,11 +30,11 @@ class TeacherClient:
         self.api_key = api_key
         self.timeout = timeout
 
-    def complete(self, question: str, max_tokens: int) -> str:
-        """The teacher's greedy answer to ``question`` under the concise prompt."""
+    def complete(self, question: str, max_tokens: int, template: str = prompts.CONCISE) -> str:
+        """The teacher's greedy answer to ``question`` under ``template`` (default: the concise prompt)."""
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompts.CONCISE.format(question=question)}],
+            "messages": [{"role": "user", "content": template.format(question=question)}],
             "temperature": 0,
             "max_tokens": max_tokens,
         }
@@ -54,12 +54,20 @@ class TeacherClient:
             ) from None
 
 
-def teacher_traces(teacher: TeacherClient, problems: Sequence[Problem], work_dir: Path, max_tokens: int) -> list[str]:
-    """The teacher's trace for every problem, in order; cached under ``work_dir`` per endpoint and model,
-    and per problem content (an edited question or answer is asked again; older entries without the
-    content hash are matched by id)."""
+def teacher_traces(
+    teacher: TeacherClient,
+    problems: Sequence[Problem],
+    work_dir: Path,
+    max_tokens: int,
+    *,
+    template: str = prompts.CONCISE,
+    tag: str = "teacher",
+) -> list[str]:
+    """The teacher's trace for every problem under ``template``, in order; cached under ``work_dir`` per
+    ``tag``, endpoint and model, and per problem content (an edited question or answer is asked again;
+    older entries without the content hash are matched by id)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher.url}-{teacher.model}")[-80:]
-    store = JsonlStore(work_dir / f"teacher-{safe}.jsonl", unique_key=lambda r: (r.get("id"), r.get("problem_sha")))
+    store = JsonlStore(work_dir / f"{tag}-{safe}.jsonl", unique_key=lambda r: (r.get("id"), r.get("problem_sha")))
     cached = store.read()
     done: dict[str, str] = {}
     for problem in problems:
@@ -68,7 +76,12 @@ def teacher_traces(teacher: TeacherClient, problems: Sequence[Problem], work_dir
         if found:
             done[problem.id] = str(found[-1]["concise"])
             continue
-        text = teacher.complete(problem.question, max_tokens)
+        # The concise prompt is complete()'s default (a client written for it takes no template).
+        text = (
+            teacher.complete(problem.question, max_tokens)
+            if template == prompts.CONCISE
+            else teacher.complete(problem.question, max_tokens, template)
+        )
         stored = store.append([{"id": problem.id, "concise": text, "problem_sha": sha}])
         done[problem.id] = str(stored[0]["concise"])
     return [done[p.id] for p in problems]

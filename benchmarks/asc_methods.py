@@ -1,0 +1,212 @@
+"""ASC methods side by side: one row per vector method, each with constant and adaptive strength, plus
+the prompt baselines (concise prompt, Chain of Draft), all on the same problems and decoding.
+
+Methods: ``mean-diff-reference`` (the default compress vector), ``prompt-contrast`` (concise vs plain
+instruction, no traces) and ``learned`` (trained from the mean difference). Each runs
+``run_compress`` in one shared work dir, so the baseline and prompt conditions (and the trace pairs
+that mean-diff and learned share) are generated once and every record is reused on a rerun: an
+interrupted run resumes where it stopped.
+
+    python benchmarks/asc_methods.py --split train --offset 1000 --limit 24       # a tuning slice
+    python benchmarks/asc_methods.py --split test --limit 200                     # the reported run
+
+Writes benchmarks/results/asc_methods.json and .md: rows of every split run so far (a rerun of the same
+split, offset and n replaces its rows); each row says its split, offset and n. Row fields: ROW_FIELDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = {
+    "mean-diff-reference": {"method": "mean_diff", "pair_source": "reference"},
+    "prompt-contrast": {"method": "prompt-contrast", "pair_source": "reference"},
+    "learned": {"method": "learned", "pair_source": "reference"},
+}
+PROMPT_BASELINES = ("concise_prompt", "chain_of_draft")
+ROW_FIELDS = (
+    "method",  # a METHODS key, or "baseline" / a prompt baseline
+    "adaptive",  # the strength schedule (None: constant strength, or not steered)
+    "condition",  # the compress condition name
+    "split",
+    "offset",
+    "n",
+    "accuracy",
+    "accuracy_ci95",
+    "mean_tokens",
+    "token_reduction",  # 1 - mean tokens / baseline mean tokens
+    "accuracy_difference",  # vs the baseline, paired
+    "mcnemar_p",
+    "seconds_per_problem",
+    "speedup",  # baseline seconds per problem / this one's (same machine, same batch size)
+    "tokens_saved_within_2pts",  # the frontier summary number and its bootstrap CI
+    "tokens_saved_within_2pts_ci95",
+    "layer",
+    "strength",
+    "n_pairs",
+)
+
+
+def _rows(label: str, report: dict[str, Any], split: str, offset: int) -> list[dict[str, Any]]:
+    """One row per condition of a compress report (the baseline's row has no comparison)."""
+    from residlab.methods.asc.conditions import parse_condition_name
+
+    rows = []
+    for name, summary in report["conditions"].items():
+        steered, schedule, template = parse_condition_name(name)
+        comparison = report["comparisons"].get(name, {})
+        frontier = report["frontier"].get(name, {})
+        rows.append(
+            {
+                "method": label if steered else template,
+                "adaptive": schedule,
+                "condition": name,
+                "split": split,
+                "offset": offset,
+                "n": summary["n"],
+                "accuracy": summary["accuracy"],
+                "accuracy_ci95": summary["accuracy_ci95"],
+                "mean_tokens": summary["mean_tokens"],
+                "token_reduction": comparison.get("token_reduction", 0.0),
+                "accuracy_difference": comparison.get("accuracy_difference", 0.0),
+                "mcnemar_p": comparison.get("mcnemar_p", 1.0),
+                "seconds_per_problem": summary["seconds_per_problem"],
+                "speedup": comparison.get("speedup", 1.0),
+                "tokens_saved_within_2pts": frontier.get("estimate"),
+                "tokens_saved_within_2pts_ci95": frontier.get("ci95"),
+                "layer": report["layer"] if steered else None,
+                "strength": report["strength"] if steered else None,
+                "n_pairs": report["n_pairs"] if steered else None,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--adaptive", default="until-answer", help="the adaptive rows' schedule ('': none)")
+    parser.add_argument("--split", default="train", choices=["train", "test"])
+    parser.add_argument("--offset", type=int, default=1000, help="first eval problem (train: past the pairs)")
+    parser.add_argument("--limit", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--keep", default="concise_correct")
+    parser.add_argument("--strength", default=None, help="x residual norm (default: the model's tuned strength)")
+    parser.add_argument("--learn-steps", type=int, default=12)
+    parser.add_argument("--calibration-states", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
+    parser.add_argument("--work-dir", default="residlab-out/asc-methods")
+    args = parser.parse_args()
+    if args.split == "train" and args.offset < args.pairs + 2 * args.calibration_states:
+        parser.error("a train-split evaluation must start past the pair and calibration problems (--offset)")
+
+    from residlab.methods.asc import CompressConfig, parse_strength, run_compress
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    stem = "asc_methods"
+    out_json = RESULTS / f"{stem}.json"
+    previous = json.loads(out_json.read_text()) if out_json.exists() else {}
+    rows = {_key(r): r for r in previous.get("rows", [])}
+    runs = dict(previous.get("runs", {}))
+    for index, label in enumerate(m for m in args.methods.split(",") if m):
+        steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
+        conditions = ("baseline", *steered, *PROMPT_BASELINES) if index == 0 else ("baseline", *steered)
+        cfg = CompressConfig(
+            model=args.model,
+            dtype=args.dtype,
+            engine=args.engine,
+            pairs=args.pairs,
+            keep=args.keep,
+            calibration_states=args.calibration_states,
+            strength=parse_strength(args.strength),
+            learn_steps=args.learn_steps,
+            eval_dataset="gsm8k",
+            eval_split=args.split,
+            eval_offset=args.offset,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            work_dir=args.work_dir,
+            conditions=conditions,
+            **METHODS[label],
+        )
+        log(f"=== {label} ===")
+        report = run_compress(cfg, log=log)
+        runs[f"{args.split}:{args.offset}:{args.limit}:{label}"] = {
+            "seconds": report["seconds"],
+            "stage_seconds": report.get("stage_seconds"),
+            "layer": report["layer"],
+            "strength": report["strength"],
+            "n_pairs": report["n_pairs"],
+            "learned": report.get("learned"),
+            "calibration_strength": report["calibration"]["strength"],
+        }
+        for row in _rows(label, report, args.split, args.offset):
+            rows[_key(row)] = row
+        _write(stem, args, list(rows.values()), runs)
+
+
+def _key(row: dict[str, Any]) -> str:
+    return f"{row['split']}|{row['offset']}|{row['n']}|{row['method']}|{row['condition']}"
+
+
+def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs: dict[str, Any]) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    payload = {
+        "model": args.model,
+        "engine": args.engine,
+        "dtype": args.dtype,
+        "commit": commit,
+        "pairs": args.pairs,
+        "keep": args.keep,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "schema": list(ROW_FIELDS),
+        "rows": rows,
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        f"# ASC methods on GSM8K ({args.model}, {args.engine} {args.dtype}, commit {commit})",
+        "",
+        f"Pairs {args.pairs} ({args.keep}); greedy, {args.max_new_tokens} new tokens at most, batch {args.batch_size}. "
+        "Rows of a split are on the same problems (offset..offset+n-1 of that split).",
+        "",
+        "| split | offset | method | adaptive | n | accuracy (95% CI) | mean tokens | reduction | acc. diff "
+        "| McNemar p | s/problem | speedup | tokens saved within 2 pts (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        low, high = r["accuracy_ci95"]
+        saved = r["tokens_saved_within_2pts"]
+        ci = r["tokens_saved_within_2pts_ci95"]
+        saved_text = f"{saved:.1%} ({ci[0]:.1%} to {ci[1]:.1%})" if saved is not None else "-"
+        lines.append(
+            f"| {r['split']} | {r['offset']} | {r['method']} | {r['adaptive'] or '-'} | {r['n']} | "
+            f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}) | "
+            f"{r['mean_tokens']:.0f} | {r['token_reduction']:+.1%} | {r['accuracy_difference']:+.1%} | "
+            f"{r['mcnemar_p']:.3f} | {r['seconds_per_problem']:.2f} | {r['speedup']:.2f}x | {saved_text} |"
+        )
+    lines += [
+        "",
+        f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --split {args.split} "
+        f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}`",
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

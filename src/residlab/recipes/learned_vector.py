@@ -1,0 +1,265 @@
+"""A steering vector trained, not extracted: contrastive energy-based steering.
+
+One vector ``v`` at one layer (added at the prompt's last token and every completion token, as
+generation steers) is trained so that, under the steered model, the preferred completion of each
+pair becomes more likely than the dispreferred one, while the model's next-token distributions on
+general text stay close to the unsteered model's:
+
+    loss = mean_pairs softplus(E(preferred) - E(dispreferred)) + weight * mean_tokens relu(KL_t - eps)
+
+where ``E`` is the length-normalised negative log-likelihood of a completion given its prompt and
+``KL_t = KL(base || steered)`` of the next-token distribution at each token of a general text.
+
+Only ``v`` trains: every model parameter has ``requires_grad`` switched off for the run (and
+restored after), no weight is copied, the model's own forward runs with residlab's steering hook,
+whose delta is ``v``. On a CPU it stays affordable by keeping completions and general texts short
+(``max_completion_tokens``, ``max_general_tokens``: a truncated trace, whose first tokens carry most
+of the style) and one pair per step by default. Training checkpoints the vector, the optimiser and
+the step every ``checkpoint_every`` steps, and resumes from the checkpoint; the data order depends
+only on the step, so a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from residlab.core.errors import ResidlabError
+from residlab.core.io import atomic_path
+from residlab.core.types import Log
+from residlab.interventions.steer import Steering
+from residlab.models.lm import LanguageModel
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A rendered prompt and two completions of it: the one to make likelier and the other."""
+
+    prompt: str
+    preferred: str
+    dispreferred: str
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """How the vector is trained (see the module docstring)."""
+
+    layer: int
+    steps: int = 24
+    learning_rate: float = 0.05  # Adam step, as a fraction of the initial vector's norm per sqrt(d)
+    kl_eps: float = 0.05  # nats per token allowed before the hinge bites
+    kl_weight: float = 10.0
+    pairs_per_step: int = 1
+    general_per_step: int = 1
+    max_completion_tokens: int = 96
+    max_general_tokens: int = 64
+    checkpoint_every: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "pairs_per_step", "general_per_step", "max_completion_tokens", "max_general_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ResidlabError(f"{name} must be at least 1, got {getattr(self, name)}.", hint="use 1 or more.")
+        if not (self.learning_rate > 0 and self.kl_eps >= 0 and self.kl_weight >= 0):
+            raise ResidlabError(
+                "the learning rate must be positive and the KL budget and weight non-negative.",
+                hint="e.g. learning_rate=0.05, kl_eps=0.05, kl_weight=10.",
+            )
+
+
+@dataclass(frozen=True)
+class LearnedVector:
+    """The trained vector (raw: its norm is the strength it was trained at) and how training went."""
+
+    vector: torch.Tensor  # [d] float32
+    initial: torch.Tensor  # [d] float32
+    history: list[dict[str, float]] = field(default_factory=list)  # per step: loss, preference, kl, margin
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    @property
+    def cosine_to_initial(self) -> float:
+        return float(F.cosine_similarity(self.vector, self.initial, dim=0))
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` off for the block, restored on exit (exceptions included)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _batch(lm: LanguageModel, heads: Sequence[str], tails: Sequence[str], limit: int):
+    """Token ids of head + tail (the tail cut to ``limit`` tokens), left-padded, and each row's head length."""
+    special = not lm.has_chat_template
+    rows, heads_len = [], []
+    for head, tail in zip(heads, tails, strict=True):
+        head_ids = lm.tokenizer(head, add_special_tokens=special)["input_ids"]
+        tail_ids = lm.tokenizer(tail, add_special_tokens=False)["input_ids"][:limit]
+        if not tail_ids:
+            raise ResidlabError("a completion tokenised to nothing.", hint="drop empty completions.")
+        rows.append(list(head_ids) + list(tail_ids))
+        heads_len.append(len(head_ids))
+    return lm.pad(rows), torch.tensor(heads_len, device=lm.device)
+
+
+def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor] | None, rule: str):
+    """Teacher-forced logits [b, t, vocab] (float32); ``steer`` = (layer, delta) added where ``rule``
+    says, each row's head counting as its prompt."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    steering = Steering(lm, {steer[0]: steer[1]}, rule) if steer is not None else contextlib.nullcontext()
+    lm.tracker.prompt_lengths = heads_len
+    try:
+        with steering:
+            out = lm.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+            )
+    finally:
+        lm.tracker.prompt_lengths = None
+    return out.logits.float()
+
+
+def _tail_mask(batch, heads_len: torch.Tensor) -> torch.Tensor:
+    """[b, t-1] 1 where position t+1 is a completion token (the logits at t predict it)."""
+    real = batch.attention_mask.bool()
+    index = real.long().cumsum(-1) - 1  # real position of each token
+    is_tail = real & (index >= heads_len.unsqueeze(1))
+    return is_tail[:, 1:].float()
+
+
+def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """[b] length-normalised NLL of each row's completion given its head, steered by ``steer``
+    (layer, delta) from the head's last token on."""
+    logits = _logits(lm, batch, heads_len, steer, "prompt_last+generated")
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = _tail_mask(batch, heads_len)
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def general_kl(lm: LanguageModel, batch, steer: tuple[int, torch.Tensor]) -> torch.Tensor:
+    """[b, t] KL(base || steered) of the next-token distribution at every real token of general texts
+    (steered at every position), 0 at padding."""
+    ones = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=lm.device)
+    with torch.no_grad():
+        base = torch.log_softmax(_logits(lm, batch, ones, None, "all"), dim=-1)
+    steered = torch.log_softmax(_logits(lm, batch, ones, steer, "all"), dim=-1)
+    kl = (base.exp() * (base - steered)).sum(-1)
+    return kl * batch.attention_mask.float()
+
+
+def _fingerprint(lm: LanguageModel, settings: LearnSettings, initial: torch.Tensor, pairs, general) -> str:
+    # The step count is not part of the key: a longer run continues a shorter one's checkpoint.
+    defining = {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}
+    digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), defining], sort_keys=True).encode())
+    digest.update(initial.numpy().tobytes())
+    for item in [*pairs, *general]:
+        digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair) else item).encode())
+    return digest.hexdigest()[:12]
+
+
+def learn_vector(
+    lm: LanguageModel,
+    pairs: Sequence[PreferencePair],
+    general: Sequence[str],
+    initial: torch.Tensor,
+    settings: LearnSettings,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    log: Log | None = None,
+) -> LearnedVector:
+    """Train ``initial`` (raw, at ``settings.layer``) by the contrastive energy loss with the KL hinge.
+
+    ``general`` texts (rendered as they are) bound the KL. With ``checkpoint_dir``, the run resumes from
+    its checkpoint (keyed by everything that defines it) and checkpoints as it goes.
+    """
+    if not pairs or not general:
+        raise ResidlabError(
+            "learning a vector needs preference pairs and general texts.", hint="give at least one of each."
+        )
+    layer = lm.check_layer(settings.layer)
+    initial = initial.detach().float().cpu()
+    vector = torch.nn.Parameter(initial.clone())
+    scale = float(initial.norm()) / math.sqrt(initial.numel()) or 1.0
+    optimizer = torch.optim.Adam([vector], lr=settings.learning_rate * scale)
+    history: list[dict[str, float]] = []
+    start = 0
+    path = None
+    if checkpoint_dir is not None:
+        path = Path(checkpoint_dir) / f"learned-{_fingerprint(lm, settings, initial, pairs, general)}.pt"
+        if path.exists():
+            state = torch.load(path, weights_only=False)
+            with torch.no_grad():
+                vector.copy_(state["vector"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = int(state["step"]), list(state["history"])
+            history = history[: settings.steps]
+    with frozen(lm.model), torch.enable_grad():
+        for step in range(start, settings.steps):
+            record = _train_step(lm, layer, pairs, general, vector, optimizer, settings, step)
+            history.append(record)
+            if log is not None:
+                log(
+                    f"      step {step + 1}/{settings.steps}: loss {record['loss']:.4f} (preference "
+                    f"{record['preference']:.4f}, KL {record['kl']:.4f}, margin {record['margin']:+.4f})"
+                )
+            done = step + 1
+            if path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
+                state = {"vector": vector.detach().clone(), "optimizer": optimizer.state_dict(), "step": done}
+                with atomic_path(path) as tmp:
+                    torch.save({**state, "history": history}, tmp)
+    return LearnedVector(vector.detach().clone(), initial, history)
+
+
+def _train_step(
+    lm: LanguageModel,
+    layer: int,
+    pairs: Sequence[PreferencePair],
+    general: Sequence[str],
+    vector: torch.nn.Parameter,
+    optimizer: torch.optim.Optimizer,
+    settings: LearnSettings,
+    step: int,
+) -> dict[str, float]:
+    """One optimiser step on the pairs and general texts this step's index selects."""
+    chosen = [pairs[(step * settings.pairs_per_step + j) % len(pairs)] for j in range(settings.pairs_per_step)]
+    texts = [general[(step * settings.general_per_step + j) % len(general)] for j in range(settings.general_per_step)]
+    optimizer.zero_grad()
+    steer = (layer, vector.to(lm.device))
+    heads = [p.prompt for p in chosen] * 2
+    tails = [p.preferred for p in chosen] + [p.dispreferred for p in chosen]
+    batch, heads_len = _batch(lm, heads, tails, settings.max_completion_tokens)
+    energy = energies(lm, batch, heads_len, steer)
+    n = len(chosen)
+    margin = energy[:n] - energy[n:]  # preferred - dispreferred: lower is better
+    preference = F.softplus(margin).mean()
+    general_batch, _ = _batch(lm, [""] * len(texts), texts, settings.max_general_tokens)
+    kl = general_kl(lm, general_batch, steer)
+    real = general_batch.attention_mask.float().sum().clamp_min(1)
+    hinge = (F.relu(kl - settings.kl_eps) * general_batch.attention_mask.float()).sum() / real
+    loss = preference + settings.kl_weight * hinge
+    loss.backward()
+    optimizer.step()
+    return {
+        "step": float(step + 1),
+        "loss": float(loss.detach()),
+        "preference": float(preference.detach()),
+        "kl": float(kl.detach().sum() / real),
+        "margin": float(margin.detach().mean()),
+        "norm": float(vector.detach().norm()),
+    }

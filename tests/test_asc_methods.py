@@ -1,0 +1,207 @@
+"""The ASC vector methods beyond the mean difference: prompt-contrast and the learned vector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from residlab import ResidlabError
+from residlab.data import load_problems
+from residlab.methods.asc import prompts
+from residlab.methods.asc.prompt_contrast import prompt_contrast_vector, prompt_requests, shared_suffix
+from residlab.recipes.extraction import read_states
+from residlab.recipes.learned_vector import (
+    LearnSettings,
+    PreferencePair,
+    _batch,
+    energies,
+    learn_vector,
+)
+
+PAIRS = [
+    PreferencePair("Q: 2+3?\nA:", " 2+3=5. \\boxed{5}", " We add two and three, which gives five in total. \\boxed{5}"),
+    PreferencePair(
+        "Q: 4*2?\nA:", " 4*2=8. \\boxed{8}", " Four groups of two make eight when we count them. \\boxed{8}"
+    ),
+]
+GENERAL = ["The river rose slowly through the night.", "Farmers moved their animals to higher ground."]
+
+
+def test_shared_suffix():
+    assert shared_suffix([1, 2, 3, 4], [9, 3, 4]) == 2
+    assert shared_suffix([1, 2], [3, 4]) == 0
+    assert shared_suffix([5], [5]) == 1
+
+
+def test_prompt_contrast_reads_the_shared_tail_and_is_the_mean_difference(qwen):
+    problems = load_problems("synthetic", "train", limit=4)
+    concise, plain = prompt_requests(qwen, problems, prompts.CONCISE)
+    for c, p in zip(concise, plain, strict=True):
+        tail = -c.read.start
+        assert tail >= 1 and c.token_ids[-tail:] == p.token_ids[-tail:]  # the same tokens are read
+        assert c.token_ids != p.token_ids
+    extraction, stats = prompt_contrast_vector(qwen, problems)
+    states = read_states(qwen, concise + plain, range(qwen.num_layers))
+    by_hand = states[:4].mean(0) - states[4:].mean(0)
+    for layer in range(qwen.num_layers):
+        torch.testing.assert_close(extraction.vector.directions[layer], by_hand[layer], rtol=1e-4, atol=1e-5)
+    assert stats.n_pairs == 4 and stats.mean_concise_tokens > 0
+    assert extraction.vector.info["concise_source"] == "prompt-contrast"
+    with pytest.raises(ResidlabError, match="at least two"):
+        prompt_contrast_vector(qwen, problems[:1])
+
+
+def _parameters(lm):
+    return {name: (p.detach().clone(), p.requires_grad) for name, p in lm.model.named_parameters()}
+
+
+def test_learned_vector_lowers_the_loss_and_only_the_vector_changes(qwen):
+    before = _parameters(qwen)
+    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    settings = LearnSettings(layer=1, steps=12, learning_rate=0.5, kl_eps=0.5, pairs_per_step=2)
+    learned = learn_vector(qwen, PAIRS, GENERAL, initial, settings)
+    after = _parameters(qwen)
+    assert before.keys() == after.keys()
+    for name, (tensor, flag) in before.items():
+        assert torch.equal(tensor, after[name][0]) and flag == after[name][1], name
+    assert not torch.equal(learned.vector, initial)
+    history = learned.history
+    assert len(history) == 12
+    assert history[-1]["preference"] < history[0]["preference"]
+    # The margin (E(preferred) - E(dispreferred)) moved in the preferred direction under the trained vector.
+    batch, heads = _batch(
+        qwen, [p.prompt for p in PAIRS] * 2, [p.preferred for p in PAIRS] + [p.dispreferred for p in PAIRS], 96
+    )
+    with torch.no_grad():
+        e0 = energies(qwen, batch, heads, (1, initial))
+        e1 = energies(qwen, batch, heads, (1, learned.vector))
+    assert float((e1[:2] - e1[2:]).mean()) < float((e0[:2] - e0[2:]).mean())
+
+
+def test_learning_resumes_where_it_stopped(qwen, tmp_path):
+    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5
+    straight = learn_vector(qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=6, learning_rate=0.3))
+    # A run stopped after 4 steps, then continued to 6 from its checkpoint (vector, Adam state, step).
+    learn_vector(
+        qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=4, learning_rate=0.3), checkpoint_dir=tmp_path
+    )
+    (checkpoint,) = tmp_path.glob("learned-*.pt")
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    resumed = learn_vector(
+        qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=6, learning_rate=0.3), checkpoint_dir=tmp_path
+    )
+    assert torch.load(checkpoint, weights_only=False)["step"] == 6
+    torch.testing.assert_close(resumed.vector, straight.vector, rtol=1e-5, atol=1e-6)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-4)
+
+
+def test_learn_settings_are_checked():
+    with pytest.raises(ResidlabError, match="steps must be at least 1"):
+        LearnSettings(layer=1, steps=0)
+    with pytest.raises(ResidlabError, match="learning rate must be positive"):
+        LearnSettings(layer=1, learning_rate=0.0)
+
+
+def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+    from residlab.testing import save_tiny_model
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
+    common = [
+        *"compress --dtype float32 --max-new-tokens 8 --batch-size 4 --pairs 4 --pairs-dataset synthetic".split(),
+        *"--keep all --eval synthetic --limit 2 --calibration-states 2 --layer 1 --strength 0.3".split(),
+        *["--model", model],
+    ]
+    work = tmp_path / "contrast"
+    conditions = "baseline,asc,chain_of_draft,asc+chain_of_draft"
+    args = [*common, "--work-dir", str(work), "--method", "prompt-contrast", "--adaptive", "until-answer"]
+    result = runner.invoke(app, [*args, "--conditions", conditions])
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "tiny" / "report.json").read_text())
+    assert report["method"] == "prompt-contrast" and report["pair_source"] == "prompt-contrast"
+    assert list(report["conditions"]) == [
+        "baseline",
+        "asc-until-answer",
+        "chain_of_draft",
+        "asc-until-answer+chain_of_draft",
+    ]
+    assert not (work / "tiny" / "pairs").exists()  # no trace was generated
+
+    work = tmp_path / "learned"
+    result = runner.invoke(app, [*common, "--work-dir", str(work), "--method", "learned", "--learn-steps", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "tiny" / "report.json").read_text())
+    assert report["method"] == "learned" and len(report["learned"]["history"]) == 2
+    # The strength used is the learned vector's own norm.
+    assert report["strength"] == pytest.approx(report["learned"]["norm"], rel=1e-5)
+    assert list((work / "tiny" / "learned").glob("learned-*.pt"))
+
+    bad = runner.invoke(app, [*common, "--work-dir", str(work), "--adaptive", "sometimes"])
+    assert bad.exit_code != 0 and "unknown adaptive strength" in bad.output
+
+
+def _verbose_record(problem, output, correct):
+    from residlab.evaluation.records import EvalRecord, problem_fingerprint
+
+    return EvalRecord(
+        id=problem.id, condition="verbose", output=output, tokens=40, hit_limit=False, seconds=0.1,
+        batch_seconds=0.1, batch_size=1, extracted=problem.answer if correct else None, rule="boxed",
+        gold=problem.answer, correct=correct, time=0.0, problem_sha=problem_fingerprint(problem),
+    )  # fmt: skip
+
+
+def test_rewrite_source_rewrites_only_correct_traces(qwen, tmp_path):
+    from dataclasses import replace
+
+    from residlab.evaluation.records import problem_fingerprint
+    from residlab.evaluation.runner import Decoding
+    from residlab.methods.asc.pairs import CONCISE_SOURCES, PairRequest
+    from residlab.methods.asc.teacher import TeacherClient
+
+    problems = load_problems("synthetic", "train", limit=3)
+    traces = ["First, 2 + 3 = 5. \\boxed{5}", "wrong", "Then 4 * 2 = 8 so \\boxed{8}"]
+    verbose = [_verbose_record(p, t, c) for p, t, c in zip(problems, traces, [True, False, True], strict=True)]
+    request = PairRequest(
+        qwen, problems, verbose, Decoding(max_new_tokens=6), tmp_path, "both_correct", 1, None, None, False
+    )
+    by_model = CONCISE_SOURCES["rewrite"](request)
+    assert by_model[1] == ("", False)  # a wrong verbose trace is not rewritten
+    (records,) = tmp_path.glob("rewrite-*.jsonl")
+    import json
+
+    stored = [json.loads(line) for line in records.read_text().splitlines()]
+    # The model was asked to rewrite each correct trace: the question it saw embeds that trace.
+    expected = {
+        problem_fingerprint(replace(p, question=prompts.REWRITE.format(question=p.question, trace=t)))
+        for p, t in zip(problems, traces, strict=True)
+    }
+    assert {r["problem_sha"] for r in stored} <= expected and len(stored) == 2
+
+    asked = []
+
+    class Rewriter(TeacherClient):
+        def complete(self, question, max_tokens, template=prompts.CONCISE):
+            asked.append(template.format(question=question))
+            return f"x=1 \\boxed{{{problems[0].answer}}}" if traces[0] in question else "\\boxed{-12345}"
+
+    by_teacher = CONCISE_SOURCES["rewrite"](replace(request, teacher=Rewriter("http://127.0.0.1:9/v1")))
+    assert [c.correct for c in by_teacher] == [True, False, False]  # kept only when it reaches the gold answer
+    assert len(asked) == 2 and traces[0] in asked[0] and "minimal, dense derivation" in asked[0]
+
+
+def test_vector_method_registry():
+    from residlab.methods.asc.vector import build_concise_vector
+    from residlab.methods.asc.vector_methods import VECTOR_METHODS, refine_learned, vector_method
+
+    # The default method is the unchanged mean-difference stage (its vector stays bit-identical).
+    assert vector_method("mean_diff").build is build_concise_vector and vector_method("mean_diff").refine is None
+    assert vector_method("pca").build is build_concise_vector
+    assert vector_method("learned").refine is refine_learned
+    assert not VECTOR_METHODS["prompt-contrast"].needs_traces
+    with pytest.raises(ResidlabError, match="unknown vector method"):
+        vector_method("telepathy")
