@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import SamplingParams
 from residlab.engines.base import ENGINES, Engine, SteeringSpec
+from residlab.engines.spec import EngineSpec
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINES",
     "Engine",
+    "EngineSpec",
     "SamplingParams",
     "SteeringSpec",
     "as_engine",
@@ -56,12 +58,18 @@ def open_engine(
     dtype: str | None = None,
     lm: LanguageModel | None = None,
     threads: int | None = None,
+    device: str = "cpu",
+    device_map: str | None = None,
+    n_gpu_layers: int | None = None,
 ) -> Engine:
     """An engine for ``model`` (packaged name, .gguf path, model dir or hub id; llama.cpp needs a GGUF).
     ``engine``: ``torch``, ``llamacpp`` or ``auto`` (see :func:`resolve_engine`).
 
     ``lm``: an already loaded model to reuse for the torch engine. ``dtype`` applies to torch only
-    (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only. The engine is a
+    (llama.cpp runs the GGUF's own quantised weights), as do ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``) and ``device_map`` (accelerate's ``auto``: a model larger than one GPU spread
+    over all of them); ``threads`` and ``n_gpu_layers`` (``None``: all where the build has GPU
+    support; see :func:`~residlab.engines.llamacpp.gpu_layers`) to llama.cpp only. The engine is a
     context manager: ``with open_engine(...) as engine:`` closes it (frees llama.cpp's memory) on exit.
     """
     engine = resolve_engine(model, engine)
@@ -69,7 +77,7 @@ def open_engine(
         from residlab.engines.torch_engine import TorchEngine
         from residlab.models.loading import load
 
-        return TorchEngine(lm if lm is not None else load(model, dtype=dtype))
+        return TorchEngine(lm if lm is not None else load(model, dtype=dtype, device=device, device_map=device_map))
     if engine == "llamacpp":
         from residlab.engines.llamacpp import LlamaCppEngine, import_llama_cpp
         from residlab.models.loading import load_gguf
@@ -82,6 +90,7 @@ def open_engine(
             name=resolved.name,
             eos_ids=resolved.eos_ids,
             threads=threads,
+            n_gpu_layers=n_gpu_layers,
         )
     raise AssertionError(engine)  # resolve_engine only returns known engines
 

@@ -38,6 +38,7 @@ class ForwardTracker:
         self.row_index: torch.Tensor | None = None
         self.prompt_lengths: torch.Tensor | None = None
         self._masks: dict[Any, torch.Tensor] = {}
+        self._moved: dict[torch.device, ForwardContext] = {}
 
     # -- activation -------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -53,6 +54,7 @@ class ForwardTracker:
             self._handle = None
             self.context = None
             self._masks.clear()
+            self._moved.clear()
 
     # -- per pass ---------------------------------------------------------------------------
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -88,14 +90,29 @@ class ForwardTracker:
             row_index = torch.arange(batch, device=device)
         self.context = ForwardContext(positions, prompt_lengths.to(device), row_index.to(device))
         self._masks.clear()
+        self._moved.clear()
 
-    def steering_mask(self, rule: PositionRule, dtype: torch.dtype) -> torch.Tensor:
-        """[batch, tokens, 1] mask for ``rule`` in the current pass, computed once per pass."""
-        key = (rule, dtype)
+    def context_on(self, device: torch.device) -> ForwardContext:
+        """The current pass's context on ``device`` (moved once per pass and device: a model split
+        over several GPUs runs later blocks on other devices than its inputs)."""
+        if self.context is None:
+            raise RuntimeError("an intervention hook ran outside a tracked forward pass")
+        if self.context.positions.device == device:
+            return self.context
+        moved = self._moved.get(device)
+        if moved is None:
+            moved = self._moved[device] = self.context.to(device)
+        return moved
+
+    def steering_mask(self, rule: PositionRule, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """[batch, tokens, 1] mask for ``rule`` in the current pass on ``device`` (default: the
+        inputs' device), computed once per pass."""
+        key = (rule, dtype, device)
         cached = self._masks.get(key)
         if cached is None:
             if self.context is None:
                 raise RuntimeError("steering hook ran outside a tracked forward pass")
-            cached = steering_mask(rule, self.context).unsqueeze(-1).to(dtype)
+            context = self.context if device is None else self.context_on(device)
+            cached = steering_mask(rule, context).unsqueeze(-1).to(dtype)
             self._masks[key] = cached
         return cached

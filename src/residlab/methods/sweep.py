@@ -17,7 +17,7 @@ from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import open_engine
 from residlab.evaluation.report import ConditionSummary, summarize
-from residlab.evaluation.runner import Condition, Decoding, evaluate
+from residlab.evaluation.runner import Condition, Decoding, Evaluator, evaluate
 from residlab.methods.asc.conditions import template
 from residlab.methods.asc.config import run_dir_for
 from residlab.models.registry import DEFAULT_MODEL
@@ -31,6 +31,9 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"  # torch: bfloat16 where the CPU runs it natively, else float32
     engine: str = "auto"
+    device: str = "cpu"  # torch: auto, cpu, cuda, cuda:N or mps
+    device_map: str | None = None  # torch: accelerate's "auto" spreads a large model over every GPU
+    n_gpu_layers: int | None = None  # llama.cpp: layers on the GPU (None: all where the build has GPU support)
     vector: str = ""  # a multi-layer vector file (compress writes vector_all_layers.safetensors)
     layers: tuple[int, ...] = (12,)
     strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # x the residual norm at the layer (unit vector)
@@ -68,10 +71,18 @@ class SweepPoint:
         return {**settings, **asdict(self.summary)}
 
 
-def run_sweep(cfg: SweepConfig, log: Log = print) -> dict[str, Any]:
-    """Accuracy and tokens for every grid point; results in ``<run dir>/sweep.json`` and a plot."""
+def run_sweep(cfg: SweepConfig, log: Log = print, evaluator: Evaluator = evaluate) -> dict[str, Any]:
+    """Accuracy and tokens for every grid point; results in ``<run dir>/sweep.json`` and a plot.
+    ``evaluator`` runs each grid point (this process by default; a Ray pool spreads the problems)."""
     prompt = template(cfg.template)
-    lm = open_engine(cfg.model, cfg.engine, dtype=cfg.dtype)
+    lm = open_engine(
+        cfg.model,
+        cfg.engine,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        device_map=cfg.device_map,
+        n_gpu_layers=cfg.n_gpu_layers,
+    )
     raw = load_vector(cfg.vector, lm)
     residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
     problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
@@ -90,7 +101,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict[str, Any]:
                 condition = Condition(
                     name, prompt, vector=unit if rel else None, strength=strength, positions=positions
                 )
-                summary = summarize(name, evaluate(lm, problems, condition, decoding, run_dir / "runs"))
+                summary = summarize(name, evaluator(lm, problems, condition, decoding, run_dir / "runs"))
                 point = SweepPoint(
                     engine=lm.identity,
                     vector=cfg.vector,

@@ -34,6 +34,7 @@ from residlab.interventions.record import Recording
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
 from residlab.models.architectures import ArchitectureMap, architecture_for, get_module
+from residlab.models.devices import input_device
 from residlab.models.registry import packaged_model
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the input embedding's device; under a device map, later blocks may run elsewhere)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -261,7 +263,8 @@ class LanguageModel:
             for _ in range(sampling.max_new_tokens):
                 tracker.row_index, tracker.prompt_lengths = caller_rows[active], prompt_lengths
                 out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
-                next_token = pick_next_tokens(out.logits[:, -1, :].float(), sampling, generator)
+                # the logits come from the last block's device, which a device map may put elsewhere
+                next_token = pick_next_tokens(out.logits[:, -1, :].float(), sampling, generator).to(self.device)
                 for row, token in zip(active.tolist(), next_token.tolist(), strict=True):
                     generated[row].append(token)
                 done = torch.isin(next_token, eos)
