@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ BatchCallback = Callable[["RayEvaluator", int], None]
 class RayEvaluator:
     """An :class:`~residlab.evaluation.runner.Evaluator` that runs on a Ray cluster.
 
-    Use it as a context manager (actors are started on first use and killed on exit), and pass it as
+    Use it as a context manager (actors are started on entry and killed on exit), and pass it as
     ``evaluator=`` to ``run_compress`` / ``run_sweep``, or call it like ``evaluate``. ``on_batch`` is
     called after each stored batch with the number of batches stored so far (progress display).
     """
@@ -121,6 +122,7 @@ class RayEvaluator:
         self._started_ray = False
         self._actors: list[Any] = []
         self._facts: list[tuple[str, str, int]] = []
+        self.lost_batches = 0  # batches requeued because their actor died
 
     # -- cluster ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +200,7 @@ class RayEvaluator:
             self._started_ray = False
 
     def __enter__(self) -> RayEvaluator:
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -237,43 +240,62 @@ class RayEvaluator:
     def _run(
         self, batches: list[list[Problem]], condition: Condition, decoding: Decoding
     ) -> Iterator[tuple[list[Problem], list[dict]]]:
-        """(batch, its records) as actors finish them; a batch whose actor died is requeued."""
+        """(batch, its records) as actors finish them. A batch whose actor died is requeued, and the
+        actor is pinged until Ray has restarted it (it then takes batches again) or given it up."""
         ray = self._ray
         queue = deque(range(len(batches)))
         idle = deque(range(len(self._actors)))
         strikes = [0] * len(self._actors)
-        in_flight: dict[Any, tuple[int, int]] = {}
-        failures = 0
+        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch index, or _PING)
         shared = ray.put(condition)  # the vector travels once, not with every batch
         while queue or in_flight:
             while queue and idle:
                 actor, index = idle.popleft(), queue.popleft()
                 batch = batches[index]
-                ref = self._actors[actor].run.remote(batch, shared, decoding, batch_seed(decoding, batch))
-                in_flight[ref] = (actor, index)
+                in_flight[self._actors[actor].run.remote(batch, shared, decoding, batch_seed(decoding, batch))] = (
+                    actor,
+                    index,
+                )
             if not in_flight:
                 raise ResidlabError("every Ray actor has died.", hint="check the workers' logs; rerun to resume.")
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 actor, index = in_flight.pop(ref)
                 try:
-                    records = ray.get(ref)
+                    result = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     raise _unwrapped(err) from None
-                except ray.exceptions.RayActorError:
-                    failures += 1
-                    strikes[actor] += 1
-                    if failures > self.options.max_failures:
-                        raise ResidlabError(
-                            f"{failures} batches were lost to dying Ray actors.",
-                            hint="check the workers' memory and logs; rerun to resume from the stored records.",
-                        ) from None
-                    queue.appendleft(index)
-                    if strikes[actor] <= self.options.max_restarts:  # Ray restarts it; else it is gone
-                        idle.append(actor)
+                except ray.exceptions.RayActorError as err:
+                    if index != _PING:
+                        self._lose(index, queue)
+                    # unavailable: Ray is restarting it (ask again, a little later); died: count it
+                    if not isinstance(err, ray.exceptions.ActorUnavailableError):
+                        strikes[actor] += 1
+                    else:
+                        time.sleep(0.2)
+                    if strikes[actor] <= self.options.max_restarts + 1:
+                        in_flight[self._actors[actor].facts.remote()] = (actor, _PING)
+                    continue
+                if index == _PING:
+                    self._facts[actor] = result  # restarted: a new process
+                    strikes[actor] = 0
+                    idle.append(actor)
                     continue
                 idle.append(actor)
-                yield batches[index], records
+                yield batches[index], result
+
+    def _lose(self, index: int, queue: deque[int]) -> None:
+        """Requeue a batch whose actor died (first, to keep the records' order close to the plan)."""
+        self.lost_batches += 1
+        if self.lost_batches > self.options.max_failures:
+            raise ResidlabError(
+                f"{self.lost_batches} batches were lost to dying Ray actors.",
+                hint="check the workers' memory and logs; rerun to resume from the stored records.",
+            )
+        queue.appendleft(index)
+
+
+_PING = -1  # an in-flight call that only asks whether a dead actor is back
 
 
 def _unwrapped(err: Any) -> BaseException:

@@ -1,0 +1,121 @@
+"""Evaluation over Ray actors on a local cluster this test starts itself (a head without CPUs and two
+worker nodes of one CPU each, so each actor lands on its own node), then tears down. Tiny models
+keep it fast; the records are compared with a single-process run of the same inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import asdict
+
+import pytest
+
+from residlab.data import load_problems
+from residlab.engines import EngineSpec
+from residlab.evaluation.report import summarize
+from residlab.evaluation.runner import Condition, Decoding, evaluate, records_path
+from residlab.testing import save_tiny_model
+
+ray = pytest.importorskip("ray")
+
+DETERMINISTIC = ("id", "condition", "output", "tokens", "hit_limit", "extracted", "rule", "gold", "correct")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray.cluster_utils import Cluster
+
+    small = 80 * 1024 * 1024
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": small})
+    try:
+        for _ in range(2):
+            nodes.add_node(num_cpus=1, object_store_memory=small)
+        ray.init(address=nodes.address, log_to_driver=False, include_dashboard=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _spec(model_dir) -> EngineSpec:
+    return EngineSpec(str(model_dir), engine="torch", dtype="float32", device="cpu")
+
+
+def _deterministic(records):
+    return [{k: asdict(r)[k] for k in DETERMINISTIC} for r in records]
+
+
+def _pool(model_dir, **kwargs):
+    from residlab.distributed.ray_pool import RayEvaluator, RayOptions
+
+    return RayEvaluator(_spec(model_dir), RayOptions(address="auto", actors=2, max_restarts=2), progress=False, **kwargs)
+
+
+CONDITION = Condition("baseline", "Q: {question}\nA:")
+DECODING = Decoding(max_new_tokens=12, batch_size=2)
+
+
+def test_records_equal_a_single_process_run_and_resume_it(cluster, model_dir, tmp_path):
+    problems = load_problems("synthetic", "test", limit=10)
+    local = _spec(model_dir).open()
+    single = evaluate(local, problems, CONDITION, DECODING, tmp_path / "single", progress=False)
+    with _pool(model_dir) as pool:
+        assert len(set(pool.actor_pids)) == 2
+        half = pool(None, problems[:5], CONDITION, DECODING, tmp_path / "ray")
+        spread = pool(None, problems, CONDITION, DECODING, tmp_path / "ray")  # resumes the first 5
+    assert _deterministic(spread) == _deterministic(single)
+    assert _deterministic(half) == _deterministic(single[:5])
+    summary, reference = asdict(summarize("baseline", spread)), asdict(summarize("baseline", single))
+    for key in ("n", "accuracy", "accuracy_ci95", "mean_tokens", "median_tokens", "cut_off_share", "extraction_rules"):
+        assert summary[key] == reference[key]
+    # the same records file a single-process run writes, one line per problem
+    path = records_path(tmp_path / "ray", CONDITION, DECODING, local)
+    assert path.name == records_path(tmp_path / "single", CONDITION, DECODING, local).name
+    assert len(path.read_text().splitlines()) == len(problems)
+    # and a single-process run continues it without redoing anything
+    again = evaluate(local, problems, CONDITION, DECODING, tmp_path / "ray", progress=False)
+    assert [r.time for r in again] == [r.time for r in spread]
+
+
+def test_an_actor_killed_mid_run_loses_no_record_and_duplicates_none(cluster, model_dir, tmp_path):
+    problems = load_problems("synthetic", "test", limit=12)
+    killed: list[int] = []
+
+    def kill_every_actor_once(pool, stored_batches):
+        if not killed:  # one actor is mid-batch now: that batch is lost and must be redone elsewhere
+            for pid in pool.actor_pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    with _pool(model_dir, on_batch=kill_every_actor_once) as pool:
+        records = pool(None, problems, CONDITION, DECODING, tmp_path / "ray")
+        assert killed and pool.lost_batches >= 1
+    single = evaluate(_spec(model_dir).open(), problems, CONDITION, DECODING, tmp_path / "single", progress=False)
+    assert _deterministic(records) == _deterministic(single)
+    path = records_path(tmp_path / "ray", CONDITION, DECODING, _spec(model_dir).open())
+    ids = [line.split('"id": ')[1].split(",")[0] for line in path.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == len(problems)
+
+
+def test_eval_command_with_ray_prints_the_single_process_table(cluster, model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from residlab.cli.main import app
+
+    common = ["eval", "--model", str(model_dir), "--dataset", "synthetic", "--limit", "6", "--max-new-tokens", "8",
+              "--batch-size", "2", "--dtype", "float32", "--engine", "torch", "--device", "cpu"]  # fmt: skip
+    plain = CliRunner().invoke(app, [*common, "--work-dir", str(tmp_path / "a")])
+    spread = CliRunner().invoke(app, [*common, "--work-dir", str(tmp_path / "b"), "--ray", "auto", "--ray-actors", "2"])
+    assert plain.exit_code == 0 and spread.exit_code == 0, plain.output + spread.output
+
+    def table(output: str) -> list[str]:  # the markdown table without the timing column
+        rows = [line for line in output.splitlines() if line.startswith("|")]
+        return [line.rsplit("|", 3)[0] for line in rows]
+
+    assert table(spread.stdout) == table(plain.stdout) and len(table(plain.stdout)) >= 3
+    assert "on Ray at auto" in spread.output
