@@ -50,10 +50,16 @@ def _deterministic(records):
     return [{k: asdict(r)[k] for k in DETERMINISTIC} for r in records]
 
 
-def _pool(model_dir, **kwargs):
-    from residlab.distributed.ray_pool import RayEvaluator, RayOptions
+def _pool(model_dir):
+    from residlab.distributed.ray_pool import ActorPool, RayOptions
 
-    return RayEvaluator(_spec(model_dir), RayOptions(address="auto", actors=2, max_restarts=2), progress=False, **kwargs)
+    return ActorPool(_spec(model_dir), RayOptions(address="auto", actors=2, max_restarts=2))
+
+
+def _evaluator(pool, **kwargs):
+    from residlab.distributed.ray_eval import RayEvaluator
+
+    return RayEvaluator(pool, progress=False, **kwargs)
 
 
 CONDITION = Condition("baseline", "Q: {question}\nA:")
@@ -66,8 +72,9 @@ def test_records_equal_a_single_process_run_and_resume_it(cluster, model_dir, tm
     single = evaluate(local, problems, CONDITION, DECODING, tmp_path / "single", progress=False)
     with _pool(model_dir) as pool:
         assert len(set(pool.actor_pids)) == 2
-        half = pool(None, problems[:5], CONDITION, DECODING, tmp_path / "ray")
-        spread = pool(None, problems, CONDITION, DECODING, tmp_path / "ray")  # resumes the first 5
+        evaluator = _evaluator(pool)
+        half = evaluator(None, problems[:5], CONDITION, DECODING, tmp_path / "ray")
+        spread = evaluator(None, problems, CONDITION, DECODING, tmp_path / "ray")  # resumes the first 5
     assert _deterministic(spread) == _deterministic(single)
     assert _deterministic(half) == _deterministic(single[:5])
     summary, reference = asdict(summarize("baseline", spread)), asdict(summarize("baseline", single))
@@ -92,9 +99,10 @@ def test_an_actor_killed_mid_run_loses_no_record_and_duplicates_none(cluster, mo
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-    with _pool(model_dir, on_batch=kill_every_actor_once) as pool:
-        records = pool(None, problems, CONDITION, DECODING, tmp_path / "ray")
-        assert killed and pool.lost_batches >= 1
+    with _pool(model_dir) as pool:
+        records = _evaluator(pool, on_batch=kill_every_actor_once)(None, problems, CONDITION, DECODING, tmp_path / "ray")
+        assert killed and pool.lost_tasks >= 1
+        assert set(pool.actor_pids).isdisjoint(killed)  # Ray restarted them, and they worked again
     single = evaluate(_spec(model_dir).open(), problems, CONDITION, DECODING, tmp_path / "single", progress=False)
     assert _deterministic(records) == _deterministic(single)
     path = records_path(tmp_path / "ray", CONDITION, DECODING, _spec(model_dir).open())
@@ -119,3 +127,40 @@ def test_eval_command_with_ray_prints_the_single_process_table(cluster, model_di
 
     assert table(spread.stdout) == table(plain.stdout) and len(table(plain.stdout)) >= 3
     assert "on Ray at auto" in spread.output
+
+
+DOCUMENTS = [
+    "The river rose slowly through the night, and by morning the fields were under water.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Weng earns twelve dollars an hour for babysitting; yesterday she did fifty minutes of it.",
+    "Farmers moved their animals to higher ground while the town council met about the old bridge.",
+] * 3
+
+
+def _harvest(lm, root, max_tokens, runner=None):
+    from residlab.saes.activations import HarvestSpec, harvest
+
+    spec = HarvestSpec(lm.name, 1, "block", "test", "docs-v1", "train", context_len=12)
+    return harvest(lm, DOCUMENTS, spec, root, max_tokens=max_tokens, batch_size=2, shard_tokens=40,
+                   progress=False, runner=runner)  # fmt: skip
+
+
+def test_harvest_over_ray_writes_the_single_process_shards(cluster, model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from residlab.distributed.ray_harvest import ray_chunks
+
+    lm = _spec(model_dir).open().lm
+    # a partial harvest, then resumed (a resumed store cuts its shards where the first run stopped)
+    _harvest(lm, tmp_path / "single", max_tokens=60)
+    single, _ = _harvest(lm, tmp_path / "single", max_tokens=10_000)
+    with _pool(model_dir) as pool:
+        _harvest(lm, tmp_path / "ray", max_tokens=60, runner=ray_chunks(pool))  # a part first ...
+        spread, stats = _harvest(lm, tmp_path / "ray", max_tokens=10_000, runner=ray_chunks(pool))  # ... resumed
+    assert stats.tokens > 0 and len(single.shards) >= 3
+    assert spread.shards == single.shards and spread.num_tokens == single.num_tokens
+    for shard in single.shards:
+        ours, theirs = load_file(str(spread.folder / shard["file"])), load_file(str(single.folder / shard["file"]))
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert ours[name].equal(theirs[name]), (shard["file"], name)

@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 
 from residlab.cli.errors import err_console, handle_errors
-from residlab.cli.options import DataDirOption, DeviceOption, DtypeOption, ForceOption, ModelOption, WorkDirOption
+from residlab.cli.options import (
+    DataDirOption,
+    DeviceOption,
+    DtypeOption,
+    ForceOption,
+    ModelOption,
+    RayActorsOption,
+    RayOption,
+    WorkDirOption,
+)
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -121,14 +130,20 @@ def harvest(
     device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = DEFAULT_WORK,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
 ) -> None:
     """Harvest a layer's activations from the training and held-out documents (resumable)."""
+    from residlab.cli.runners import chunk_runner_for
+    from residlab.engines import EngineSpec
     from residlab.saes.pipeline import harvest_split
 
     lm, texts = _setup(model, dtype, corpus, data_dir, device)
     request = _request(lm, layer, site, context_len, tokens)
-    train, stats = harvest_split(lm, texts, "train", request, work_dir / "stores")
-    held, _ = harvest_split(lm, texts, "eval", _request(lm, layer, site, context_len, eval_tokens), work_dir / "stores")
+    held_request = _request(lm, layer, site, context_len, eval_tokens)
+    with chunk_runner_for(EngineSpec(model, "torch", dtype, device), ray, ray_actors) as runner:
+        train, stats = harvest_split(lm, texts, "train", request, work_dir / "stores", runner=runner)
+        held, _ = harvest_split(lm, texts, "eval", held_request, work_dir / "stores", runner=runner)
     facts = {
         "train tokens": train.num_tokens,
         "held-out tokens": held.num_tokens,

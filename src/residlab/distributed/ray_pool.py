@@ -1,43 +1,26 @@
-"""Evaluation spread over a Ray cluster: one engine per actor (per GPU, or per CPU slice), the
-problems' planned batches handed out as actors free up, every record stored by the driver.
+"""A pool of Ray actors, one engine each (per GPU, or per CPU slice), that runs tasks and survives
+actors dying: what ``ray_eval`` (evaluation) and ``ray_harvest`` (SAE activations) build on.
 
-The driver alone writes the condition's append-only :class:`~residlab.core.records.JsonlStore`
-(the same file a single-process run writes, so runs resume each other and the file system need not
-be shared with the workers). Batches are planned exactly as :func:`~residlab.evaluation.runner.evaluate`
-plans them (same composition, same seeds), so the records, and the report built from them, equal a
-single-process run's. An actor that dies mid-batch (its process killed, its node lost) loses only
-that batch: it goes back into the queue for another actor (Ray restarts the dead one, up to
-``max_restarts`` times), and the store's unique key keeps any record from being stored twice.
+A task is a call of one :class:`EngineActor` method. Results come back as actors finish; a task
+whose actor died (its process killed, its node lost) is handed to the next free actor, and the dead
+actor is asked until Ray has restarted it (it then takes tasks again) or given it up. The callers
+keep everything durable on the driver (records, shards), so a lost task loses nothing but time.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from residlab.core.errors import ResidlabError
-from residlab.core.records import JsonlStore
 from residlab.data import Problem
-from residlab.engines import Engine, EngineSpec
-from residlab.evaluation.records import EvalRecord, record_key
-from residlab.evaluation.runner import (
-    Condition,
-    Decoding,
-    batch_seed,
-    matching_records,
-    plan_batches,
-    records_file,
-    run_batch,
-)
-from residlab.models.lm import LanguageModel
+from residlab.engines import EngineSpec
+from residlab.evaluation.runner import Condition, Decoding, run_batch
+from residlab.saes.activations import HarvestSpec, Rows, chunk_rows
 
 
 def import_ray() -> Any:
@@ -60,7 +43,7 @@ class RayOptions:
     ``actors``: how many engines (default: one per GPU when the engine runs on GPUs, else one per
     ``cpus_per_actor`` CPUs of the cluster). ``gpus_per_actor``: default 1 when the engine asks for a
     GPU (``--device cuda``/``auto`` on a cluster with GPUs), else 0. ``max_restarts``: how often Ray
-    brings back an actor that died; ``max_failures``: lost batches tolerated before giving up.
+    brings back an actor that died; ``max_failures``: lost tasks tolerated before giving up.
     """
 
     address: str = "local"
@@ -78,7 +61,8 @@ class RayOptions:
 
 
 class EngineActor:
-    """The body of one Ray actor: an engine opened from a spec, running planned batches."""
+    """The body of one Ray actor: an engine opened from a spec, running evaluation batches and
+    harvest chunks."""
 
     def __init__(self, spec: EngineSpec, threads: int) -> None:
         import torch
@@ -87,49 +71,42 @@ class EngineActor:
         self.engine = spec.open()
 
     def facts(self) -> tuple[str, str, int]:
-        """(model name, engine identity, process id): what names the records file, and whom to kill in tests."""
+        """(model name, engine identity, process id): what names the records, and whom to kill in tests."""
         return self.engine.name, self.engine.identity, os.getpid()
 
-    def run(self, problems: list[Problem], condition: Condition, decoding: Decoding, seed: int) -> list[dict]:
+    def run_batch(self, problems: list[Problem], condition: Condition, decoding: Decoding, seed: int) -> list[dict]:
         """Generate and grade one planned batch; the records as JSON (the driver stores them)."""
         return [r.to_json() for r in run_batch(self.engine, problems, condition, decoding, seed=seed)]
 
+    def harvest_rows(self, windows: dict[int, list[int]], chunk: list[int], spec: HarvestSpec) -> Rows:
+        """One harvest chunk's rows (the torch engine's model: llama.cpp exposes no activations)."""
+        lm = getattr(self.engine, "lm", None)
+        if lm is None:
+            raise ResidlabError("harvesting activations needs the torch engine.", hint="pass --engine torch.")
+        return chunk_rows(lm, windows, chunk, spec)
 
-BatchCallback = Callable[["RayEvaluator", int], None]
+
+Task = tuple[str, tuple[Any, ...]]  # (EngineActor method, arguments)
 
 
-class RayEvaluator:
-    """An :class:`~residlab.evaluation.runner.Evaluator` that runs on a Ray cluster.
+class ActorPool:
+    """``count`` actors of :class:`EngineActor` on a Ray cluster; a context manager (actors start on
+    entry and are killed on exit; a Ray instance the pool started is stopped)."""
 
-    Use it as a context manager (actors are started on entry and killed on exit), and pass it as
-    ``evaluator=`` to ``run_compress`` / ``run_sweep``, or call it like ``evaluate``. ``on_batch`` is
-    called after each stored batch with the number of batches stored so far (progress display).
-    """
-
-    def __init__(
-        self,
-        spec: EngineSpec,
-        options: RayOptions = RayOptions(),
-        *,
-        on_batch: BatchCallback | None = None,
-        progress: bool = True,
-    ) -> None:
+    def __init__(self, spec: EngineSpec, options: RayOptions = RayOptions()) -> None:
         self.spec = spec
         self.options = options
-        self.on_batch = on_batch
-        self.progress = progress
-        self._ray: Any = None
+        self.ray: Any = None
         self._started_ray = False
         self._actors: list[Any] = []
-        self._facts: list[tuple[str, str, int]] = []
-        self.lost_batches = 0  # batches requeued because their actor died
+        self.facts: list[tuple[str, str, int]] = []
+        self.lost_tasks = 0  # tasks run again because their actor died
 
-    # -- cluster ----------------------------------------------------------------------------
     def start(self) -> None:
         """Connect to (or start) Ray and open one engine per actor; the engines must agree on their identity."""
         if self._actors:
             return
-        ray = self._ray = import_ray()
+        ray = self.ray = import_ray()
         if not ray.is_initialized():
             address = None if self.options.address == "local" else self.options.address
             try:
@@ -140,18 +117,21 @@ class RayEvaluator:
                     hint="start it with `ray start --head` (workers: `ray start --address HEAD:6379`), or use --ray local.",
                 ) from None
             self._started_ray = True
-        gpus = self._gpus_per_actor(ray.cluster_resources())
-        count = self._actor_count(ray.cluster_resources(), gpus)
+        resources = ray.cluster_resources()
+        gpus = self._gpus_per_actor(resources)
         actor_class = ray.remote(EngineActor).options(
             num_cpus=self.options.cpus_per_actor,
             num_gpus=gpus,
             max_restarts=self.options.max_restarts,
-            max_task_retries=0,  # a lost batch is requeued here, where the store is
+            max_task_retries=0,  # a lost task is handed out again here, next to what it feeds
         )
         threads = int(self.options.cpus_per_actor)
-        self._actors = [actor_class.remote(self.spec, threads) for _ in range(count)]
-        self._facts = self._call_all("facts")
-        identities = {facts[:2] for facts in self._facts}
+        self._actors = [actor_class.remote(self.spec, threads) for _ in range(self._actor_count(resources, gpus))]
+        try:
+            self.facts = list(ray.get([actor.facts.remote() for actor in self._actors]))
+        except ray.exceptions.RayTaskError as err:
+            raise unwrapped(err) from None
+        identities = {facts[:2] for facts in self.facts}
         if len(identities) != 1:
             raise ResidlabError(
                 f"the Ray actors opened different engines: {sorted(identities)}.",
@@ -171,134 +151,110 @@ class RayEvaluator:
             return max(1, int(resources.get("GPU", 0) // gpus))
         return max(1, int(resources.get("CPU", 1) // self.options.cpus_per_actor))
 
-    def _call_all(self, method: str) -> list[Any]:
-        try:
-            return list(self._ray.get([getattr(actor, method).remote() for actor in self._actors]))
-        except self._ray.exceptions.RayTaskError as err:
-            raise _unwrapped(err) from None
+    @property
+    def size(self) -> int:
+        return len(self._actors)
 
     @property
     def actor_pids(self) -> list[int]:
-        """Each actor's process id (as first started)."""
-        return [facts[2] for facts in self._facts]
+        """Each actor's process id (updated when Ray restarts one)."""
+        return [facts[2] for facts in self.facts]
 
     @property
     def identity(self) -> tuple[str, str]:
-        """(model name, engine identity) of the actors' engines: what names the records file."""
+        """(model name, engine identity) of the actors' engines."""
         self.start()
-        return self._facts[0][0], self._facts[0][1]
+        return self.facts[0][0], self.facts[0][1]
 
     def close(self) -> None:
-        """Kill the actors (and stop the Ray instance this evaluator started)."""
-        if self._ray is None:
+        """Kill the actors (and stop the Ray instance this pool started)."""
+        if self.ray is None:
             return
         for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors, self._facts = [], []
+            self.ray.kill(actor)
+        self._actors, self.facts = [], []
         if self._started_ray:
-            self._ray.shutdown()
+            self.ray.shutdown()
             self._started_ray = False
 
-    def __enter__(self) -> RayEvaluator:
+    def __enter__(self) -> ActorPool:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- evaluation -------------------------------------------------------------------------
-    def __call__(
-        self,
-        model: LanguageModel | Engine | None,
-        problems: Sequence[Problem],
-        condition: Condition,
-        decoding: Decoding,
-        out_dir: str | Path,
-    ) -> list[EvalRecord]:
-        """Like :func:`~residlab.evaluation.runner.evaluate`, on the cluster. ``model`` (a local engine,
-        if the caller has one) is not used: the actors' engines produce and name the records."""
-        name, identity = self.identity
-        store = JsonlStore(records_file(Path(out_dir), condition, decoding, name, identity), unique_key=record_key)
-        done = matching_records(store, problems)
-        todo = [p for p in problems if p.id not in done]
-        stored_batches = 0
-        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{condition.name} (ray)",
-                   unit="problem", file=sys.stderr, disable=not self.progress or not todo)  # fmt: skip
-        for batch, records in self._run(plan_batches(todo, decoding), condition, decoding):
-            stored = store.append(records)
-            done.update((r["id"], EvalRecord.from_json(r)) for r in stored)
-            stored_batches += 1
-            bar.update(len(batch))
-            if self.on_batch is not None:
-                self.on_batch(self, stored_batches)
-        bar.close()
-        missing = [p.id for p in problems if p.id not in done]
-        if missing:  # cannot happen unless a batch was lost without an error
-            raise ResidlabError(f"{len(missing)} problems got no record.", hint="rerun: stored records are reused.")
-        return [done[p.id] for p in problems]
-
-    def _run(
-        self, batches: list[list[Problem]], condition: Condition, decoding: Decoding
-    ) -> Iterator[tuple[list[Problem], list[dict]]]:
-        """(batch, its records) as actors finish them. A batch whose actor died is requeued, and the
-        actor is pinged until Ray has restarted it (it then takes batches again) or given it up."""
-        ray = self._ray
-        queue = deque(range(len(batches)))
+    def run(self, tasks: Iterable[Task], *, ahead: int | None = None) -> Iterator[tuple[int, Any]]:
+        """(task number, result) as actors finish the tasks; at most ``ahead`` tasks are taken from
+        ``tasks`` before their results are consumed (default: one per actor). A task whose actor died
+        runs again on the next free actor."""
+        self.start()
+        ray = self.ray
+        source = enumerate(tasks)
+        taken: dict[int, Task] = {}
+        retry: deque[int] = deque()
         idle = deque(range(len(self._actors)))
         strikes = [0] * len(self._actors)
-        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch index, or _PING)
-        shared = ray.put(condition)  # the vector travels once, not with every batch
-        while queue or in_flight:
-            while queue and idle:
-                actor, index = idle.popleft(), queue.popleft()
-                batch = batches[index]
-                in_flight[self._actors[actor].run.remote(batch, shared, decoding, batch_seed(decoding, batch))] = (
-                    actor,
-                    index,
-                )
+        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, task number, or _PING)
+        limit = max(ahead or len(self._actors), 1)
+        exhausted = False
+        while True:
+            while idle and (retry or (not exhausted and len(taken) < limit)):
+                if retry:
+                    number = retry.popleft()
+                else:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    number, taken[item[0]] = item
+                actor = idle.popleft()
+                method, args = taken[number]
+                in_flight[getattr(self._actors[actor], method).remote(*args)] = (actor, number)
             if not in_flight:
+                if exhausted and not retry:
+                    return
                 raise ResidlabError("every Ray actor has died.", hint="check the workers' logs; rerun to resume.")
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
-                actor, index = in_flight.pop(ref)
+                actor, number = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
-                    raise _unwrapped(err) from None
+                    raise unwrapped(err) from None
                 except ray.exceptions.RayActorError as err:
-                    if index != _PING:
-                        self._lose(index, queue)
+                    if number != _PING:
+                        self._lose(number, retry)
                     # unavailable: Ray is restarting it (ask again, a little later); died: count it
-                    if not isinstance(err, ray.exceptions.ActorUnavailableError):
-                        strikes[actor] += 1
-                    else:
+                    if isinstance(err, ray.exceptions.ActorUnavailableError):
                         time.sleep(0.2)
+                    else:
+                        strikes[actor] += 1
                     if strikes[actor] <= self.options.max_restarts + 1:
                         in_flight[self._actors[actor].facts.remote()] = (actor, _PING)
                     continue
-                if index == _PING:
-                    self._facts[actor] = result  # restarted: a new process
-                    strikes[actor] = 0
+                if number == _PING:
+                    self.facts[actor], strikes[actor] = result, 0  # restarted: a new process
                     idle.append(actor)
                     continue
                 idle.append(actor)
-                yield batches[index], result
+                del taken[number]
+                yield number, result
 
-    def _lose(self, index: int, queue: deque[int]) -> None:
-        """Requeue a batch whose actor died (first, to keep the records' order close to the plan)."""
-        self.lost_batches += 1
-        if self.lost_batches > self.options.max_failures:
+    def _lose(self, number: int, retry: deque[int]) -> None:
+        self.lost_tasks += 1
+        if self.lost_tasks > self.options.max_failures:
             raise ResidlabError(
-                f"{self.lost_batches} batches were lost to dying Ray actors.",
-                hint="check the workers' memory and logs; rerun to resume from the stored records.",
+                f"{self.lost_tasks} tasks were lost to dying Ray actors.",
+                hint="check the workers' memory and logs; rerun to resume from what was stored.",
             )
-        queue.appendleft(index)
+        retry.append(number)
 
 
 _PING = -1  # an in-flight call that only asks whether a dead actor is back
 
 
-def _unwrapped(err: Any) -> BaseException:
+def unwrapped(err: Any) -> BaseException:
     """The error an actor raised (a ResidlabError keeps its message and hint), not Ray's wrapper."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, BaseException) else err
