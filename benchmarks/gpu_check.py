@@ -102,8 +102,9 @@ def parity(check: Check) -> dict[str, Any]:
         "steering_effect_max_abs_logit_change": _max_diff(steered[real], ours[real]),
     }
     vectors = [
-        SteeringVector.from_tensor(torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(s)), model=lm,
-                                   layer=layer)  # fmt: skip
+        SteeringVector.from_tensor(
+            torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(s)), model=lm, layer=layer
+        )  # fmt: skip
         for s in range(len(TEXTS))
     ]
     strengths = [2.0, 4.0, 0.0, 6.0]
@@ -113,7 +114,10 @@ def parity(check: Check) -> dict[str, Any]:
     for text, v, s in zip(TEXTS, vectors, strengths, strict=True):
         with lm.steer(v, s, "prompt_last+generated"):
             alone.append(lm.generate([text], max_new_tokens=24, chat=False)[0].token_ids)
-    same = [sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1) for a, b in zip(together, alone)]
+    same = [
+        sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
+        for a, b in zip(together, alone, strict=True)
+    ]
     out["per_row_batched_vs_alone_token_agreement"] = [round(x, 4) for x in same]
     if check.args.device.startswith("cuda") and check.left() > 60:
         out["split"] = _split_parity(check, lm, vector, layer, strength)

@@ -38,7 +38,13 @@ def test_without_cuda_it_says_so_and_writes_nothing(gpu_check, tmp_path, monkeyp
 def test_sections_on_a_tiny_model(gpu_check, tmp_path):
     folder = save_tiny_model(tmp_path / "tiny")
     args = argparse.Namespace(
-        model=str(folder), device="cpu", new_tokens=4, asc_limit=2, asc_pairs=4, asc_max_new_tokens=6, asc_keep="all",
+        model=str(folder),
+        device="cpu",
+        new_tokens=4,
+        asc_limit=2,
+        asc_pairs=4,
+        asc_max_new_tokens=6,
+        asc_keep="all",
         data_dir=None,
     )
     check = gpu_check.Check(args, time.perf_counter() + 120)
@@ -58,7 +64,13 @@ def test_asc_section_on_a_tiny_model(gpu_check, tmp_path):
         pytest.skip("no GSM8K data folder here")
     folder = save_tiny_model(tmp_path / "tiny")
     args = argparse.Namespace(
-        model=str(folder), device="cpu", new_tokens=4, asc_limit=2, asc_pairs=4, asc_max_new_tokens=6, asc_keep="all",
+        model=str(folder),
+        device="cpu",
+        new_tokens=4,
+        asc_limit=2,
+        asc_pairs=4,
+        asc_max_new_tokens=6,
+        asc_keep="all",
         data_dir=None,
     )
     result = gpu_check.asc(gpu_check.Check(args, time.perf_counter() + 120))

@@ -57,9 +57,7 @@ def _flavour(tmp_path: Path, *, tools: tuple[str, ...] = (), **env: str) -> subp
         "RESIDLAB_LLAMACPP_PRINT_FLAVOUR": "1",
         **env,
     }
-    return subprocess.run(
-        ["bash", str(SCRIPT)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
 
 
 def test_install_script_builds_for_cuda_with_a_toolkit_and_a_driver(tmp_path):

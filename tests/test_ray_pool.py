@@ -100,7 +100,8 @@ def test_an_actor_killed_mid_run_loses_no_record_and_duplicates_none(cluster, mo
                 killed.append(pid)
 
     with _pool(model_dir) as pool:
-        records = _evaluator(pool, on_batch=kill_every_actor_once)(None, problems, CONDITION, DECODING, tmp_path / "ray")
+        evaluator = _evaluator(pool, on_batch=kill_every_actor_once)
+        records = evaluator(None, problems, CONDITION, DECODING, tmp_path / "ray")
         assert killed and pool.lost_tasks >= 1
         assert set(pool.actor_pids).isdisjoint(killed)  # Ray restarted them, and they worked again
     single = evaluate(_spec(model_dir).open(), problems, CONDITION, DECODING, tmp_path / "single", progress=False)

@@ -182,9 +182,7 @@ def generate(
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
-    runner = open_engine(
-        model, engine, dtype=dtype, device=device, device_map=device_map, n_gpu_layers=n_gpu_layers
-    )
+    runner = open_engine(model, engine, dtype=dtype, device=device, device_map=device_map, n_gpu_layers=n_gpu_layers)
     use_chat = chat and runner.has_chat_template
     steering = None
     if vector is not None:

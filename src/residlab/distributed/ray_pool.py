@@ -29,7 +29,8 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise ResidlabError(
-            "--ray needs the ray package, which is not installed.", hint="pip install 'residlab[ray]' (or make install)."
+            "--ray needs the ray package, which is not installed.",
+            hint="pip install 'residlab[ray]' (or make install).",
         ) from None
     return ray
 
@@ -114,7 +115,8 @@ class ActorPool:
             except ConnectionError as err:
                 raise ResidlabError(
                     f"cannot reach the Ray cluster at {self.options.address!r} ({err}).",
-                    hint="start it with `ray start --head` (workers: `ray start --address HEAD:6379`), or use --ray local.",
+                    hint="start it with `ray start --head` (workers: `ray start --address HEAD:6379`), "
+                    "or use --ray local.",
                 ) from None
             self._started_ray = True
         resources = ray.cluster_resources()

@@ -152,7 +152,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go: its input embedding's (execution) device. Under an accelerate device
     map some weights may live on ``meta`` (offloaded) or another GPU; accelerate's hook on the
     embedding knows where it runs."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embed = get_embeddings() if callable(get_embeddings) else None
     if isinstance(embed, torch.nn.Module):
         hook = getattr(embed, "_hf_hook", None)
         execution = getattr(hook, "execution_device", None)

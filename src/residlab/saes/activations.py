@@ -232,7 +232,10 @@ def _write_shard(folder: Path, index: int, rows: dict[str, list[torch.Tensor]], 
 
 
 def chunk_rows(
-    lm: LanguageModel, windows: Sequence[Sequence[int]] | Mapping[int, Sequence[int]], chunk: Sequence[int], spec: HarvestSpec
+    lm: LanguageModel,
+    windows: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+    chunk: Sequence[int],
+    spec: HarvestSpec,
 ) -> Rows:
     """The rows one chunk of windows adds to a store (``windows[i]`` for each ``i`` in ``chunk``;
     ``windows`` may hold only those, keyed by position in the full list): activations at the spec's

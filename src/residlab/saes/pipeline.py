@@ -12,8 +12,8 @@ import torch
 
 from residlab.data.corpus import Corpus
 from residlab.saes.activations import (
-    ChunkRunner,
     ActivationStore,
+    ChunkRunner,
     HarvestSpec,
     HarvestStats,
     harvest,
