@@ -5,13 +5,14 @@ from memory (~15 GB in bfloat16: ~4.5 ms at an H100's 3.35 TB/s) and the host's 
 for every module of every block (transformers' eager forward, residlab's tracker and steering
 hooks). The second does not depend on the width of the model, so it is measured here, on the CPU, on
 random models of the real depths (24 and 28 blocks) but tiny width (64), where the arithmetic is
-negligible: what is left is the per-step host overhead, with and without steering. The README's
+negligible: what is left is the per-step host overhead, with and without steering. It is measured
+as this process's CPU time on one torch thread, which other jobs sharing the cores do not inflate. The README's
 cluster estimate uses it. (A CPU core launching CUDA kernels does this same Python work plus the
 launches themselves, so this is a lower bound for the GPU's host time.)
 
 Writes benchmarks/results/step_overhead.json and .md.
 
-    python benchmarks/step_overhead.py [--new-tokens 32] [--repeats 3]
+    python benchmarks/step_overhead.py [--new-tokens 24] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,20 +29,22 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def ms_per_step(engine, prompts, steering, new_tokens: int, batch: int, repeats: int) -> float:
+    """Median CPU time of this process per step (one torch thread: CPU time is host time even when
+    other jobs share the machine's cores, which wall-clock time is not)."""
     from residlab.engines import SamplingParams
 
     fixed = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     runs = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = time.process_time()
         engine.generate(prompts[:batch], fixed, steering=steering, batch_size=batch, chat=False)
-        runs.append(1000 * (time.perf_counter() - started) / new_tokens)
+        runs.append(1000 * (time.process_time() - started) / new_tokens)
     return statistics.median(runs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -51,7 +54,7 @@ def main() -> None:
     from residlab.engines import SteeringSpec, as_engine
     from residlab.testing import tiny_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     prompts = [f"Question {i}: how many clips did Natalia sell in April and May?" for i in range(32)]
     rows = []
     for depth in (24, 28):
@@ -77,7 +80,8 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
     payload = {
-        "what": "host-side ms per decode step (KV cache on), random qwen2 models of width 64 at real depths",
+        "what": "host CPU ms per decode step (process CPU time, 1 torch thread, KV cache on), random qwen2 "
+        "models of width 64 at real depths",
         "commit": commit,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "new_tokens": args.new_tokens,
