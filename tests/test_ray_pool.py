@@ -165,3 +165,28 @@ def test_harvest_over_ray_writes_the_single_process_shards(cluster, model_dir, t
         assert ours.keys() == theirs.keys()
         for name in ours:
             assert ours[name].equal(theirs[name]), (shard["file"], name)
+
+
+def test_sweep_over_ray_gives_the_single_process_rows(cluster, model_dir, tmp_path):
+    import torch
+
+    from residlab import SteeringVector
+    from residlab.distributed.ray_eval import RayEvaluator
+    from residlab.methods.sweep import SweepConfig, run_sweep
+
+    lm = _spec(model_dir).open().lm
+    g = torch.Generator().manual_seed(0)
+    vector = SteeringVector.from_layers({1: torch.randn(lm.hidden_size, generator=g)}, model=lm, source="test")
+    path = vector.save(tmp_path / "vector.safetensors")
+    rows = {}
+    for name in ("single", "ray"):
+        cfg = SweepConfig(model=str(model_dir), dtype="float32", engine="torch", vector=str(path), layers=(1,),
+                          strengths=(0.0, 8.0), dataset="synthetic", offset=0, limit=4, max_new_tokens=6,
+                          batch_size=2, work_dir=str(tmp_path / name))  # fmt: skip
+        if name == "ray":
+            with _pool(model_dir) as pool:
+                payload = run_sweep(cfg, log=lambda _: None, evaluator=RayEvaluator(pool, progress=False))
+        else:
+            payload = run_sweep(cfg, log=lambda _: None)
+        rows[name] = [{k: v for k, v in r.items() if k != "seconds_per_problem"} for r in payload["rows"]]
+    assert rows["ray"] == rows["single"] and len(rows["single"]) == 2
