@@ -1,7 +1,8 @@
 """Inference engines behind one interface (``base``: the ``Engine`` base class, which does the shared
 front half of ``generate`` and is a context manager, and ``SteeringSpec``): ``torch`` (transformers +
 residlab's hooks) and ``llamacpp`` (llama.cpp's control-vector adapter); a new engine (vLLM) is one
-module that fills in a batch decoder and ``score``."""
+module that fills in a batch decoder and ``score``. ``spec.EngineSpec`` says how to open one (model,
+engine, dtype, device, device map, GPU layers) as a picklable value: what a Ray actor receives."""
 
 from __future__ import annotations
 

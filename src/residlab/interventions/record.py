@@ -64,7 +64,7 @@ class Recording:
         # then gathered where the model's inputs are, so layers can be stacked together
         ctx = self._lm.tracker.context_on(hidden.device)
         picked = select_positions(hidden, self.rule, ctx).detach()
-        self._data.setdefault(key, []).append(picked.to(self._lm.device, non_blocking=True))
+        self._data.setdefault(key, []).append(picked.to(self._lm.device))
 
     def _recorder(self, key: tuple[Layer, str]):
         return lambda hidden: self._store(key, hidden)
