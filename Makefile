@@ -3,7 +3,7 @@
 PYTHON ?= python3
 # The exact CPU build of torch is pinned here, not in pyproject.toml (which declares a range that it
 # satisfies, so nothing more is installed): pip resolving the range alone would pull a multi-GB CUDA build.
-INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,sae,lab]"
+INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,sae,lab,ray]"
 
 .PHONY: install install-llamacpp demo test lint bench
 

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python (the llama.cpp engine) from a wheel built once on this machine.
 # PyPI ships it as source only: the build takes a few minutes on 2 cores. The built wheel is kept in
-# $RESIDLAB_CACHE/build-wheels/<cpu flags hash>[-noamx]/ (llama.cpp compiles for the host CPU, so a
+# $RESIDLAB_CACHE/build-wheels/<cpu flags hash>[-noamx][-cuda]/ (llama.cpp compiles for the host CPU, so a
 # wheel is only reused on a CPU with the same instruction set), and later installs take seconds.
 #
 # AMX: some (virtual) machines list AMX in CPUID but do not enable its tile state, so the first AMX
 # instruction faults and llama.cpp, compiled with -march=native, crashes on its first matrix product
 # (a general protection fault in ggml_backend_amx_mul_mat). A tiny probe runs one AMX instruction;
 # where it fails, llama.cpp is built without AMX (every other native instruction kept).
+#
+# GPUs: where a CUDA toolkit (nvcc on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin) and an NVIDIA
+# driver are present, the wheel is built with -DGGML_CUDA=on, so `--n-gpu-layers` offloads layers to the
+# GPU; else a CPU build (a toolkit without a driver, as on a build box, also gets a CPU build).
+# RESIDLAB_LLAMACPP_GPU=cuda|cpu overrides the choice; RESIDLAB_LLAMACPP_PRINT_FLAVOUR=1 prints the
+# flavour this machine gets (cpu flavour native|noamx, prefixed cuda- for a CUDA build) and exits.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 PIN="$("$PYTHON" - <<'PY'
@@ -53,11 +59,49 @@ C
   return $rc
 }
 
-FLAVOUR=native
+# The nvcc of a CUDA toolkit, or nothing.
+find_nvcc() {
+  local candidate
+  for candidate in "$(command -v nvcc 2>/dev/null || true)" "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" --version >/dev/null 2>&1; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# An NVIDIA driver (a CUDA build of llama.cpp without one cannot even be imported: libcuda.so.1 is missing).
+has_driver() {
+  [ -e /dev/nvidiactl ] && return 0
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && return 0
+  { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q 'libcuda\.so\.1'
+}
+
+GPU="${RESIDLAB_LLAMACPP_GPU:-}"
+NVCC=""
+if [ -z "$GPU" ]; then
+  GPU=cpu
+  NVCC="$(find_nvcc || true)"
+  if [ -n "$NVCC" ] && has_driver; then
+    GPU=cuda
+  elif [ -n "$NVCC" ]; then
+    echo "a CUDA toolkit is here but no NVIDIA driver: building llama.cpp for the CPU" >&2
+  fi
+fi
+case "$GPU" in cuda|cpu) ;; *) echo "RESIDLAB_LLAMACPP_GPU must be cuda or cpu, not '$GPU'" >&2; exit 2;; esac
+
+CPU_FLAVOUR=native
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   probe=0
   amx_usable || probe=$?
-  [ "$probe" = 1 ] && FLAVOUR=noamx
+  [ "$probe" = 1 ] && CPU_FLAVOUR=noamx
+fi
+FLAVOUR="$CPU_FLAVOUR"
+[ "$GPU" = cuda ] && FLAVOUR="cuda-$CPU_FLAVOUR"
+if [ -n "${RESIDLAB_LLAMACPP_PRINT_FLAVOUR:-}" ]; then
+  echo "$FLAVOUR"
+  exit 0
 fi
 CPU="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12 || echo generic)"
 WHEELS="${RESIDLAB_CACHE:-$HOME/.cache/residlab}/build-wheels/$CPU"
@@ -66,19 +110,27 @@ WHEELS="${RESIDLAB_CACHE:-$HOME/.cache/residlab}/build-wheels/$CPU"
 ENV_ID="$("$PYTHON" -c 'import sys; print(sys.prefix)' | md5sum | cut -c1-12)"
 MARKER="$WHEELS.installed-flavour-$ENV_ID"
 if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$VERSION')" 2>/dev/null; then
-  if [ "$FLAVOUR" = native ] || [ "$(cat "$MARKER" 2>/dev/null)" = "$FLAVOUR" ]; then
+  INSTALLED="$(cat "$MARKER" 2>/dev/null || echo native)"
+  # a CPU machine keeps whatever CPU build it has (as before); a GPU machine wants its CUDA build
+  if [ "$INSTALLED" = "$FLAVOUR" ] || { [ "$FLAVOUR" = native ] && [ "${INSTALLED#cuda-}" = "$INSTALLED" ]; }; then
     exit 0
   fi
-  echo "the installed llama-cpp-python uses AMX, which this machine cannot run: rebuilding it without AMX" >&2
+  echo "the installed llama-cpp-python is a $INSTALLED build; this machine gets $FLAVOUR: rebuilding it" >&2
 fi
 
 CMAKE_EXTRA=""
-if [ "$FLAVOUR" = noamx ]; then
+if [ "$CPU_FLAVOUR" = noamx ]; then
   WHEELS="$WHEELS-noamx"
   # Explicit -mno-* flags win over -march=native whatever their order on GCC's command line.
   NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   CMAKE_EXTRA="-DCMAKE_C_FLAGS='$NOAMX' -DCMAKE_CXX_FLAGS='$NOAMX'"
   echo "this machine lists AMX but cannot run it: building llama.cpp without AMX" >&2
+fi
+if [ "$GPU" = cuda ]; then
+  WHEELS="$WHEELS-cuda"
+  CMAKE_EXTRA="$CMAKE_EXTRA -DGGML_CUDA=on"
+  [ -n "$NVCC" ] && CMAKE_EXTRA="$CMAKE_EXTRA -DCMAKE_CUDA_COMPILER=$NVCC"
+  echo "a CUDA toolkit is present: building llama.cpp with CUDA (--n-gpu-layers offloads layers to the GPU)" >&2
 fi
 mkdir -p "$WHEELS"
 if ! ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then

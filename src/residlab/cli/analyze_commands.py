@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from residlab.cli.errors import err_console, handle_errors
-from residlab.cli.options import DtypeOption, ModelOption
+from residlab.cli.options import DeviceOption, DtypeOption, ModelOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -59,7 +59,9 @@ class _Run:
             console.print(f"  {path}")
 
 
-def _start(analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None) -> _Run:
+def _start(
+    analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None, device: str
+) -> _Run:
     """Read the texts and load the model (texts first: a bad file fails before a slow load)."""
     from residlab.analyses.common import safe_name
     from residlab.core.io import check_writable_dir
@@ -75,7 +77,7 @@ def _start(analysis: str, model: str, text_file: Path | None, limit: int | None,
     texts = read_texts(text_file, limit=limit)
     check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")  # before the slow part
     loading = time.perf_counter()
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - loading:.1f} s; {len(texts)} texts")
     out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
     return _Run(lm, texts, out_dir, started)
@@ -99,12 +101,13 @@ def depth(
     skip: Annotated[bool, typer.Option(help="Measure the layer-skip matrix (one extra pass per layer).")] = True,
     skip_texts: Annotated[int | None, typer.Option(min=1, help="Skip matrix on the first N texts only.")] = None,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Per-layer contributions, the effect of skipping each layer on later ones, and the logit lens."""
     from residlab.analyses.depth import analyze_depth
 
-    run = _start("depth", model, text_file, limit, dtype, out)
+    run = _start("depth", model, text_file, limit, dtype, out, device)
     result = analyze_depth(
         run.lm,
         run.texts,
@@ -177,6 +180,7 @@ def sparsity(
     max_search_steps: Annotated[int, typer.Option(min=1, help="Forward passes of the PPL search, at most.")] = 10,
     calibration_tokens: Annotated[int, typer.Option(min=1, help="Tokens for the per-layer CETT thresholds.")] = 256,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """MLP activation sparsity: nonzero %, CETT and PPL-p% sparsity, temporal sparsity."""
@@ -186,7 +190,7 @@ def sparsity(
         targets = [float(x) for x in cett_targets.split(",") if x.strip()]
     except ValueError:
         raise ResidlabError(f"bad --cett-targets {cett_targets!r}.", hint="pass numbers such as 0.1,0.2,0.3.") from None
-    run = _start("sparsity", model, text_file, limit, dtype, out)
+    run = _start("sparsity", model, text_file, limit, dtype, out, device)
     result = analyze_sparsity(
         run.lm,
         run.texts,
@@ -250,12 +254,13 @@ def dims(
         float, typer.Option(min=0.0, max=1.0, help="Top-k dims for the overlap, as a fraction of d.")
     ] = 0.1,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Hidden-dimension concentration: dims holding 50% / 90% of the L1 mass, top-k overlap of neighbours."""
     from residlab.analyses.dims import analyze_dims
 
-    run = _start("dims", model, text_file, limit, dtype, out)
+    run = _start("dims", model, text_file, limit, dtype, out, device)
     result = analyze_dims(
         run.lm,
         run.texts,

@@ -13,15 +13,22 @@ from residlab.cli.errors import handle_errors
 from residlab.cli.options import (
     DEFAULT_POSITIONS,
     DataDirOption,
+    DeviceMapOption,
+    DeviceOption,
     DtypeOption,
     EngineOption,
     Layers,
     LayersOption,
     ModelOption,
+    NGpuLayersOption,
     PositionsOption,
+    RayActorsOption,
+    RayOption,
     WorkDirOption,
     parse_strength,
 )
+from residlab.cli.runners import evaluator_for
+from residlab.engines import EngineSpec
 from residlab.models.registry import DEFAULT_MODEL
 
 console = Console(highlight=False, soft_wrap=True, stderr=True)
@@ -106,6 +113,11 @@ def compress(
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    n_gpu_layers: NGpuLayersOption | None = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
@@ -118,6 +130,9 @@ def compress(
         model=model,
         dtype=dtype,
         engine=engine,
+        device=device,
+        device_map=device_map,
+        n_gpu_layers=n_gpu_layers,
         pairs=pairs,
         pairs_dataset=pairs_dataset,
         calibration_states=calibration_states,
@@ -147,7 +162,9 @@ def compress(
         work_dir=str(work_dir),
     )
     check_writable_dir(cfg.run_dir())  # before any model is loaded or trace generated
-    run_compress(cfg, log=_log)
+    spec = EngineSpec(model, engine, dtype, device, device_map, n_gpu_layers)
+    with evaluator_for(spec, ray, ray_actors) as evaluator:
+        run_compress(cfg, log=_log, evaluator=evaluator)
     full_size = {"gsm8k": "--limit 1319 (all of GSM8K test)", "math500": "--limit 500 (all of MATH-500)"}
     _log(
         f"Full-size evaluation: rerun the same command with {full_size.get(eval_dataset, 'a larger --limit')}; "
@@ -178,6 +195,11 @@ def evaluate_command(
     seed: Annotated[int, typer.Option(min=0)] = 0,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    n_gpu_layers: NGpuLayersOption | None = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = Path("residlab-out"),
     calibration_dataset: Annotated[
@@ -190,9 +212,8 @@ def evaluate_command(
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
     from residlab.core.io import check_writable_dir
     from residlab.data import load_problems
-    from residlab.engines import open_engine
     from residlab.evaluation.report import markdown_table, summarize
-    from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.evaluation.runner import Condition, Decoding
     from residlab.methods.asc import CalibrationProblems, calibrate_vector, run_dir_for
     from residlab.methods.asc import template as template_named
     from residlab.vectors.files import load_vector
@@ -202,7 +223,8 @@ def evaluate_command(
     folder = str(data_dir) if data_dir else None
     runs = check_writable_dir(run_dir_for(work_dir, model) / "runs")
     problems = load_problems(dataset, split, data_dir=folder, limit=limit, offset=offset)
-    runner = open_engine(model, engine, dtype=dtype)
+    spec = EngineSpec(model, engine, dtype, device, device_map, n_gpu_layers)
+    runner = spec.open()
     vec = None
     if vector is not None:
         vec = load_vector(vector, runner)
@@ -219,9 +241,11 @@ def evaluate_command(
         name, prompt, vector=vec, strength=value if vec is not None else 0.0, positions=positions.text
     )
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    records = evaluate(runner, problems, condition, decoding, runs)
+    with evaluator_for(spec, ray, ray_actors) as evaluator:
+        records = evaluator(runner, problems, condition, decoding, runs)
     print(markdown_table([summarize(name, records)], name))
-    print(f"records: {runs} ({runner.kind} engine)", file=sys.stderr)
+    where = f", on Ray at {ray}" if ray else ""
+    print(f"records: {runs} ({runner.kind} engine{where})", file=sys.stderr)
 
 
 def sweep(
@@ -249,6 +273,11 @@ def sweep(
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    n_gpu_layers: NGpuLayersOption | None = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = Path("residlab-out"),
 ) -> None:
@@ -265,6 +294,9 @@ def sweep(
         model=model,
         dtype=dtype,
         engine=engine,
+        device=device,
+        device_map=device_map,
+        n_gpu_layers=n_gpu_layers,
         vector=str(vector),
         layers=tuple(layers),
         strengths=tuple(parse_strength(s) for s in strengths.split(",")),
@@ -282,7 +314,9 @@ def sweep(
         data_dir=str(data_dir) if data_dir else None,
         work_dir=str(work_dir),
     )
-    run_sweep(cfg, log=_log)
+    spec = EngineSpec(model, engine, dtype, device, device_map, n_gpu_layers)
+    with evaluator_for(spec, ray, ray_actors) as evaluator:
+        run_sweep(cfg, log=_log, evaluator=evaluator)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 from residlab.cli.errors import handle_errors
 from residlab.cli.options import (
     DEFAULT_POSITIONS,
+    DeviceOption,
     DtypeOption,
     ForceOption,
     ModelOption,
@@ -63,6 +64,7 @@ def extract(
         typer.Option(help="The .safetensors file to write (default: residlab-out/<model>/<pairs>-<method>)."),
     ] = None,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     force: ForceOption = False,
 ) -> None:
     """Extract a steering vector from contrast pairs (positive minus negative) at every chosen layer."""
@@ -75,7 +77,7 @@ def extract(
     ReadPosition.parse(read)
     target = check_output_file(out or _default_out(model, pairs, method), inputs=(pairs,), overwrite=force)
     contrast = read_pairs(pairs)
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     vector = extract(
         lm,
         contrast,

@@ -14,9 +14,12 @@ from rich.table import Table
 
 from residlab.cli.errors import ResidlabGroup, handle_errors
 from residlab.cli.options import (
+    DeviceMapOption,
+    DeviceOption,
     DtypeOption,
     EngineOption,
     ModelOption,
+    NGpuLayersOption,
     OptionalLayersOption,
     Positions,
     StrengthOption,
@@ -100,13 +103,19 @@ def models(
 
 @app.command()
 @handle_errors
-def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> None:
+def info(
+    model: ModelOption = DEFAULT_MODEL,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+) -> None:
     """Show a model's architecture, sizes and where residlab keeps its files."""
     from residlab.core.cache import cache_dir
+    from residlab.models.devices import block_devices, describe_blocks
     from residlab.models.loading import load
 
     started = time.perf_counter()
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device, device_map=device_map)
     seconds = time.perf_counter() - started
     arch = lm.arch
     rows = [
@@ -117,6 +126,7 @@ def info(model: ModelOption = DEFAULT_MODEL, dtype: DtypeOption = "float32") -> 
         ("hidden size", str(lm.hidden_size)),
         ("parameters", f"{lm.num_parameters / 1e6:.1f} M"),
         ("dtype", str(lm.dtype).replace("torch.", "")),
+        ("device", describe_blocks(block_devices(lm.blocks))),
         ("vocabulary", str(len(lm.tokenizer))),
         ("chat template", "yes" if lm.has_chat_template else "no"),
         ("blocks", arch.blocks + (" (map guessed from module names)" if arch.guessed else "")),
@@ -156,6 +166,9 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    n_gpu_layers: NGpuLayersOption | None = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record per prompt.")] = False,
 ) -> None:
     """Generate text, optionally with a steering vector added to the residual stream."""
@@ -169,7 +182,7 @@ def generate(
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ResidlabError("no prompt given.", hint='pass --prompt "..." or --prompt-file FILE.')
-    runner = open_engine(model, engine, dtype=dtype)
+    runner = open_engine(model, engine, dtype=dtype, device=device, device_map=device_map, n_gpu_layers=n_gpu_layers)
     use_chat = chat and runner.has_chat_template
     steering = None
     if vector is not None:

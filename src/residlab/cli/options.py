@@ -21,6 +21,7 @@ from residlab.cli.errors import handle_errors
 from residlab.core.errors import ResidlabError
 from residlab.engines import ENGINES
 from residlab.interventions.positions import STEERING_RULES, PositionRule, parse_rule
+from residlab.models.devices import check_device_map, resolve_device
 from residlab.models.loading import parse_dtype
 
 Parsed = TypeVar("Parsed")
@@ -84,6 +85,20 @@ def parse_dtype_name(text: str) -> str:
     return text
 
 
+def parse_device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine now (a missing
+    GPU fails before anything loads); resolved again where the model loads (a Ray actor's own GPU)."""
+    resolve_device(text)
+    return text
+
+
+def parse_device_map(text: str) -> str:
+    """An accelerate device map name (``auto``: the blocks spread over every GPU, then the CPU)."""
+    checked = check_device_map(text)
+    assert checked is not None
+    return checked
+
+
 def parse_engine(text: str) -> str:
     """``auto`` or an engine name."""
     if text != "auto" and text not in ENGINES:
@@ -117,9 +132,45 @@ DtypeOption = Annotated[
     str,
     typer.Option(
         parser=_parser(parse_dtype_name),
-        help="Torch engine: auto (bfloat16 where the CPU runs it natively, else float32), float32, bfloat16 or "
-        "float16.",
+        help="Torch engine: auto (bfloat16 on a GPU that has it, float16 on older GPUs and MPS; on a CPU "
+        "bfloat16 where it runs natively, else float32), float32, bfloat16 or float16.",
     ),
+]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        parser=_parser(parse_device),
+        help="Torch engine: auto (CUDA when present, else MPS, else cpu), cpu, cuda, cuda:N or mps.",
+    ),
+]
+DeviceMapOption = Annotated[
+    str | None,
+    typer.Option(
+        parser=_parser(parse_device_map),
+        help="Torch engine: 'auto' spreads a model larger than one GPU over all GPUs (accelerate); "
+        "steering and recording follow each block's device.",
+    ),
+]
+NGpuLayersOption = Annotated[
+    int,
+    typer.Option(
+        min=-1,
+        help="llama.cpp engine: layers offloaded to the GPU (-1 = all, 0 = none); needs llama-cpp-python "
+        "built with CUDA or Metal (scripts/install-llamacpp.sh does so when a CUDA toolkit is present).",
+    ),
+]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Spread the problems over Ray actors, one engine each: 'local' (a Ray instance on this machine), "
+        "'auto' (the cluster this node joined with `ray start`) or a cluster address (ray://head:10001). "
+        "Records, resumption and the report are those of a single-process run.",
+    ),
+]
+RayActorsOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="With --ray: engines to start (default: one per GPU, or one per CPU without GPUs)."),
 ]
 DataDirOption = Annotated[
     Path | None,

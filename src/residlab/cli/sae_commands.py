@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 
 from residlab.cli.errors import err_console, handle_errors
-from residlab.cli.options import DataDirOption, DtypeOption, ForceOption, ModelOption, WorkDirOption
+from residlab.cli.options import (
+    DataDirOption,
+    DeviceOption,
+    DtypeOption,
+    ForceOption,
+    ModelOption,
+    RayActorsOption,
+    RayOption,
+    WorkDirOption,
+)
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -51,14 +60,16 @@ def _log(message: str) -> None:
     err_console.print(message, markup=False)
 
 
-def _setup(model: str, dtype: str, corpus_spec: str, data_dir: Path | None) -> tuple[LanguageModel, Corpus]:
+def _setup(
+    model: str, dtype: str, corpus_spec: str, data_dir: Path | None, device: str = "cpu"
+) -> tuple[LanguageModel, Corpus]:
     """The corpus first (a bad path fails before the slow model load), then the model."""
     from residlab.data.corpus import load_corpus
     from residlab.models.loading import load
 
     corpus = load_corpus(corpus_spec, data_dir=data_dir)
     _log(f"corpus {corpus.name}: {len(corpus.documents)} documents ({corpus.source}; {corpus.licence})")
-    return load(model, dtype=dtype), corpus
+    return load(model, dtype=dtype, device=device), corpus
 
 
 def _report(out: Path, title: str, sections: dict[str, Any], files: list[Path]) -> Path:
@@ -93,12 +104,13 @@ def _held_out(
     data_dir: Path | None,
     work_dir: Path,
     tokens: int,
+    device: str = "cpu",
 ) -> tuple[LanguageModel, Corpus, HarvestRequest, ActivationStore]:
     """The SAE's model and corpus, and the held-out activations at its hook (harvested once, then reused)."""
     from residlab.saes.pipeline import harvest_split
 
     hook = sae.cfg.hook
-    lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir)
+    lm, texts = _setup(model_name or hook.model, dtype, corpus, data_dir, device)
     request = _request(lm, hook.layer, hook.site, sae.cfg.context_len, tokens)
     held, _ = harvest_split(lm, texts, "eval", request, work_dir / "stores")
     return lm, texts, request, held
@@ -115,16 +127,23 @@ def harvest(
     eval_tokens: EvalTokensArg = 50_000,
     context_len: ContextArg = 128,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = DEFAULT_WORK,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
 ) -> None:
     """Harvest a layer's activations from the training and held-out documents (resumable)."""
+    from residlab.cli.runners import chunk_runner_for
+    from residlab.engines import EngineSpec
     from residlab.saes.pipeline import harvest_split
 
-    lm, texts = _setup(model, dtype, corpus, data_dir)
+    lm, texts = _setup(model, dtype, corpus, data_dir, device)
     request = _request(lm, layer, site, context_len, tokens)
-    train, stats = harvest_split(lm, texts, "train", request, work_dir / "stores")
-    held, _ = harvest_split(lm, texts, "eval", _request(lm, layer, site, context_len, eval_tokens), work_dir / "stores")
+    held_request = _request(lm, layer, site, context_len, eval_tokens)
+    with chunk_runner_for(EngineSpec(model, "torch", dtype, device), ray, ray_actors) as runner:
+        train, stats = harvest_split(lm, texts, "train", request, work_dir / "stores", runner=runner)
+        held, _ = harvest_split(lm, texts, "eval", held_request, work_dir / "stores", runner=runner)
     facts = {
         "train tokens": train.num_tokens,
         "held-out tokens": held.num_tokens,
@@ -163,6 +182,7 @@ def train(
     context_len: ContextArg = 128,
     seed: int = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = DEFAULT_WORK,
     out: OutArg = None,
@@ -177,7 +197,7 @@ def train(
     from residlab.saes.training import TrainConfig, train_sae
 
     config_cls = architecture(arch).config_cls
-    lm, texts = _setup(model, dtype, corpus, data_dir)
+    lm, texts = _setup(model, dtype, corpus, data_dir, device)
     request = _request(lm, layer, site, context_len, tokens)
     store, _ = harvest_split(lm, texts, "train", request, work_dir / "stores")
     options: dict[str, Any] = {"sample": sample} if arch == "vsae" else {}
@@ -217,6 +237,7 @@ def evaluate(
     ce_windows: Annotated[int, typer.Option(min=1, help="Held-out windows for the spliced CE.")] = 128,
     train_tokens: Annotated[int, typer.Option(min=1, help="Training tokens averaged for mean ablation.")] = 100_000,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = DEFAULT_WORK,
     out: OutArg = None,
@@ -227,7 +248,7 @@ def evaluate(
 
     model = load_sae(sae)
     hook = model.cfg.hook
-    lm, texts, request, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens)
+    lm, texts, request, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens, device)
     mean_request = _request(lm, hook.layer, hook.site, model.cfg.context_len, train_tokens)
     mean_store, _ = harvest_split(lm, texts, "train", mean_request, work_dir / "stores")
     windows = eval_windows(lm, texts, request, ce_windows)
@@ -253,6 +274,7 @@ def dashboard(
     latents: Annotated[str | None, typer.Option(help="Comma-separated latents (default: a random sample).")] = None,
     sample: Annotated[int, typer.Option(min=1, help="How many latents when none are named.")] = 48,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     work_dir: WorkDirOption = DEFAULT_WORK,
     out: OutArg = None,
@@ -271,7 +293,7 @@ def dashboard(
         raise ResidlabError(
             f"latents {bad} are outside 0..{model.cfg.d_sae - 1}.", hint="name latents the SAE has (its width)."
         )
-    lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens)
+    lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens, device)
     folder = out or sae / "dashboard"
     page = write_dashboard(lm, model, held, folder / "index.html", DashboardOptions(latents=chosen, sample=sample))
     _report(folder, f"Dashboard of {sae}", {"dashboard": f"open {page.resolve().as_uri()} in a browser"}, [page])
@@ -285,6 +307,7 @@ def decompose(
     model_name: SaeModelArg = None,
     max_latents: Annotated[int, typer.Option(min=1, help="Latents in the sparse fit.")] = 16,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: OutArg = None,
 ) -> None:
     """Express a steering vector at the SAE's layer as SAE latents (read-out and sparse non-negative fit)."""
@@ -294,7 +317,7 @@ def decompose(
     from residlab.vectors.files import load_vector
 
     model = load_sae(sae)
-    lm = load(model_name or model.cfg.hook.model, dtype=dtype)
+    lm = load(model_name or model.cfg.hook.model, dtype=dtype, device=device)
     steering = load_vector(vector, lm)
     result = decompose_vector(model, steering, lm=lm, max_latents=max_latents)
     folder = out or sae / "decompositions" / vector.stem

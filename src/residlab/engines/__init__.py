@@ -1,7 +1,8 @@
 """Inference engines behind one interface (``base``: the ``Engine`` base class, which does the shared
 front half of ``generate`` and is a context manager, and ``SteeringSpec``): ``torch`` (transformers +
 residlab's hooks) and ``llamacpp`` (llama.cpp's control-vector adapter); a new engine (vLLM) is one
-module that fills in a batch decoder and ``score``."""
+module that fills in a batch decoder and ``score``. ``spec.EngineSpec`` says how to open one (model,
+engine, dtype, device, device map, GPU layers) as a picklable value: what a Ray actor receives."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import SamplingParams
 from residlab.engines.base import ENGINES, Engine, SteeringSpec
+from residlab.engines.spec import EngineSpec
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINES",
     "Engine",
+    "EngineSpec",
     "SamplingParams",
     "SteeringSpec",
     "as_engine",
@@ -56,12 +59,18 @@ def open_engine(
     dtype: str | None = None,
     lm: LanguageModel | None = None,
     threads: int | None = None,
+    device: str = "cpu",
+    device_map: str | None = None,
+    n_gpu_layers: int | None = None,
 ) -> Engine:
     """An engine for ``model`` (packaged name, .gguf path, model dir or hub id; llama.cpp needs a GGUF).
     ``engine``: ``torch``, ``llamacpp`` or ``auto`` (see :func:`resolve_engine`).
 
     ``lm``: an already loaded model to reuse for the torch engine. ``dtype`` applies to torch only
-    (llama.cpp runs the GGUF's own quantised weights); ``threads`` to llama.cpp only. The engine is a
+    (llama.cpp runs the GGUF's own quantised weights), as do ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``) and ``device_map`` (accelerate's ``auto``: a model larger than one GPU spread
+    over all of them); ``threads`` and ``n_gpu_layers`` (``None``: all where the build has GPU
+    support; see :func:`~residlab.engines.llamacpp.gpu_layers`) to llama.cpp only. The engine is a
     context manager: ``with open_engine(...) as engine:`` closes it (frees llama.cpp's memory) on exit.
     """
     engine = resolve_engine(model, engine)
@@ -69,7 +78,7 @@ def open_engine(
         from residlab.engines.torch_engine import TorchEngine
         from residlab.models.loading import load
 
-        return TorchEngine(lm if lm is not None else load(model, dtype=dtype))
+        return TorchEngine(lm if lm is not None else load(model, dtype=dtype, device=device, device_map=device_map))
     if engine == "llamacpp":
         from residlab.engines.llamacpp import LlamaCppEngine, import_llama_cpp
         from residlab.models.loading import load_gguf
@@ -82,6 +91,7 @@ def open_engine(
             name=resolved.name,
             eos_ids=resolved.eos_ids,
             threads=threads,
+            n_gpu_layers=n_gpu_layers,
         )
     raise AssertionError(engine)  # resolve_engine only returns known engines
 

@@ -73,6 +73,28 @@ def _silence(lib: Any) -> None:
         lib.llama_log_set(_quiet_callback, ctypes.c_void_p())
 
 
+ALL_LAYERS = 999  # llama.cpp caps n_gpu_layers at the model's depth (+ the output layer)
+
+
+def gpu_layers(requested: int | None, supports_gpu: bool) -> int:
+    """How many layers llama.cpp offloads: ``None`` -> all of them where the build has GPU support
+    (CUDA, Metal...), else none; ``-1`` -> all; ``0`` -> none; ``n`` -> the first ``n``. Asking a
+    CPU-only build for GPU layers is an error (it would silently run on the CPU)."""
+    if requested is None:
+        return ALL_LAYERS if supports_gpu else 0
+    if requested < -1:
+        raise ResidlabError(f"--n-gpu-layers {requested} is not a layer count.", hint="use -1 (all), 0 or more.")
+    if requested == 0:
+        return 0
+    if not supports_gpu:
+        raise ResidlabError(
+            f"--n-gpu-layers {requested}, but this llama-cpp-python was built without GPU support.",
+            hint="rebuild it on a machine with a CUDA toolkit (`make install-llamacpp` builds with -DGGML_CUDA=on "
+            "when nvcc is found), or pass --n-gpu-layers 0.",
+        )
+    return ALL_LAYERS if requested == -1 else requested
+
+
 class LlamaCppEngine(Engine):
     """Generate and score with llama.cpp. Build one with :func:`residlab.engines.open_engine`."""
 
@@ -86,6 +108,7 @@ class LlamaCppEngine(Engine):
         name: str,
         eos_ids: Sequence[int] = (),
         threads: int | None = None,
+        n_gpu_layers: int | None = None,
     ) -> None:
         self._lib = lib = import_llama_cpp()
         _silence(lib)
@@ -96,6 +119,8 @@ class LlamaCppEngine(Engine):
         self.threads = threads or max(1, os.cpu_count() or 1)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
+        self.n_gpu_layers = gpu_layers(n_gpu_layers, bool(lib.llama_supports_gpu_offload()))
+        params.n_gpu_layers = self.n_gpu_layers
         self._model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), params)
         if not self._model:
             raise ResidlabError(
@@ -126,7 +151,9 @@ class LlamaCppEngine(Engine):
     @property
     def identity(self) -> str:
         stat = self.gguf_path.stat()
-        return f"llamacpp:{self.gguf_path.name}:{stat.st_size}"
+        # GPU kernels round differently from the CPU's: offloaded runs keep records of their own
+        gpu = "" if self.n_gpu_layers == 0 else f"@gpu{self.n_gpu_layers if self.n_gpu_layers != ALL_LAYERS else ''}"
+        return f"llamacpp:{self.gguf_path.name}:{stat.st_size}{gpu}"
 
     # -- llama.cpp state ----------------------------------------------------------------------
     def _context(self, sequences: int, cells: int) -> Any:

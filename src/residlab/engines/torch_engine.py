@@ -34,7 +34,10 @@ class TorchEngine(Engine):
 
     @property
     def identity(self) -> str:
-        return f"torch:{str(self.lm.dtype).removeprefix('torch.')}"
+        # a GPU's kernels round differently from the CPU's, so its records are its own; CPU runs keep
+        # the identity they always had (their stored records stay valid)
+        kind = self.lm.device.type
+        return f"torch:{str(self.lm.dtype).removeprefix('torch.')}" + ("" if kind == "cpu" else f"@{kind}")
 
     def _steering(self, steering: SteeringSpec | None, positions: str | None = None):
         if steering is None or steering.strength == 0:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import Generation, SamplingParams
@@ -89,7 +90,12 @@ def records_path(out_dir: Path, condition: Condition, decoding: Decoding, model:
     """Where a condition's records live: the file name carries the fingerprint of what produced them,
     the engine's identity (kind, weights, dtype) included."""
     engine = as_engine(model)
-    return out_dir / f"{condition.name}-{condition.fingerprint(decoding, engine.name, engine.identity)}.jsonl"
+    return records_file(out_dir, condition, decoding, engine.name, engine.identity)
+
+
+def records_file(out_dir: Path, condition: Condition, decoding: Decoding, model_name: str, identity: str) -> Path:
+    """:func:`records_path` for an engine known by its name and identity (one on another machine)."""
+    return out_dir / f"{condition.name}-{condition.fingerprint(decoding, model_name, identity)}.jsonl"
 
 
 def evaluate(
@@ -117,30 +123,12 @@ def evaluate(
         bar = tqdm(
             total=len(problems), initial=len(problems) - len(todo), desc=condition.name, unit="problem", file=sys.stderr
         )
-    use_chat = engine.has_chat_template
-    steering = (
-        SteeringSpec(condition.vector, condition.strength, condition.positions, schedule=condition.schedule)  # type: ignore[arg-type]
-        if condition.steered
-        else None
-    )
-    for start in range(0, len(todo), decoding.batch_size):
-        batch = todo[start : start + decoding.batch_size]
-        # the seed follows the batch as planned, so sampled outputs do not depend on a concurrent run
-        seed = int(hashlib.sha256(f"{decoding.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+    for batch in plan_batches(todo, decoding):
         # another run on the same records may have done some of them meanwhile: share its work
         done.update(matching_records(store, batch))
         chunk = [p for p in batch if p.id not in done]
         if chunk:
-            prompts = [condition.template.format(question=p.question) for p in chunk]
-            generations = engine.generate(
-                prompts,
-                SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
-                steering=steering,
-                chat=use_chat if use_chat else False,
-                system=condition.system if use_chat else None,
-                batch_size=decoding.batch_size,
-            )
-            fresh = [graded_record(p, condition.name, g) for p, g in zip(chunk, generations, strict=True)]
+            fresh = run_batch(engine, chunk, condition, decoding, seed=batch_seed(decoding, batch))
             # What the store holds for them: a concurrent run that stored one first wins, no duplicate.
             stored = store.append(r.to_json() for r in fresh)
             done.update((r["id"], EvalRecord.from_json(r)) for r in stored)
@@ -149,6 +137,54 @@ def evaluate(
     if bar is not None:
         bar.close()
     return [done[p.id] for p in problems]
+
+
+def plan_batches(todo: Sequence[Problem], decoding: Decoding) -> list[list[Problem]]:
+    """The batches the problems still to do are generated in, in order (every runner, local or
+    distributed, plans them alike, so their outputs and seeds are the same)."""
+    return [list(todo[start : start + decoding.batch_size]) for start in range(0, len(todo), decoding.batch_size)]
+
+
+def batch_seed(decoding: Decoding, batch: Sequence[Problem]) -> int:
+    """The sampling seed of a planned batch: it follows the batch's first problem, so sampled outputs
+    depend neither on a concurrent run nor on which worker runs the batch."""
+    return int(hashlib.sha256(f"{decoding.seed}:{batch[0].id}".encode()).hexdigest()[:8], 16)
+
+
+def run_batch(
+    engine: Engine, problems: Sequence[Problem], condition: Condition, decoding: Decoding, *, seed: int
+) -> list[EvalRecord]:
+    """Generate and grade one batch of problems under ``condition`` (nothing is stored)."""
+    use_chat = engine.has_chat_template
+    steering = (
+        SteeringSpec(condition.vector, condition.strength, condition.positions, schedule=condition.schedule)  # type: ignore[arg-type]
+        if condition.steered
+        else None
+    )
+    prompts = [condition.template.format(question=p.question) for p in problems]
+    generations = engine.generate(
+        prompts,
+        SamplingParams(decoding.max_new_tokens, decoding.temperature, decoding.top_p, seed),
+        steering=steering,
+        chat=use_chat if use_chat else False,
+        system=condition.system if use_chat else None,
+        batch_size=decoding.batch_size,
+    )
+    return [graded_record(p, condition.name, g) for p, g in zip(problems, generations, strict=True)]
+
+
+class Evaluator(Protocol):
+    """What runs a condition over problems into records: :func:`evaluate` in this process, or a
+    distributed runner (``residlab.distributed``) with the same signature and the same records."""
+
+    def __call__(
+        self,
+        model: LanguageModel | Engine,
+        problems: Sequence[Problem],
+        condition: Condition,
+        decoding: Decoding,
+        out_dir: str | Path,
+    ) -> list[EvalRecord]: ...
 
 
 def matching_records(store: JsonlStore, problems: Sequence[Problem]) -> dict[str, EvalRecord]:

@@ -80,14 +80,11 @@ class Edit:
     def layers(self) -> tuple[int, ...]:
         return tuple(self.fns)
 
-    def _context(self) -> ForwardContext:
-        ctx = self._lm.tracker.context
-        if ctx is None:
-            raise RuntimeError("edit hook ran outside a tracked forward pass")
-        return ctx
+    def _context(self, device: torch.device) -> ForwardContext:
+        return self._lm.tracker.context_on(device)  # the edited block's device (a split model has several)
 
     def _apply(self, fn: EditFn, value: torch.Tensor, *extra: Any) -> torch.Tensor:
-        new = fn(value, self._context(), *extra)
+        new = fn(value, self._context(value.device), *extra)
         if not isinstance(new, torch.Tensor) or new.shape != value.shape:
             got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise ResidlabError(

@@ -72,6 +72,13 @@ class ForwardContext:
     def real(self) -> torch.Tensor:
         return self.positions >= 0
 
+    def to(self, device: torch.device) -> ForwardContext:
+        """The same context on ``device`` (itself when already there): a model split over several
+        devices runs each block on its own, and a hook works where its block's hidden state is."""
+        if self.positions.device == device:
+            return self
+        return ForwardContext(self.positions.to(device), self.prompt_lengths.to(device), self.row_index.to(device))
+
 
 def validate_rule(rule: PositionRule, allowed: Sequence[str]) -> PositionRule:
     """Return ``rule`` normalised (indices as a tuple), or raise a clear error."""

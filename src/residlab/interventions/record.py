@@ -28,7 +28,8 @@ class Recording:
     ``rec[layer]`` (site ``block``), ``rec[layer, site]`` or ``rec["final_norm"]`` gives the tensor for
     one pass, or, when several passes were recorded with ``last`` or index positions, their rows
     concatenated along the batch dimension. ``rec.calls(layer, site)`` gives each pass separately (use it
-    for ``all`` positions across generation steps). Tensors are detached and stay on the model's device.
+    for ``all`` positions across generation steps). Tensors are detached and kept on the device of the
+    model's inputs (also when a device map splits the blocks over several GPUs).
     ``rec.positions`` holds each pass's [batch, tokens] real positions (-1 = padding).
     """
 
@@ -59,9 +60,11 @@ class Recording:
         return (layer, "") if isinstance(layer, str) else (layer, site)
 
     def _store(self, key: tuple[Layer, str], hidden: torch.Tensor) -> None:
-        ctx = self._lm.tracker.context
-        assert ctx is not None
-        self._data.setdefault(key, []).append(select_positions(hidden, self.rule, ctx).detach())
+        # positions are selected on the block's own device (a split model runs blocks on several),
+        # then gathered where the model's inputs are, so layers can be stacked together
+        ctx = self._lm.tracker.context_on(hidden.device)
+        picked = select_positions(hidden, self.rule, ctx).detach()
+        self._data.setdefault(key, []).append(picked.to(self._lm.device))
 
     def _recorder(self, key: tuple[Layer, str]):
         return lambda hidden: self._store(key, hidden)

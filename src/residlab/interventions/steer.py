@@ -62,17 +62,19 @@ class Steering:
     def _transform(self, delta: torch.Tensor):
         tracker = self._lm.tracker
         per_row = delta.shape[0] > 1
-        # [rows, 1, d] once, so each pass does one multiply-add and no reshapes.
-        delta3 = delta.unsqueeze(1)
+        # [rows, 1, d] once per device and dtype, so each pass does one multiply-add and no reshapes.
+        # The delta goes where the hooked module computes (a model split over GPUs by a device map
+        # runs each block on its own device, possibly in its own dtype).
+        placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         operator = self.operator
 
         def transform(hidden: torch.Tensor) -> torch.Tensor:
-            mask = tracker.steering_mask(self.rule, hidden.dtype)
-            d = delta3
+            mask = tracker.steering_mask(self.rule, hidden.dtype, hidden.device)
+            d = placed.get((hidden.device, hidden.dtype))
+            if d is None:
+                d = placed[(hidden.device, hidden.dtype)] = delta.to(hidden.device, hidden.dtype).unsqueeze(1)
             if per_row:
-                context = tracker.context
-                assert context is not None  # set by the tracker's pre-hook before any block runs
-                rows = context.row_index
+                rows = tracker.context_on(hidden.device).row_index
                 if int(rows.max()) >= d.shape[0]:
                     raise ResidlabError(
                         f"a per-row steering vector has {d.shape[0]} rows but the batch has more rows.",

@@ -42,6 +42,7 @@ class ForwardTracker:
         # generated position (see interventions.schedules); steering masks are multiplied by it.
         self.generated_scales: torch.Tensor | None = None
         self._masks: dict[Any, torch.Tensor] = {}
+        self._moved: dict[torch.device, ForwardContext] = {}
 
     # -- activation -------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -57,6 +58,7 @@ class ForwardTracker:
             self._handle = None
             self.context = None
             self._masks.clear()
+            self._moved.clear()
 
     # -- per pass ---------------------------------------------------------------------------
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -92,20 +94,34 @@ class ForwardTracker:
             row_index = torch.arange(batch, device=device)
         self.context = ForwardContext(positions, prompt_lengths.to(device), row_index.to(device))
         self._masks.clear()
+        self._moved.clear()
 
-    def steering_mask(self, rule: PositionRule, dtype: torch.dtype) -> torch.Tensor:
-        """[batch, tokens, 1] mask for ``rule`` in the current pass (times the adaptive scale of each
-        position, when a schedule runs), computed once per pass."""
-        key = (rule, dtype)
+    def context_on(self, device: torch.device) -> ForwardContext:
+        """The current pass's context on ``device`` (moved once per pass and device: a model split
+        over several GPUs runs later blocks on other devices than its inputs)."""
+        if self.context is None:
+            raise RuntimeError("an intervention hook ran outside a tracked forward pass")
+        if self.context.positions.device == device:
+            return self.context
+        moved = self._moved.get(device)
+        if moved is None:
+            moved = self._moved[device] = self.context.to(device)
+        return moved
+
+    def steering_mask(self, rule: PositionRule, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """[batch, tokens, 1] mask for ``rule`` in the current pass on ``device`` (default: the
+        inputs' device), times the adaptive scale of each position when a schedule runs; computed once
+        per pass."""
+        key = (rule, dtype, device)
         cached = self._masks.get(key)
         if cached is None:
             if self.context is None:
                 raise RuntimeError("steering hook ran outside a tracked forward pass")
-            mask = steering_mask(rule, self.context).float()
+            context = self.context if device is None else self.context_on(device)
+            mask = steering_mask(rule, context).float()
             scales = self.generated_scales
             if scales is not None and scales.shape[0] == mask.shape[0]:
-                ctx = self.context
-                mask = mask * position_scales(ctx.positions, ctx.prompt_lengths, scales.to(mask.device))
+                mask = mask * position_scales(context.positions, context.prompt_lengths, scales.to(mask.device))
             cached = mask.unsqueeze(-1).to(dtype)
             self._masks[key] = cached
         return cached

@@ -27,7 +27,7 @@ from residlab.engines import Engine, open_engine
 from residlab.evaluation.frontier import FrontierPoint, plot_frontier, shortest_correct_oracle, tokens_saved
 from residlab.evaluation.records import EvalRecord, record_key
 from residlab.evaluation.report import ConditionSummary, summarize
-from residlab.evaluation.runner import Condition, Decoding, evaluate, read_records
+from residlab.evaluation.runner import Condition, Decoding, Evaluator, evaluate, read_records
 from residlab.interventions.schedules import strength_schedule
 from residlab.methods.asc.conditions import template
 from residlab.methods.asc.config import run_dir_for
@@ -43,6 +43,9 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"  # torch: bfloat16 where the CPU runs it natively, else float32
     engine: str = "auto"
+    device: str = "cpu"  # torch: auto, cpu, cuda, cuda:N or mps
+    device_map: str | None = None  # torch: accelerate's "auto" spreads a large model over every GPU
+    n_gpu_layers: int | None = None  # llama.cpp: layers on the GPU (None: all where the build has GPU support)
     vector: str = ""  # a multi-layer vector file (compress writes vector_all_layers.safetensors)
     layers: tuple[int, ...] = (12,)
     strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # x the residual norm at the layer (unit vector)
@@ -87,18 +90,26 @@ class SweepPoint:
         return {**settings, **asdict(self.summary), "correct": list(self.correct), "tokens": list(self.tokens)}
 
 
-def run_sweep(cfg: SweepConfig, log: Log = print) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, log: Log = print, evaluator: Evaluator = evaluate) -> dict[str, Any]:
     """Accuracy and tokens for every grid point and prompt baseline; results in ``<run dir>/sweep.json``,
-    the grid plot ``sweep.png`` and the frontier ``frontier.png`` with its summary per method."""
+    the grid plot ``sweep.png`` and the frontier ``frontier.png`` with its summary per method.
+    ``evaluator`` runs each grid point (this process by default; a Ray pool spreads the problems)."""
     prompt = template(cfg.template)
     schedules = [None if name == "constant" else strength_schedule(name) for name in cfg.schedules]
-    lm = open_engine(cfg.model, cfg.engine, dtype=cfg.dtype)
+    lm = open_engine(
+        cfg.model,
+        cfg.engine,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        device_map=cfg.device_map,
+        n_gpu_layers=cfg.n_gpu_layers,
+    )
     raw = load_vector(cfg.vector, lm)
     residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
     problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     run_dir = run_dir_for(cfg.work_dir, cfg.model)
-    point = partial(_point, cfg, lm, problems, decoding, run_dir / "runs", log)
+    point = partial(_point, cfg, lm, problems, decoding, run_dir / "runs", log, evaluator)
     rows = []
     for layer in cfg.layers:
         if layer not in raw.directions:
@@ -144,13 +155,14 @@ def _point(
     decoding: Decoding,
     runs: Path,
     log: Log,
+    evaluator: Evaluator,
     condition: Condition,
     layer: int,
     rel: float,
     template_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one condition and return its sweep.json row (and log it)."""
-    records = evaluate(lm, problems, condition, decoding, runs)
+    records = evaluator(lm, problems, condition, decoding, runs)
     summary = summarize(condition.name, records)
     row = SweepPoint(
         engine=lm.identity,

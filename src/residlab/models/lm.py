@@ -35,6 +35,7 @@ from residlab.interventions.schedules import ScheduleStep, StrengthSchedule
 from residlab.interventions.steer import Steering
 from residlab.interventions.tracking import ForwardTracker
 from residlab.models.architectures import ArchitectureMap, architecture_for, get_module
+from residlab.models.devices import input_device
 from residlab.models.registry import packaged_model
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the input embedding's device; under a device map, later blocks may run elsewhere)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -268,7 +270,8 @@ class LanguageModel:
                 tracker.row_index, tracker.prompt_lengths = caller_rows[active], prompt_lengths
                 tracker.generated_scales = scales if schedule is not None else None
                 out = self._call(step_ids, step_mask, step_pos, cache, last_only=True)
-                logits = out.logits[:, -1, :].float()
+                # the logits come from the last block's device, which a device map may put elsewhere
+                logits = out.logits[:, -1, :].float().to(self.device)
                 next_token = pick_next_tokens(logits, sampling, generator)
                 for row, token in zip(active.tolist(), next_token.tolist(), strict=True):
                     generated[row].append(token)

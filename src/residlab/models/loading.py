@@ -25,43 +25,27 @@ from residlab.core.errors import ResidlabError
 from residlab.core.generation import eos_token_ids
 from residlab.core.io import atomic_path, atomic_write_text
 from residlab.models.assets import ensure_gguf, gguf_damage, gguf_path
+from residlab.models.devices import Hardware, Placement, placement, resolve_device, resolve_dtype
 from residlab.models.lm import LanguageModel
 from residlab.models.registry import PackagedModel, packaged_model
 
 _MARKER = "residlab.json"
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def bf16_is_fast() -> bool:
     """Whether this CPU has native bfloat16 matrix kernels (AVX512-BF16 / AMX), where bf16 roughly
     doubles torch's generation speed (measured: benchmarks/results/engines.md); on a GPU, always."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    hardware = Hardware.detect()
+    return bool(hardware.cuda_devices) or hardware.cpu_bf16
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``None`` -> float32 (exact: the default for analyses); ``"auto"`` -> bfloat16 where the hardware
-    runs it natively, else float32 (the default for generation commands); or a dtype name."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """``None`` -> float32 (exact: the default for analyses); ``"auto"`` -> what runs fast on ``device``
+    (bfloat16 on a GPU that has it, on a CPU where it is native; see
+    :func:`~residlab.models.devices.resolve_dtype`); or a dtype name."""
+    if dtype == "auto" and torch.device(device).type == "cpu":
         return torch.bfloat16 if bf16_is_fast() else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ResidlabError(f"unknown dtype {dtype!r}.", hint=f"use auto or one of {', '.join(_DTYPES)}.")
-    return _DTYPES[dtype]
+    return resolve_dtype(dtype, device)
 
 
 def require_transformers() -> None:
@@ -162,17 +146,23 @@ def ensure_converted(gguf: Callable[[], Path], target: Path, source_note: str, *
     return convert_gguf(gguf(), target, source_note)
 
 
-def _from_dir(path: Path, name: str, source: str, dtype: torch.dtype, device: str) -> LanguageModel:
+def _from_dir(path: Path | str, name: str, source: str, where: Placement) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
-    return LanguageModel(model, tokenizer, name=name, source=source)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **where.from_pretrained_kwargs())
+    if where.device_map is None:  # with a device map, accelerate has placed every block already
+        model = model.to(where.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
+    return LanguageModel(model.eval(), tokenizer, name=name, source=source)
 
 
 def load(
-    spec: str, *, dtype: str | torch.dtype | None = None, device: str = "cpu", verify: bool = False
+    spec: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    verify: bool = False,
 ) -> LanguageModel:
     """Load a model by packaged name, local dir, .gguf path or Hugging Face hub id.
 
@@ -180,9 +170,15 @@ def load(
     The hub is contacted only when ``spec`` is none of the local kinds. Cached files are checked
     against the checksums recorded when they were written (sampled bytes; every byte with
     ``verify``), and rebuilt when damaged.
+
+    ``device``: ``cpu`` (default), ``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``mps``;
+    ``device_map``: accelerate's ``auto`` (or a module -> device dict) spreads the blocks of a model
+    larger than one GPU over all of them (steering and recording hooks follow each block's device).
+    ``dtype`` ``auto`` picks what runs fast on the device (see :func:`parse_dtype`).
     """
     require_transformers()
-    torch_dtype = parse_dtype(dtype)
+    resolved = resolve_device(device)
+    where = placement(resolved, parse_dtype(dtype, resolved), device_map)
     packaged: PackagedModel | None = packaged_model(spec)
     if packaged is not None:
         target = ensure_converted(
@@ -191,7 +187,7 @@ def load(
             f"packaged:{packaged.name}",
             verify=verify,
         )
-        return _from_dir(target, packaged.name, f"packaged:{packaged.name}", torch_dtype, device)
+        return _from_dir(target, packaged.name, f"packaged:{packaged.name}", where)
 
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -202,18 +198,18 @@ def load(
         target = ensure_converted(
             lambda: path.resolve(), cache_dir() / "models" / "gguf" / key, f"gguf:{path}", verify=verify
         )
-        return _from_dir(target, path.stem, f"gguf:{path.resolve()}", torch_dtype, device)
+        return _from_dir(target, path.stem, f"gguf:{path.resolve()}", where)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ResidlabError(
                 f"{path} is a directory without a config.json, so it is not a model dir.",
                 hint="point at a directory made by save_pretrained, a .gguf file, or a packaged model name.",
             )
-        return _from_dir(path, path.name, f"dir:{path.resolve()}", torch_dtype, device)
+        return _from_dir(path, path.name, f"dir:{path.resolve()}", where)
     if spec.startswith((".", "/", "~")):
         raise ResidlabError(f"no model at {spec}.", hint="check the path (a model dir or a .gguf file).")
     try:
-        return _from_hub(spec, torch_dtype, device)
+        return _from_hub(spec, where)
     except OSError as err:
         raise ResidlabError(
             f"{spec!r} is not a packaged model, a local model dir or a .gguf file, and the Hugging Face hub "
@@ -300,13 +296,8 @@ def model_shape(spec: str) -> ModelDims:
     return ModelDims(lm.name, lm.num_layers, lm.hidden_size)
 
 
-def _from_hub(hub_id: str, dtype: torch.dtype, device: str) -> LanguageModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hub_id)
-    model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
-    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() narrowly
-    return LanguageModel(model, tokenizer, name=hub_id, source=f"hub:{hub_id}")
+def _from_hub(hub_id: str, where: Placement) -> LanguageModel:
+    return _from_dir(hub_id, hub_id, f"hub:{hub_id}", where)
 
 
 def verify_cached(model: PackagedModel) -> list[str]:

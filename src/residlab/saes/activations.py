@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,6 +239,44 @@ def _write_shard(folder: Path, index: int, rows: dict[str, list[torch.Tensor]], 
     return {"file": name, "tokens": int(perm.numel())}
 
 
+def chunk_rows(
+    lm: LanguageModel,
+    windows: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+    chunk: Sequence[int],
+    spec: HarvestSpec,
+) -> Rows:
+    """The rows one chunk of windows adds to a store (``windows[i]`` for each ``i`` in ``chunk``;
+    ``windows`` may hold only those, keyed by position in the full list): activations at the spec's
+    site and their provenance, on the CPU in the store's dtype."""
+    batch = lm.pad([windows[i] for i in chunk])
+    acts = site_activations(lm, batch, spec.layer, spec.site)
+    keep = keep_mask(lm, batch, spec.first_position)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    window_ids = torch.tensor(list(chunk), device=keep.device).unsqueeze(1).expand_as(keep)
+    return {
+        "activations": acts[keep].to("cpu", STORE_DTYPES[spec.store_dtype]),
+        "window": window_ids[keep].to("cpu", torch.int32),
+        "position": positions[keep].to("cpu", torch.int32),
+        "token": batch.input_ids[keep].to("cpu", torch.int32),
+    }
+
+
+Rows = dict[str, torch.Tensor]
+# Computes the rows of each chunk (lists of window indices), yielding them in the chunks' order; it
+# may run ahead (a Ray pool does) and is closed when the harvest has enough.
+ChunkRunner = Callable[[Sequence[list[int]], Iterator[list[int]], HarvestSpec], Iterator[Rows]]
+
+
+def local_chunks(lm: LanguageModel) -> ChunkRunner:
+    """The chunk runner of this process: one chunk at a time on ``lm``."""
+
+    def run(windows: Sequence[list[int]], chunks: Iterator[list[int]], spec: HarvestSpec) -> Iterator[Rows]:
+        for chunk in chunks:
+            yield chunk_rows(lm, windows, chunk, spec)
+
+    return run
+
+
 def harvest(
     lm: LanguageModel,
     documents: Sequence[str],
@@ -250,9 +288,13 @@ def harvest(
     shard_tokens: int = 65_536,
     seed: int = 0,
     progress: bool = True,
+    runner: ChunkRunner | None = None,
 ) -> tuple[ActivationStore, HarvestStats]:
     """Harvest ``spec`` from ``documents`` into ``root/<spec.folder_name>`` until it holds at least
-    ``max_tokens`` tokens (or the documents run out), resuming what an earlier call stored."""
+    ``max_tokens`` tokens (or the documents run out), resuming what an earlier call stored.
+
+    ``runner`` computes the chunks' rows (default: here, on ``lm``; a Ray pool spreads them over
+    actors): the chunks, the shards they fill and their shuffles are the same whoever computes them."""
     from tqdm.auto import tqdm
 
     from residlab.core.io import check_writable_dir
@@ -269,33 +311,34 @@ def harvest(
     manifest["windows_total"] = len(windows)
     stored = sum(int(s["tokens"]) for s in manifest["shards"])
     start_window = int(manifest["windows_done"])
-    dtype = STORE_DTYPES[spec.store_dtype]
     rows: dict[str, list[torch.Tensor]] = {"activations": [], "window": [], "position": [], "token": []}
     pending = 0
     started, harvested = time.perf_counter(), 0
     bar = tqdm(total=max_tokens, initial=min(stored, max_tokens), unit="tok", disable=not progress, desc="harvest")
     index = start_window
-    while index < len(windows) and stored + pending < max_tokens:
-        chunk = list(range(index, min(index + batch_size, len(windows))))
-        batch = lm.pad([windows[i] for i in chunk])
-        acts = site_activations(lm, batch, spec.layer, spec.site)
-        keep = keep_mask(lm, batch, spec.first_position)
-        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        window_ids = torch.tensor(chunk, device=keep.device).unsqueeze(1).expand_as(keep)
-        rows["activations"].append(acts[keep].to("cpu", dtype))
-        rows["window"].append(window_ids[keep].to("cpu", torch.int32))
-        rows["position"].append(positions[keep].to("cpu", torch.int32))
-        rows["token"].append(batch.input_ids[keep].to("cpu", torch.int32))
-        got = int(keep.sum())
-        pending, harvested, index = pending + got, harvested + got, chunk[-1] + 1
-        bar.update(got)
-        if pending >= shard_tokens or index >= len(windows) or stored + pending >= max_tokens:
-            manifest["shards"].append(_write_shard(folder, len(manifest["shards"]), rows, seed))
-            stored += pending
-            manifest["windows_done"] = index
-            write_json(manifest_path, manifest)
-            rows = {name: [] for name in rows}
-            pending = 0
+    chunks = (list(range(i, min(i + batch_size, len(windows)))) for i in range(start_window, len(windows), batch_size))
+    computed = (runner or local_chunks(lm))(windows, chunks, spec)
+    try:
+        for computed_rows in computed:
+            if stored + pending >= max_tokens:
+                break
+            for name in rows:
+                rows[name].append(computed_rows[name])
+            got = int(computed_rows["window"].numel())
+            # chunks are consecutive runs of batch_size windows from start_window
+            pending, harvested, index = pending + got, harvested + got, min(index + batch_size, len(windows))
+            bar.update(got)
+            if pending >= shard_tokens or index >= len(windows) or stored + pending >= max_tokens:
+                manifest["shards"].append(_write_shard(folder, len(manifest["shards"]), rows, seed))
+                stored += pending
+                manifest["windows_done"] = index
+                write_json(manifest_path, manifest)
+                rows = {name: [] for name in rows}
+                pending = 0
+    finally:
+        close = getattr(computed, "close", None)
+        if close is not None:
+            close()  # a runner that computed ahead stops here
     bar.close()
     seconds = time.perf_counter() - started
     manifest["complete"] = stored >= max_tokens or index >= len(windows)

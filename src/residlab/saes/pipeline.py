@@ -13,6 +13,7 @@ import torch
 from residlab.data.corpus import Corpus
 from residlab.saes.activations import (
     ActivationStore,
+    ChunkRunner,
     HarvestSpec,
     HarvestStats,
     harvest,
@@ -41,9 +42,17 @@ class HarvestRequest:
 
 
 def harvest_split(
-    lm: LanguageModel, corpus: Corpus, split: str, request: HarvestRequest, root: str | Path, *, progress: bool = True
+    lm: LanguageModel,
+    corpus: Corpus,
+    split: str,
+    request: HarvestRequest,
+    root: str | Path,
+    *,
+    progress: bool = True,
+    runner: ChunkRunner | None = None,
 ) -> tuple[ActivationStore, HarvestStats]:
-    """Harvest ``split`` (train or eval) of ``corpus`` at the requested site (resuming a stored harvest)."""
+    """Harvest ``split`` (train or eval) of ``corpus`` at the requested site (resuming a stored harvest);
+    ``runner`` computes the chunks elsewhere (a Ray pool), with the same result."""
     spec = HarvestSpec(
         model=lm.name,
         layer=lm.check_layer(request.layer),
@@ -63,6 +72,7 @@ def harvest_split(
         batch_size=request.batch_size,
         shard_tokens=request.shard_tokens,
         progress=progress,
+        runner=runner,
     )
 
 

@@ -28,6 +28,9 @@ class CompressConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"  # torch: bfloat16 where the CPU runs it natively, else float32
     engine: str = "auto"  # generation engine for traces and evaluation (auto: llamacpp when installed)
+    device: str = "cpu"  # torch: auto, cpu, cuda, cuda:N or mps
+    device_map: str | None = None  # torch: accelerate's "auto" spreads a large model over every GPU
+    n_gpu_layers: int | None = None  # llama.cpp: layers on the GPU (None: all where the build has GPU support)
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
     pairs: int = 48
     pair_source: str = "reference"

@@ -17,7 +17,7 @@ from typing import Any
 from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import Engine, open_engine
-from residlab.evaluation.runner import Decoding, evaluate
+from residlab.evaluation.runner import Decoding, Evaluator, evaluate
 from residlab.methods.asc.calibration import CalibrationProblems, calibrate_strength
 from residlab.methods.asc.conditions import compress_conditions
 from residlab.methods.asc.config import CompressConfig
@@ -31,13 +31,14 @@ from residlab.models.registry import packaged_model
 from residlab.recipes.calibration import Calibration
 
 
-def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
-    """The whole ASC pipeline; writes vector, records, report.md/json and plots into the run dir."""
+def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = evaluate) -> dict[str, Any]:
+    """The whole ASC pipeline; writes vector, records, report.md/json and plots into the run dir.
+    ``evaluator`` runs the evaluation stage (this process by default; a Ray pool spreads the problems)."""
     started = time.perf_counter()
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    lm = load(cfg.model, dtype=cfg.dtype)
-    engine = open_engine(cfg.model, cfg.engine, lm=lm)
+    lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    engine = open_engine(cfg.model, cfg.engine, lm=lm, n_gpu_layers=cfg.n_gpu_layers)
     log(f"      generation engine: {engine.kind} ({engine.identity})")
     stages = {"load": time.perf_counter() - started}
     concise, steering, choose = _vector_stage(lm, cfg, run_dir, engine, log)
@@ -83,7 +84,7 @@ def run_compress(cfg: CompressConfig, log: Log = print) -> dict[str, Any]:
         f"[4/4] evaluating {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems x {len(conditions)} conditions "
         f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
     )
-    records = {c.name: evaluate(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
+    records = {c.name: evaluator(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
     stages["evaluation"] = time.perf_counter() - started - sum(stages.values())
     outcome = CompressOutcome(
         config=cfg,
