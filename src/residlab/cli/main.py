@@ -298,8 +298,8 @@ _register_asc(app)
 
 from residlab.cli import analyze_lab2a_commands  # noqa: E402, F401  (registers cka, guidance, residual, criticality)
 from residlab.cli.analyze_commands import analyze_app  # noqa: E402
-from residlab.cli.recall_commands import recall as _recall_command  # noqa: E402, F401  (registers analyze recall)
 from residlab.cli.analyze_lab2b_commands import register as _register_lab2b  # noqa: E402
+from residlab.cli.recall_commands import recall as _recall_command  # noqa: E402, F401  (registers analyze recall)
 
 _register_lab2b(analyze_app)
 app.add_typer(analyze_app, name="analyze")
