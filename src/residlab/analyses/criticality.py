@@ -144,7 +144,7 @@ def fresh_copy(lm: LanguageModel, seed: int = 0, initializer_range: float | None
 
     from residlab.models.lm import LanguageModel
 
-    config = copy.deepcopy(lm.model.config)
+    config: Any = copy.deepcopy(lm.model.config)
     if initializer_range is not None:
         if not (initializer_range > 0 and math.isfinite(initializer_range)):
             raise ResidlabError(f"initializer_range must be > 0, got {initializer_range}.", hint="pass e.g. 0.02.")
