@@ -27,7 +27,7 @@ from residlab.cli.analyze_commands import (
     console,
 )
 from residlab.cli.errors import handle_errors
-from residlab.cli.options import DtypeOption, ModelOption
+from residlab.cli.options import DeviceOption, DtypeOption, ModelOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -46,7 +46,9 @@ def _floats(value: str, option: str) -> list[float]:
         ) from None
 
 
-def _begin(analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None) -> _Run:
+def _begin(
+    analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None, device: str
+) -> _Run:
     """Texts (a file, or held-out wiki documents), then the model; fails on bad input before the slow load."""
     from residlab.analyses.common import safe_name
     from residlab.core.io import check_writable_dir
@@ -61,7 +63,7 @@ def _begin(analysis: str, model: str, text_file: Path | None, limit: int | None,
 
         texts = list(load_corpus("wiki").split("eval")[: limit or 24])
     check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(texts)} texts")
     out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
     return _Run(lm, texts, out_dir, started)
@@ -82,14 +84,15 @@ def cka(
     first_position: FirstPosition = 1,
     seed: Seed = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Layer x layer linear CKA (biased and debiased) within a model or between two on the same text."""
     from residlab.analyses.cka import analyze_cka
     from residlab.models.loading import load
 
-    run = _begin("cka", model, text_file, limit, dtype, out)
-    second = load(other, dtype=dtype) if other else None
+    run = _begin("cka", model, text_file, limit, dtype, out, device)
+    second = load(other, dtype=dtype, device=device) if other else None
     result = analyze_cka(
         run.lm, run.texts, second, max_tokens=max_tokens, batch_size=batch_size, minibatch=minibatch,
         first_position=first_position, seed=seed, log=_log,
@@ -211,12 +214,13 @@ def residual(
     ] = "0,0.3,0.7,1.3",
     ranges: Annotated[int, typer.Option(min=1, help="Depth ranges for --range-alphas (3: early/middle/late).")] = 3,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Branch / skip norm ratios, residual-norm growth and an inference-time alpha sweep against held-out CE."""
     from residlab.analyses.residual_scaling import analyze_residual
 
-    run = _begin("residual", model, text_file, limit, dtype, out)
+    run = _begin("residual", model, text_file, limit, dtype, out, device)
     result = analyze_residual(
         run.lm, run.texts, max_tokens=max_tokens, batch_size=batch_size, first_position=first_position,
         alphas=_floats(alphas, "--alphas"), range_alphas=_floats(range_alphas, "--range-alphas"), ranges=ranges,
@@ -260,12 +264,13 @@ def criticality(
     ] = None,
     seed: Seed = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Preactivation variance and residual-norm growth with depth: trained model vs the same architecture at init."""
     from residlab.analyses.criticality import analyze_criticality
 
-    run = _begin("criticality", model, text_file, limit, dtype, out)
+    run = _begin("criticality", model, text_file, limit, dtype, out, device)
     result = analyze_criticality(
         run.lm, run.texts, max_tokens=max_tokens, batch_size=batch_size, first_position=first_position, eps=eps,
         seed=seed, initializer_range=init_range, log=_log,

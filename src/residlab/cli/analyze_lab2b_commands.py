@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from residlab.cli.errors import err_console, handle_errors
-from residlab.cli.options import DtypeOption, ModelOption, OptionalLayersOption
+from residlab.cli.options import DeviceOption, DtypeOption, ModelOption, OptionalLayersOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -59,7 +59,9 @@ class _Run:
             console.print(f"  {path}")
 
 
-def _start(analysis: str, model: str, corpus: str, train: int, evaluation: int, dtype: str, out: Path | None) -> _Run:
+def _start(
+    analysis: str, model: str, corpus: str, train: int, evaluation: int, dtype: str, out: Path | None, device: str
+) -> _Run:
     """Read the corpus and load the model (the corpus first: a bad name fails before a slow load)."""
     from residlab.analyses.common import safe_name
     from residlab.analyses.heldout import corpus_texts
@@ -69,7 +71,7 @@ def _start(analysis: str, model: str, corpus: str, train: int, evaluation: int, 
     started = time.perf_counter()
     train_texts, eval_texts = corpus_texts(corpus, train, evaluation)
     check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(train_texts)} train / {len(eval_texts)} held-out texts")
     out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
     return _Run(lm, train_texts, eval_texts, out_dir, started)
@@ -106,12 +108,13 @@ def codes(
     max_iter: Annotated[int, typer.Option(min=1, help="Steps of each logistic regression.")] = 100,
     seed: Seed = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """MLP sign codes per layer: redundancy, and the current / next token predicted from codes alone."""
     from residlab.analyses.codes import analyze_codes
 
-    run = _start("codes", model, corpus, train_texts, test_texts, dtype, out)
+    run = _start("codes", model, corpus, train_texts, test_texts, dtype, out, device)
     result = analyze_codes(
         run.lm,
         run.train,
@@ -177,13 +180,14 @@ def activations(
     max_tokens: MaxTokens = 128,
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """Swap each MLP's activation function (all layers or some) and report the held-out loss change."""
     from residlab.analyses.activation_swaps import analyze_activations
 
     names = [_activation(x.strip()) for x in swap.split(",") if x.strip()]
-    run = _start("activations", model, corpus, train_texts, eval_texts, dtype, out)
+    run = _start("activations", model, corpus, train_texts, eval_texts, dtype, out, device)
     result = analyze_activations(
         run.lm,
         run.evaluation,
@@ -233,12 +237,13 @@ def rsparse(
     batch_size: BatchSize = 8,
     seed: Seed = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Out = None,
 ) -> None:
     """R-Sparse: sparse + low-rank linear inputs at a target sparsity vs dense, top-k, low-rank and CETT."""
     from residlab.analyses.rsparse import analyze_rsparse
 
-    run = _start("rsparse", model, corpus, train_texts, eval_texts, dtype, out)
+    run = _start("rsparse", model, corpus, train_texts, eval_texts, dtype, out, device)
     result = analyze_rsparse(
         run.lm,
         run.train,

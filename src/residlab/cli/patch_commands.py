@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from residlab.cli.errors import err_console, handle_errors
-from residlab.cli.options import DtypeOption, ModelOption
+from residlab.cli.options import DeviceOption, DtypeOption, ModelOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -51,6 +51,7 @@ def patch(
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the generated datasets.")] = 0,
     dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: ./residlab-out/patching/<model>/<dataset>).")
     ] = None,
@@ -73,7 +74,7 @@ def patch(
     relp_rules = RelpRules(**{r: r in chosen_rules for r in RULES})
     out_dir = out if out is not None else Path("residlab-out") / "patching"
     check_writable_dir(out_dir)
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, seed=seed)
     err_console.print(f"loaded {lm.name}; {len(prompt_pairs)} {dataset} pairs", markup=False)
     run = measure_faithfulness(

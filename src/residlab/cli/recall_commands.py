@@ -14,7 +14,7 @@ from rich.table import Table
 
 from residlab.cli.analyze_commands import _fmt, _log, analyze_app, console
 from residlab.cli.errors import handle_errors
-from residlab.cli.options import DtypeOption, ModelOption
+from residlab.cli.options import DeviceOption, DtypeOption, ModelOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -108,6 +108,7 @@ def recall(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random control heads.")] = 0,
     dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: ./residlab-out/analyses/<model>/recall).")
     ] = None,
@@ -122,7 +123,7 @@ def recall(
     prompts = _prompts(prompt_file, templates, limit)  # a bad file fails before a slow load
     ks = _parse_ks(knockout_k)
     check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")
-    lm = load(model, dtype=dtype)
+    lm = load(model, dtype=dtype, device=device)
     _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(prompts)} recall prompts")
     result = analyze_recall(
         lm,
