@@ -231,6 +231,9 @@ def serve(
     positions: VectorPositionsOption = None,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    n_gpu_layers: NGpuLayersOption | None = None,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most new tokens one request may ask for.")] = 2048,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt (tokens) a request may send.")] = 4096,
     max_body_kb: Annotated[int, typer.Option(min=1, help="Largest request body in KiB (413 above it).")] = 1024,
@@ -260,7 +263,7 @@ def serve(
         max_new_tokens=max_tokens_limit,
         request_timeout_s=request_timeout,
     )
-    runner = open_engine(model, engine, dtype=dtype)
+    runner = open_engine(model, engine, dtype=dtype, device=device, device_map=device_map, n_gpu_layers=n_gpu_layers)
     vec = load_vector(vector, runner) if vector is not None else None
     library = VectorLibrary.from_directory(vectors, runner) if vectors is not None else None
     rule = positions.rule if positions is not None else recorded_rule([vec.position_rule]) if vec else None
