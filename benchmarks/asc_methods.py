@@ -183,7 +183,8 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         f"# ASC methods on GSM8K ({args.model}, {args.engine} {args.dtype}, commit {commit})",
         "",
         f"Pairs {args.pairs} ({args.keep}); greedy, {args.max_new_tokens} new tokens at most, batch {args.batch_size}. "
-        "Rows of a split are on the same problems (offset..offset+n-1 of that split).",
+        "Rows of a split are on the same problems (offset..offset+n-1 of that split). s/problem and speedup are "
+        "wall-clock on the machine as it was when each condition ran: on a shared machine they compare nothing.",
         "",
         "| split | offset | method | adaptive | n | accuracy (95% CI) | mean tokens | reduction | acc. diff "
         "| McNemar p | s/problem | speedup | tokens saved within 2 pts (95% CI) |",
