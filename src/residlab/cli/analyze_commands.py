@@ -54,19 +54,37 @@ class _Run:
 
     def finish(self, paths: list[Path]) -> None:
         """Print where the results went."""
-        console.print(f"wrote {len(paths)} files to {paths[0].parent} in {time.perf_counter() - self.started:.0f} s:")
-        for path in paths:
-            console.print(f"  {path}")
+        report_written(paths, self.started)
+
+
+def report_written(paths: list[Path], started: float) -> None:
+    """Print where an analysis's results went and how long it took."""
+    console.print(f"wrote {len(paths)} files to {paths[0].parent} in {time.perf_counter() - started:.0f} s:")
+    for path in paths:
+        console.print(f"  {path}")
+
+
+def load_for_analysis(
+    analysis: str, model: str, dtype: str, device: str, out: Path | None, texts_note: str
+) -> tuple[LanguageModel, Path]:
+    """Check the output folder, load the model (after the texts were read: a bad file fails before a
+    slow load) and say so; returns the model and the analysis's output folder."""
+    from residlab.analyses.common import safe_name
+    from residlab.core.io import check_writable_dir
+    from residlab.models.loading import load
+
+    check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")  # before the slow part
+    loading = time.perf_counter()
+    lm = load(model, dtype=dtype, device=device)
+    _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - loading:.1f} s; {texts_note}")
+    return lm, out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
 
 
 def _start(
     analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None, device: str
 ) -> _Run:
     """Read the texts and load the model (texts first: a bad file fails before a slow load)."""
-    from residlab.analyses.common import safe_name
-    from residlab.core.io import check_writable_dir
     from residlab.data.texts import read_texts
-    from residlab.models.loading import load
 
     started = time.perf_counter()
     if text_file is None:
@@ -75,11 +93,7 @@ def _start(
             hint="pass --text-file FILE (one text per line, or a .jsonl such as GSM8K's test.jsonl).",
         )
     texts = read_texts(text_file, limit=limit)
-    check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")  # before the slow part
-    loading = time.perf_counter()
-    lm = load(model, dtype=dtype, device=device)
-    _log(f"loaded {lm.name} ({lm.num_layers} layers) in {time.perf_counter() - loading:.1f} s; {len(texts)} texts")
-    out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
+    lm, out_dir = load_for_analysis(analysis, model, dtype, device, out, f"{len(texts)} texts")
     return _Run(lm, texts, out_dir, started)
 
 

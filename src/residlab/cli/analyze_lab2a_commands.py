@@ -25,6 +25,7 @@ from residlab.cli.analyze_commands import (
     _Run,
     analyze_app,
     console,
+    load_for_analysis,
 )
 from residlab.cli.errors import handle_errors
 from residlab.cli.options import DeviceOption, DtypeOption, ModelOption
@@ -50,10 +51,7 @@ def _begin(
     analysis: str, model: str, text_file: Path | None, limit: int | None, dtype: str, out: Path | None, device: str
 ) -> _Run:
     """Texts (a file, or held-out wiki documents), then the model; fails on bad input before the slow load."""
-    from residlab.analyses.common import safe_name
-    from residlab.core.io import check_writable_dir
     from residlab.data.texts import read_texts
-    from residlab.models.loading import load
 
     started = time.perf_counter()
     if text_file is not None:
@@ -62,10 +60,7 @@ def _begin(
         from residlab.data.corpus import load_corpus
 
         texts = list(load_corpus("wiki").split("eval")[: limit or 24])
-    check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")
-    lm = load(model, dtype=dtype, device=device)
-    _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(texts)} texts")
-    out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
+    lm, out_dir = load_for_analysis(analysis, model, dtype, device, out, f"{len(texts)} texts")
     return _Run(lm, texts, out_dir, started)
 
 

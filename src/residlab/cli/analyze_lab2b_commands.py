@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from residlab.cli.errors import err_console, handle_errors
+from residlab.cli.analyze_commands import _fmt, load_for_analysis, report_written
+from residlab.cli.errors import handle_errors
 from residlab.cli.options import DeviceOption, DtypeOption, ModelOption, OptionalLayersOption
 from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
@@ -37,14 +38,6 @@ Seed = Annotated[int, typer.Option(help="Seed of every random choice.")]
 Out = Annotated[Path | None, typer.Option(help="Output folder (default: ./residlab-out/analyses/<model>/<analysis>).")]
 
 
-def _log(message: str) -> None:
-    err_console.print(message, markup=False)
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None or value != value else format(value, spec)
-
-
 @dataclass(frozen=True)
 class _Run:
     lm: LanguageModel
@@ -54,26 +47,20 @@ class _Run:
     started: float
 
     def finish(self, paths: list[Path]) -> None:
-        console.print(f"wrote {len(paths)} files to {paths[0].parent} in {time.perf_counter() - self.started:.0f} s:")
-        for path in paths:
-            console.print(f"  {path}")
+        """Print where the results went."""
+        report_written(paths, self.started)
 
 
 def _start(
     analysis: str, model: str, corpus: str, train: int, evaluation: int, dtype: str, out: Path | None, device: str
 ) -> _Run:
     """Read the corpus and load the model (the corpus first: a bad name fails before a slow load)."""
-    from residlab.analyses.common import safe_name
     from residlab.analyses.heldout import corpus_texts
-    from residlab.core.io import check_writable_dir
-    from residlab.models.loading import load
 
     started = time.perf_counter()
     train_texts, eval_texts = corpus_texts(corpus, train, evaluation)
-    check_writable_dir(out if out is not None else Path("residlab-out") / "analyses")
-    lm = load(model, dtype=dtype, device=device)
-    _log(f"loaded {lm.name} ({lm.num_layers} layers); {len(train_texts)} train / {len(eval_texts)} held-out texts")
-    out_dir = out if out is not None else Path("residlab-out") / "analyses" / safe_name(lm.name) / analysis
+    note = f"{len(train_texts)} train / {len(eval_texts)} held-out texts"
+    lm, out_dir = load_for_analysis(analysis, model, dtype, device, out, note)
     return _Run(lm, train_texts, eval_texts, out_dir, started)
 
 
