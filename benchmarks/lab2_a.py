@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 SECOND_MODEL = "smollm2-135m-instruct"
@@ -30,15 +31,6 @@ OPTIONS: dict[str, Any] = {
     "seeds": 3,
     "conditions": "baseline,guided",
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _texts(count: int) -> list[str]:
@@ -234,7 +226,7 @@ def main() -> None:
     )
     torch.set_num_threads(2)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    data.update(commit=_commit(), machine=f"{platform.machine()}, torch {torch.__version__}, 2 threads")
+    data.update(commit=commit(), machine=f"{platform.machine()}, torch {torch.__version__}, 2 threads")
     for name in args.only.split(","):
         fn = sections()[name.strip()]
         section, seconds = _timed(fn)

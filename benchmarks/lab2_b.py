@@ -18,11 +18,12 @@ import argparse
 import functools
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path("residlab-out") / "benchmarks" / "lab2_b"  # PNGs stay out of the repository
@@ -108,13 +109,6 @@ def sections(model: str | None = None) -> dict[str, Callable[[], dict[str, Any]]
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=RESULTS).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _markdown(payload: dict[str, Any]) -> str:
     lines = [f"# Analyses II (b) on {payload['model']}", "", f"commit {payload['commit']}, {payload['machine']}", ""]
     for name, section in payload["sections"].items():
@@ -147,7 +141,7 @@ def main() -> None:
     for name in chosen:
         print(f"== {name}", flush=True)
         payload["sections"][name] = table[name]()
-        payload.update(model=args.model, commit=_commit(), machine=f"{platform.machine()}, {platform.processor()}")
+        payload.update(model=args.model, commit=commit(), machine=f"{platform.machine()}, {platform.processor()}")
         write_json(args.out, payload)
         args.out.with_suffix(".md").write_text(_markdown(payload))
     print(args.out.with_suffix(".md").read_text())

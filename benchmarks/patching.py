@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
+
+from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 FIELDS = (
@@ -32,15 +33,6 @@ FIELDS = (
     "seconds_atp",
     "seconds_relp",
 )
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_one(model: str, dataset: str, pairs: int, max_rows: int, out_dir: Path) -> dict:
@@ -91,7 +83,7 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, out_dir: Path) 
         "families": families,
         "total_seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
-        "commit": _commit(),
+        "commit": commit(),
     }
 
 

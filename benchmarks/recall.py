@@ -17,22 +17,14 @@ import argparse
 import gc
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from provenance import commit
+
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODELS = "qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct,gemma-3-270m"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _parse() -> argparse.Namespace:
@@ -190,7 +182,7 @@ def main() -> None:
         "threads": args.threads,
     }
     for row in rows:
-        row["commit"] = _commit()
+        row["commit"] = commit()
         row["config"] = config
     done = {row["model"] for row in rows}
     if args.out.exists():  # models measured by an earlier run (one model per run keeps each run short) stay
@@ -198,7 +190,7 @@ def main() -> None:
         earlier = [{"config": before.get("config"), **row} for row in before.get("models", [])]
         rows = [row for row in earlier if row["model"] not in done] + rows
     report = {
-        "commit": _commit(),
+        "commit": commit(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "config": config,
         "models": rows,

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
+
+from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 KEYS = (
@@ -25,15 +26,6 @@ KEYS = (
     "ce_loss_original ce_loss_sae ce_loss_zero_ablation ce_loss_recovered delta_lm_loss harvest_tokens_per_s "
     "train_tokens_per_s commit"
 ).split()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _parse() -> argparse.Namespace:
@@ -130,7 +122,7 @@ def main() -> None:
         )
         result.save(run_dir / "eval")
         row = {**result.row(), "harvest_tokens_per_s": harvest_tps, "train_tokens_per_s": trained.tokens_per_s}
-        rows.append({key: row.get(key, _commit() if key == "commit" else None) for key in KEYS})
+        rows.append({key: row.get(key, commit() if key == "commit" else None) for key in KEYS})
         extra[name] = {"stability": result.stability, "downstream": result.downstream}
         if cfg.arch == "vsae":  # the other sampling setting of the same SAE, for the side-by-side
             other = evaluate_sae(lm, trained.sae, eval_store, windows, mean, sample=not sample)

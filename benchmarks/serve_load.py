@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import commit
 
 from residlab import load
 from residlab.data.problems import load_problems
@@ -158,7 +158,7 @@ def main() -> None:
         "concurrent_batch_size": {"mean": mean_batch, "histogram": histogram},
         # the machine is shared: its 1-minute load average before, between and after the two runs
         "load_average": loads,
-        "commit": _commit(),
+        "commit": commit(),
         "total_s": time.perf_counter() - began,
     }
     write(result, [o.text for o in solo], Path(args.out))
@@ -180,13 +180,6 @@ def direct_checks(lm, library: VectorLibrary, requests: list[LoadRequest], max_t
         )[0]
         texts.append(generation.text)
     return texts
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def write(result: dict, texts: list[str], out: Path) -> None:
