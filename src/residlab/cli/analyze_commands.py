@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 analyze_app = typer.Typer(
     name="analyze",
-    help="Residual-stream analyses: depth usage, activation sparsity, hidden-dimension concentration.",
+    help="Residual-stream analyses: depth usage, activation sparsity, hidden dimensions, factual recall, CKA and "
+    "guidance, residual scaling, criticality, activation codes and swaps, R-Sparse.",
     no_args_is_help=True,
 )
 console = Console(highlight=False, soft_wrap=True)
