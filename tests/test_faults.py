@@ -367,14 +367,27 @@ def test_records_are_not_reused_after_the_problem_changed(qwen, tmp_path):
 
 
 def _evaluate_in_process(out_dir: str, barrier) -> None:
+    import os
+    from pathlib import Path
+
     from residlab.data import load_problems
-    from residlab.evaluation.runner import Condition, Decoding, evaluate
+    from residlab.evaluation import runner
     from residlab.testing import tiny_model
 
+    generated = []  # the problems this process generated (not taken from the other's records)
+    run_batch = runner.run_batch
+
+    def counting(engine, problems, *args, **kwargs):
+        generated.extend(p.id for p in problems)
+        return run_batch(engine, problems, *args, **kwargs)
+
+    runner.run_batch = counting
     problems = load_problems("synthetic", "test", limit=12)
+    lm = tiny_model("qwen2")
     barrier.wait(30)
-    condition, decoding = Condition("baseline", "{question}"), Decoding(max_new_tokens=4, batch_size=2)
-    evaluate(tiny_model("qwen2"), problems, condition, decoding, out_dir, progress=False)
+    condition, decoding = runner.Condition("baseline", "{question}"), runner.Decoding(max_new_tokens=4, batch_size=2)
+    runner.evaluate(lm, problems, condition, decoding, out_dir, progress=False)
+    (Path(out_dir) / f"generated-{os.getpid()}.json").write_text(json.dumps(generated))
 
 
 def test_two_identical_evaluations_at_once_store_each_problem_once(tmp_path):
@@ -391,6 +404,8 @@ def test_two_identical_evaluations_at_once_store_each_problem_once(tmp_path):
     (path,) = list(tmp_path.glob("baseline-*.jsonl"))
     records = [EvalRecord.from_json(json.loads(line)) for line in path.read_text().splitlines()]
     assert sorted(r.id for r in records) == sorted(f"synthetic-{i:05d}" for i in range(12))
+    generated = [i for f in tmp_path.glob("generated-*.json") for i in json.loads(f.read_text())]
+    assert sorted(generated) == sorted(r.id for r in records)  # each problem generated once, by one run
 
 
 @pytest.mark.parametrize(("option", "value"), [("--batch-size", "0"), ("--max-new-tokens", "0"), ("--limit", "0"),

@@ -115,3 +115,56 @@ def _locked(fh: IO[bytes], *, shared: bool) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class WorkClaims:
+    """Claims on pieces of work that several processes may start at once (the batches of one store's
+    records): a claim is a one-byte ``fcntl`` record lock in a ``.claims`` file beside the store, at an
+    offset derived from the piece's key. The kernel drops a dead process's locks, so a killed run
+    never leaves a stale claim. Locks are per process: threads of one process do not exclude each other.
+
+    Use it as a context manager (it holds the file open: closing any descriptor of the file would drop
+    the process's claims); :meth:`try_claim` does not wait, :meth:`claim` waits for the holder.
+    """
+
+    _SLOTS = 2**31 - 1  # offsets a key can map to; two keys sharing one only serialise their work
+
+    def __init__(self, store_path: str | os.PathLike[str]) -> None:
+        self.path = Path(store_path).with_suffix(".claims")
+        self._fh: IO[bytes] | None = None
+
+    def __enter__(self) -> WorkClaims:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()  # releases every claim still held
+            self._fh = None
+
+    def _offset(self, key: str) -> int:
+        import hashlib
+
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self._SLOTS
+
+    def _lock(self, key: str, flags: int) -> None:
+        if self._fh is None:
+            raise RuntimeError("WorkClaims is used outside its `with` block")
+        fcntl.lockf(self._fh.fileno(), flags, 1, self._offset(key))
+
+    def try_claim(self, key: str) -> bool:
+        """Claim ``key`` if no other process holds it; ``False`` (without waiting) if one does."""
+        try:
+            self._lock(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def claim(self, key: str) -> None:
+        """Claim ``key``, waiting until the process holding it releases it (or dies)."""
+        self._lock(key, fcntl.LOCK_EX)
+
+    def release(self, key: str) -> None:
+        """Give ``key`` back."""
+        self._lock(key, fcntl.LOCK_UN)

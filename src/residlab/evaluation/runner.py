@@ -9,11 +9,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from residlab.core.errors import ResidlabError
 from residlab.core.generation import Generation, SamplingParams
-from residlab.core.records import JsonlStore
+from residlab.core.records import JsonlStore, WorkClaims
 from residlab.data import Problem
 from residlab.engines import Engine, SteeringSpec, as_engine
 from residlab.evaluation.grading import grade
@@ -123,7 +123,52 @@ def evaluate(
         bar = tqdm(
             total=len(problems), initial=len(problems) - len(todo), desc=condition.name, unit="problem", file=sys.stderr
         )
-    for batch in plan_batches(todo, decoding):
+    if todo:
+        _generate_missing(engine, store, todo, condition, decoding, done, bar)
+    if bar is not None:
+        bar.close()
+    return [done[p.id] for p in problems]
+
+
+def _generate_missing(
+    engine: Engine,
+    store: JsonlStore,
+    todo: list[Problem],
+    condition: Condition,
+    decoding: Decoding,
+    done: dict[str, EvalRecord],
+    bar: Any,
+) -> None:
+    """Generate the planned batches of ``todo`` into ``store`` and ``done``. A batch another run is
+    generating right now is left to the end and then waited for (by then it is usually stored), so two
+    runs started at once share the work instead of generating the same batches twice."""
+    with WorkClaims(store.path) as claims:
+        deferred = []
+        for batch in plan_batches(todo, decoding):
+            if not claims.try_claim(batch[0].id):
+                deferred.append(batch)
+                continue
+            _run_claimed(engine, store, claims, batch, condition, decoding, done)
+            if bar is not None:
+                bar.update(len(batch))
+        for batch in deferred:
+            claims.claim(batch[0].id)
+            _run_claimed(engine, store, claims, batch, condition, decoding, done)
+            if bar is not None:
+                bar.update(len(batch))
+
+
+def _run_claimed(
+    engine: Engine,
+    store: JsonlStore,
+    claims: WorkClaims,
+    batch: list[Problem],
+    condition: Condition,
+    decoding: Decoding,
+    done: dict[str, EvalRecord],
+) -> None:
+    """Generate, grade and store what of a claimed ``batch`` is not stored yet; release the claim."""
+    try:
         # another run on the same records may have done some of them meanwhile: share its work
         done.update(matching_records(store, batch))
         chunk = [p for p in batch if p.id not in done]
@@ -132,11 +177,8 @@ def evaluate(
             # What the store holds for them: a concurrent run that stored one first wins, no duplicate.
             stored = store.append(r.to_json() for r in fresh)
             done.update((r["id"], EvalRecord.from_json(r)) for r in stored)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return [done[p.id] for p in problems]
+    finally:
+        claims.release(batch[0].id)
 
 
 def plan_batches(todo: Sequence[Problem], decoding: Decoding) -> list[list[Problem]]:
