@@ -4,6 +4,7 @@ complete and goes on; two runs on one file share it instead of corrupting it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -151,7 +152,13 @@ class WorkClaims:
     def _lock(self, key: str, flags: int) -> None:
         if self._fh is None:
             raise RuntimeError("WorkClaims is used outside its `with` block")
-        fcntl.lockf(self._fh.fileno(), flags, 1, self._offset(key))
+        try:
+            fcntl.lockf(self._fh.fileno(), flags, 1, self._offset(key))
+        except OSError as exc:
+            # A file system without record locks (some network mounts): claims only save duplicate work,
+            # the store itself still keeps one record per key, so go on without them.
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
 
     def try_claim(self, key: str) -> bool:
         """Claim ``key`` if no other process holds it; ``False`` (without waiting) if one does."""
