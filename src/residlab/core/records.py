@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -145,8 +146,6 @@ class WorkClaims:
             self._fh = None
 
     def _offset(self, key: str) -> int:
-        import hashlib
-
         return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self._SLOTS
 
     def _lock(self, key: str, flags: int) -> None:
