@@ -46,6 +46,7 @@ def main() -> None:
 
     cfg = CompressConfig(
         model=args.model,
+        kl_bound=True,  # this benchmark reports the paper's bound
         dtype=args.dtype,
         engine=args.engine,
         pairs=args.pairs,

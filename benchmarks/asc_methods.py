@@ -142,14 +142,14 @@ def main() -> None:
         )
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
-        runs[f"{args.split}:{args.offset}:{args.limit}:{label}"] = {
+        runs[f"{args.split}:{args.offset}:{args.limit}:{label}:{args.strength or 'tuned'}"] = {
             "seconds": report["seconds"],
             "stage_seconds": report.get("stage_seconds"),
             "layer": report["layer"],
             "strength": report["strength"],
             "n_pairs": report["n_pairs"],
             "learned": report.get("learned"),
-            "calibration_strength": report["calibration"]["strength"],
+            "calibration_strength": (report["calibration"] or {}).get("strength"),  # None: KL bound not run
         }
         for row in _rows(label, report, args.split, args.offset):
             rows[_key(row)] = row
@@ -157,7 +157,7 @@ def main() -> None:
 
 
 def _key(row: dict[str, Any]) -> str:
-    return f"{row['split']}|{row['offset']}|{row['n']}|{row['method']}|{row['condition']}"
+    return f"{row['split']}|{row['offset']}|{row['n']}|{row['method']}|{row['condition']}|{row['strength']}"
 
 
 def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs: dict[str, Any]) -> None:

@@ -215,6 +215,7 @@ def asc(check: Check) -> dict[str, Any]:
         cfg = CompressConfig(
             model=check.args.model,
             dtype="float32",  # the KL calibration then runs on the same GPU model
+            kl_bound=True,
             engine="torch",
             device=check.args.device,
             limit=check.args.asc_limit,

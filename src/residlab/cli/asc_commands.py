@@ -45,6 +45,13 @@ def compress(
     pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 48,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
+    kl_bound: Annotated[
+        bool,
+        typer.Option(
+            help="Also compute the paper's KL bound for the vector (minutes of float32 work on a CPU; always "
+            "computed for --strength auto). It is loose by ~10^6 on the packaged models, so it is off by default."
+        ),
+    ] = False,
     pair_source: Annotated[
         str,
         typer.Option(
@@ -136,6 +143,7 @@ def compress(
         pairs=pairs,
         pairs_dataset=pairs_dataset,
         calibration_states=calibration_states,
+        kl_bound=kl_bound,
         pair_source=pair_source,
         pair_samples=pair_samples,
         max_concise_ratio=max_concise_ratio,

@@ -18,7 +18,7 @@ from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import Engine, open_engine
 from residlab.evaluation.runner import Decoding, Evaluator, evaluate
-from residlab.methods.asc.calibration import CalibrationProblems, calibrate_strength
+from residlab.methods.asc.calibration import CalibratedStrength, CalibrationProblems, calibrate_strength
 from residlab.methods.asc.conditions import compress_conditions
 from residlab.methods.asc.config import CompressConfig
 from residlab.methods.asc.report import CompressOutcome, write_report
@@ -29,6 +29,7 @@ from residlab.models.lm import LanguageModel
 from residlab.models.loading import load
 from residlab.models.registry import packaged_model
 from residlab.recipes.calibration import Calibration
+from residlab.vectors.steering_vector import SteeringVector
 
 
 def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = evaluate) -> dict[str, Any]:
@@ -51,26 +52,10 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
         f"= {extraction.relative_norm(layer):.1%} of the residual norm {extraction.residual_norm[layer]:.1f}"
     )
 
-    log(f"[3/4] calibrating the strength (KL bound, eps={cfg.eps})")
-    unit = raw.select([layer]).normalized()
-    calibrated = calibrate_strength(
-        cfg.model,
-        CalibrationProblems.after_pairs(cfg),
-        layer,
-        unit.directions[layer],
-        eps=cfg.eps,
-        lm=lm,
-        choose=choose,
-    )
-    bound = calibrated.calibration
-    log(
-        f"      a={bound.a:.3g}, L={bound.lipschitz:.3g}: bound strength {bound.strength:.4g} "
-        f"(measured KL median {bound.measured_kl_median:.2e}; centred-logit bound: "
-        f"{bound.strength_centred:.4g}); using strength {calibrated.strength:.4g} "
-        f"(measured KL median {calibrated.measured_kl_median:.3g}, bound {calibrated.bound:.3g})"
-    )
+    strength, calibrated = _strength_stage(lm, cfg, layer, raw.select([layer]).normalized(), choose, log)
     stages["calibration"] = time.perf_counter() - started - sum(stages.values())
-    vector = steering_vector(concise, layer, calibrated.strength, cfg.positions, bound.strength)
+    bound_strength = calibrated.calibration.strength if calibrated is not None else None
+    vector = steering_vector(concise, layer, strength, cfg.positions, bound_strength)
     vector_path = vector.save(run_dir / "concise.safetensors")
     lens = vector_lens(lm, vector)
     log(f"      logit lens of the vector: promotes {lens.promotes[:8]}, suppresses {lens.suppresses[:8]}")
@@ -79,7 +64,7 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
         cfg.eval_dataset, cfg.eval_split, data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.eval_offset
     )
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    conditions = compress_conditions(cfg.condition_names, vector, calibrated.strength, cfg.positions)
+    conditions = compress_conditions(cfg.condition_names, vector, strength, cfg.positions)
     log(
         f"[4/4] evaluating {len(problems)} {cfg.eval_dataset} {cfg.eval_split} problems x {len(conditions)} conditions "
         f"(greedy, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
@@ -94,6 +79,7 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
         dtype=str(lm.dtype).removeprefix("torch.") if engine.kind == "torch" else "GGUF weights",
         concise=concise,
         steering=steering,
+        strength=strength,
         calibrated=calibrated,
         lens=lens,
         records=records,
@@ -105,9 +91,36 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
     return write_report(run_dir, outcome, log)
 
 
+def _strength_stage(
+    lm: LanguageModel,
+    cfg: CompressConfig,
+    layer: int,
+    unit: SteeringVector,
+    choose: Callable[[Calibration | None], float],
+    log: Log,
+) -> tuple[float, CalibratedStrength | None]:
+    """The strength on the unit vector, and the KL-bound calibration when ``cfg`` runs it (else None)."""
+    if not cfg.runs_kl_bound:
+        strength = choose(None)
+        log(f"[3/4] strength {strength:.4g} on the unit vector; KL bound not computed (--kl-bound computes it)")
+        return strength, None
+    log(f"[3/4] calibrating the strength (KL bound, eps={cfg.eps})")
+    calibrated = calibrate_strength(
+        cfg.model, CalibrationProblems.after_pairs(cfg), layer, unit.directions[layer], eps=cfg.eps, lm=lm, choose=choose
+    )
+    bound = calibrated.calibration
+    log(
+        f"      a={bound.a:.3g}, L={bound.lipschitz:.3g}: bound strength {bound.strength:.4g} "
+        f"(measured KL median {bound.measured_kl_median:.2e}; centred-logit bound: "
+        f"{bound.strength_centred:.4g}); using strength {calibrated.strength:.4g} "
+        f"(measured KL median {calibrated.measured_kl_median:.3g}, bound {calibrated.bound:.3g})"
+    )
+    return calibrated.strength, calibrated
+
+
 def _vector_stage(
     lm: LanguageModel, cfg: CompressConfig, run_dir: Path, engine: Engine, log: Log
-) -> tuple[ConciseVector, SteeringChoice, Callable[[Calibration], float]]:
+) -> tuple[ConciseVector, SteeringChoice, Callable[[Calibration | None], float]]:
     """The vector by ``cfg.method``, the steering layer and strength, and how the strength is chosen
     from the calibration (a refined method's vector carries its own strength: its norm)."""
     method = vector_method(cfg.method)

@@ -37,7 +37,8 @@ class CompressOutcome:
     dtype: str  # the torch dtype of the generating model, or "GGUF weights"
     concise: ConciseVector
     steering: SteeringChoice
-    calibrated: CalibratedStrength
+    strength: float  # on the unit vector
+    calibrated: CalibratedStrength | None  # the KL-bound calibration, when the run computed it
     lens: VectorLens
     records: dict[str, list[EvalRecord]]  # per condition, in the config's order (the first is the baseline)
     n_eval: int
@@ -79,7 +80,7 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "n_pairs": concise.pairs.n_pairs,
         "n_eval": outcome.n_eval,
         "layer": outcome.steering.layer,
-        "strength": outcome.calibrated.strength,
+        "strength": outcome.strength,
         "strength_applies_to": "unit vector",
         "positions": cfg.positions,
         "steering_sources": {"layer": outcome.steering.layer_source, "strength": outcome.steering.strength_source},
@@ -88,7 +89,7 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         or None,
         "separation": concise.extraction.separation,
         "residual_norm": concise.extraction.residual_norm,
-        "calibration": outcome.calibrated.report(),
+        "calibration": outcome.calibrated.report() if outcome.calibrated is not None else None,
         "vector_promotes": outcome.lens.promotes,
         "vector_suppresses": outcome.lens.suppresses,
         "conditions": {name: asdict(s) for name, s in summaries.items()},
@@ -140,7 +141,12 @@ def _comparisons(outcome: CompressOutcome, summaries: dict[str, ConditionSummary
 def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
     """report.md: how the vector was made, the results table and the paired comparisons."""
     cfg, steering = outcome.config, outcome.steering
-    strength, bound = outcome.calibrated.strength, outcome.calibrated.calibration.strength
+    strength = outcome.strength
+    bound = (
+        f"KL-bound strength for eps={cfg.eps}: {outcome.calibrated.calibration.strength:.4g}"
+        if outcome.calibrated is not None
+        else "KL bound not computed"
+    )
     projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
     sides = "concise vs plain instruction" if cfg.method == "prompt-contrast" else f"{cfg.pair_source} concise traces"
     adaptive = f", adaptive strength {cfg.adaptive}" if cfg.adaptive else ""
@@ -150,7 +156,7 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
         f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({sides}"
         f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, "
         f"strength {strength:.4g}{adaptive} on the unit "
-        f"vector (KL-bound strength for eps={cfg.eps}: {bound:.4g}), positions {cfg.positions}.",
+        f"vector ({bound}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",
         f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
         f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, engine {outcome.engine_identity}.",

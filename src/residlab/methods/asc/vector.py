@@ -114,7 +114,7 @@ def build_concise_vector(
 
 
 def steering_vector(
-    concise: ConciseVector, layer: int, strength: float, positions: str, kl_bound_strength: float
+    concise: ConciseVector, layer: int, strength: float, positions: str, kl_bound_strength: float | None
 ) -> SteeringVector:
     """The unit vector at ``layer`` that compress saves, recording how strongly and where to apply it."""
     raw = concise.vector
