@@ -105,9 +105,8 @@ def _strength_stage(
         log(f"[3/4] strength {strength:.4g} on the unit vector; KL bound not computed (--kl-bound computes it)")
         return strength, None
     log(f"[3/4] calibrating the strength (KL bound, eps={cfg.eps})")
-    calibrated = calibrate_strength(
-        cfg.model, CalibrationProblems.after_pairs(cfg), layer, unit.directions[layer], eps=cfg.eps, lm=lm, choose=choose
-    )
+    problems = CalibrationProblems.after_pairs(cfg)
+    calibrated = calibrate_strength(cfg.model, problems, layer, unit.directions[layer], eps=cfg.eps, lm=lm, choose=choose)
     bound = calibrated.calibration
     log(
         f"      a={bound.a:.3g}, L={bound.lipschitz:.3g}: bound strength {bound.strength:.4g} "
