@@ -106,7 +106,8 @@ def _strength_stage(
         return strength, None
     log(f"[3/4] calibrating the strength (KL bound, eps={cfg.eps})")
     problems = CalibrationProblems.after_pairs(cfg)
-    calibrated = calibrate_strength(cfg.model, problems, layer, unit.directions[layer], eps=cfg.eps, lm=lm, choose=choose)
+    direction = unit.directions[layer]
+    calibrated = calibrate_strength(cfg.model, problems, layer, direction, eps=cfg.eps, lm=lm, choose=choose)
     bound = calibrated.calibration
     log(
         f"      a={bound.a:.3g}, L={bound.lipschitz:.3g}: bound strength {bound.strength:.4g} "
