@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--adaptive", default="until-answer", help="the adaptive rows' schedule ('': none)")
+    parser.add_argument(
+        "--prompt-baselines", default=",".join(PROMPT_BASELINES), help="prompt-only conditions (first method)"
+    )
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--offset", type=int, default=1000, help="first eval problem (train: past the pairs)")
     parser.add_argument("--limit", type=int, default=24)
@@ -120,7 +123,8 @@ def main() -> None:
     runs = dict(previous.get("runs", {}))
     for index, label in enumerate(m for m in args.methods.split(",") if m):
         steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
-        conditions = ("baseline", *steered, *PROMPT_BASELINES) if index == 0 else ("baseline", *steered)
+        prompt_only = tuple(p for p in args.prompt_baselines.split(",") if p) if index == 0 else ()
+        conditions = ("baseline", *steered, *prompt_only)
         cfg = CompressConfig(
             model=args.model,
             dtype=args.dtype,
