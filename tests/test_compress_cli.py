@@ -32,7 +32,8 @@ def test_compress_sweep_and_eval_smoke(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = work / "tiny"
     report = strict_json(run_dir / "report.json")
-    assert set(report["conditions"]) == {"baseline", "asc", "concise_prompt", "asc+concise_prompt"}
+    assert set(report["conditions"]) == {"baseline", "asc"}
+    assert report["method"] == "learned" and len(report["learned"]["history"]) == 12
     assert report["n_pairs"] == 6 and report["n_eval"] == 4
     assert report["strength"] > 0 and report["strength_applies_to"] == "unit vector"
     # The KL bound is opt-in (loose by ~10^6 on real models, minutes of float32 work on a CPU).
@@ -106,7 +107,7 @@ def test_eval_auto_strength_is_the_calibration_compress_ran(tmp_path):
 
     model = str(save_tiny_model(tmp_path / "tiny", "qwen2"))
     args = "--dtype float32 --max-new-tokens 8 --batch-size 4 --pairs 4 --pairs-dataset synthetic --keep all"
-    args += " --eval synthetic --limit 2 --calibration-states 2 --strength auto"
+    args += " --eval synthetic --limit 2 --calibration-states 2 --strength auto --method mean_diff"
     result = runner.invoke(app, ["compress", "--model", model, "--work-dir", str(tmp_path / "out"), *args.split()])
     assert result.exit_code == 0, result.output
     report = strict_json(tmp_path / "out" / "tiny" / "report.json")

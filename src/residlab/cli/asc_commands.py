@@ -42,7 +42,7 @@ def _log(message: str) -> None:
 
 def compress(
     model: ModelOption = DEFAULT_MODEL,
-    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 48,
+    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 32,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
     kl_bound: Annotated[
@@ -66,7 +66,7 @@ def compress(
         float | None,
         typer.Option(min=0.0, help="Drop pairs whose concise trace exceeds this fraction of the verbose one."),
     ] = None,
-    keep: Annotated[str, typer.Option(help="Pair filter: both_correct, concise_correct or all.")] = "both_correct",
+    keep: Annotated[str, typer.Option(help="Pair filter: both_correct, concise_correct or all.")] = "concise_correct",
     project_out: Annotated[
         str | None,
         typer.Option(
@@ -86,8 +86,8 @@ def compress(
             help="How the vector is made: mean_diff (trace pairs), pca, logistic, prompt-contrast (concise vs plain "
             "instruction, no traces) or learned (trained from mean_diff: contrastive energy loss + KL hinge)."
         ),
-    ] = "mean_diff",
-    learn_steps: Annotated[int, typer.Option(min=1, help="--method learned: optimiser steps (resumable).")] = 24,
+    ] = "learned",
+    learn_steps: Annotated[int, typer.Option(min=1, help="--method learned: optimiser steps (resumable).")] = 12,
     learn_kl_eps: Annotated[
         float, typer.Option(min=0.0, help="--method learned: per-token KL on general text before the hinge bites.")
     ] = 0.05,
@@ -104,7 +104,7 @@ def compress(
             help="Comma list of conditions; the first is the baseline. Templates: baseline, concise_prompt, "
             "chain_of_draft; steered: asc, asc+<template>, asc-<schedule>[+<template>]."
         ),
-    ] = "baseline,asc,concise_prompt,asc+concise_prompt",
+    ] = "baseline,asc",
     layer: Annotated[
         int | None, typer.Option(help="Steering layer (default: the model's tuned layer, else best separation).")
     ] = None,
