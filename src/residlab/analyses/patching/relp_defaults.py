@@ -10,8 +10,9 @@ benchmarks/results/patching.json): every one of the 16 subsets of the four rules
 prompt pairs (:data:`~residlab.data.prompt_pairs.PAIR_SPLITS`: no prompt or country in common with the
 reported eval pairs) by the minimum Pearson r against exact patching over resid, attn and mlp across
 IOI and capitals; the best subset per family is its default. The table is per family, not global,
-because which rule helps is a measured property of a model family (the one-rule-out ablation flips
-between families on capitals), and a family is entered only once both its train runs exist. Explicit
+because which rule helps is a measured property of a model family (in the earlier one-rule-out
+ablation, leaving out the AH-rule helped SmolLM2 on IOI in every family but cost Qwen's resid and
+mlp), and a family is entered only once both its train runs exist. Explicit
 rules always win; a family with no entry gets every rule, and the choice says so (never silently).
 """
 
