@@ -1,13 +1,20 @@
 """Faithfulness of AtP and RelP to exact activation patching, per model, dataset and component family.
 
 For each model and dataset (ioi, capitals): exact patching of every site of resid, attn, mlp (layer x
-position) and heads (layer x head), AtP and RelP (all rules) on the same sites; Pearson and Spearman r
-of each estimate against exact patching, the number of sites and each method's wall-clock (exact: per
-family; AtP / RelP: their one forward + backward pass, which serves every family, plus the clean forward
-pass). Each (model, dataset) entry is merged into benchmarks/results/patching.json as it finishes, so runs
-of one model or dataset at a time accumulate; patching.md is rewritten from the JSON.
+position) and heads (layer x head), AtP and RelP (the model family's default rules, see
+residlab/analyses/patching/relp_defaults.py) on the same sites; Pearson and Spearman r of each estimate
+against exact patching, the number of sites and each method's wall-clock (exact: per family; AtP / RelP:
+their one forward + backward pass, which serves every family, plus the clean forward pass). Then every
+one of the 16 subsets of RelP's four rules (none = AtP) against the same exact effects (exact patching
+runs once; each subset is one more forward + backward pass).
 
-    flock /tmp/residlab-heavy.lock python benchmarks/patching.py [--models M,...] [--datasets ioi,capitals] [--pairs 16]
+``--split eval`` (default) measures the reported pairs; ``--split train`` measures pairs disjoint from
+them (data/prompt_pairs.py) and recomputes ``selection``: per architecture family and over all of them,
+the rule subset that maximises the minimum Pearson r over resid, attn and mlp across both datasets on
+train pairs (ties: the better minimum over heads). Entries are merged into
+benchmarks/results/patching.json as each finishes; patching.md is rewritten from the JSON.
+
+    nice -n 5 python benchmarks/patching.py [--models M,...] [--datasets ioi,capitals] [--pairs 16] [--split train]
 
 Targets (default model, IOI and capitals): RelP Pearson >= 0.95 on resid, attn, mlp and at most 0.02
 below AtP on any family; AtP and RelP >= 50x faster than exact patching of the same sites.
@@ -16,6 +23,7 @@ below AtP on any family; AtP and RelP >= 50x faster than exact patching of the s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -23,19 +31,22 @@ from pathlib import Path
 from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
-FIELDS = (
-    "pearson_atp",
-    "pearson_relp",
-    "spearman_atp",
-    "spearman_relp",
-    "n_sites",
-    "seconds_exact",
-    "seconds_atp",
-    "seconds_relp",
+RULES = ("norm", "activation", "attention", "gated")
+SCORED = ("resid", "attn", "mlp")  # the selection criterion's families
+CRITERION = (
+    "maximise the minimum Pearson r (against exact patching) over resid, attn and mlp across the IOI "
+    "and capitals train pairs; ties broken by the minimum over heads"
 )
 
 
-def run_one(model: str, dataset: str, pairs: int, max_rows: int, out_dir: Path) -> dict:
+def subset_name(rules: tuple[str, ...]) -> str:
+    return "+".join(rules) if rules else "none"
+
+
+SUBSETS = [c for k in range(len(RULES) + 1) for c in itertools.combinations(RULES, k)]
+
+
+def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out_dir: Path) -> dict:
     import torch
 
     from residlab.analyses.patching.faithfulness import measure_faithfulness
@@ -45,11 +56,11 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, out_dir: Path) 
 
     torch.set_num_threads(2)
     lm = load(model)
-    prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer)
+    prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, split=split)
     started = time.perf_counter()
     run = measure_faithfulness(lm, prompt_pairs, max_rows=max_rows, log=lambda m: print(f"  {m}", flush=True))
     result = PatchingResult.from_run(run, model=lm.name, architecture=lm.arch.family, dataset=dataset)
-    result.save(out_dir / f"{lm.name}-{dataset}")
+    result.save(out_dir / f"{lm.name}-{dataset}-{split}")
     families = {}
     for fam in run.families:
         families[fam.family] = {
@@ -63,32 +74,37 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, out_dir: Path) 
             "seconds_atp": fam.seconds.get("atp"),
             "seconds_relp": fam.seconds.get("relp"),
         }
+    measured = time.perf_counter() - started
     exact_all = sum(f["seconds_exact"] for f in families.values())
     speedups = {m: exact_all / families["resid"][f"seconds_{m}"] for m in ("atp", "relp")}
     return {
+        "model": lm.name,
+        "architecture": lm.arch.family,
+        "dataset": dataset,
+        "split": split,
+        "pairs": run.num_pairs,
+        "tokens": len(run.tokens),
+        "clean_logit_diff": run.clean_score,
+        "corrupted_logit_diff": run.corrupted_score,
+        "rules": list(run.rules),
+        "rules_source": run.rules_source,
+        "families": families,
         "all_families": {
             "n_sites": sum(f["n_sites"] for f in families.values()),
             "seconds_exact": exact_all,
             "speedup_atp": speedups["atp"],
             "speedup_relp": speedups["relp"],
         },  # fmt: skip
-        "rule_ablation": rule_ablation(lm, prompt_pairs, run),
-        "model": lm.name,
-        "dataset": dataset,
-        "pairs": run.num_pairs,
-        "tokens": len(run.tokens),
-        "clean_logit_diff": run.clean_score,
-        "corrupted_logit_diff": run.corrupted_score,
-        "rules": list(run.rules),
-        "families": families,
+        "rule_subsets": rule_subsets(lm, prompt_pairs, run),
+        "measure_seconds": measured,
         "total_seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
         "commit": commit(),
     }
 
 
-def rule_ablation(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
-    """RelP's Pearson r per family with each rule left out (which rule helps where)."""
+def rule_subsets(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
+    """RelP's Pearson r per family for every subset of the four rules ("none" is AtP)."""
     import torch
 
     from residlab.analyses.patching.activations import record_values, unit_shape
@@ -101,64 +117,123 @@ def rule_ablation(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def
 
     batch = encode_pairs(lm, prompt_pairs)
     names = sorted({FAMILIES[f.family].site for f in run.families})
-    clean = record_values(lm, batch.clean_ids, batch.attention_mask, names, list(range(lm.num_layers)))
+    layers = list(range(lm.num_layers))
+    clean = record_values(lm, batch.clean_ids, batch.attention_mask, names, layers)
+    corrupted = record_values(lm, batch.corrupted_ids, batch.attention_mask, names, layers)
     targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
     shape = unit_shape(lm, clean.values, batch.num_tokens)
-    rules = ("norm", "activation", "attention", "gated")
-    variants = {f"without_{r}": RelpRules(**{x: x != r for x in rules}) for r in rules}
+    exact = {f.family: torch.tensor(f.effects["exact"], dtype=torch.float64).flatten() for f in run.families}
     out: dict = {}
-    for name, variant in variants.items():
+    for subset in SUBSETS:
+        rules = RelpRules(**{r: r in subset for r in RULES}) if subset else None  # None: plain autograd (AtP)
         attribution = attribute(lm, batch.corrupted_ids, batch.attention_mask, targets, get_metric("logit_diff"),
-                                list(clean.values), variant)  # fmt: skip
-        out[name] = {}
+                                list(clean.values), rules)  # fmt: skip
+        row = {}
         for fam in run.families:
-            exact = torch.tensor(fam.effects["exact"], dtype=torch.float64).flatten()
             sites = site_grid(FAMILIES[fam.family], lm.num_layers, shape)
-            out[name][fam.family] = correlation(
-                estimated_effects(attribution, clean.values, sites, shape.head_dim), exact
-            )[0]
-        print(f"  {name}: {out[name]}", flush=True)
+            estimate = estimated_effects(attribution, clean.values, sites, shape.head_dim, corrupted.values)
+            row[fam.family] = correlation(estimate, exact[fam.family])[0]
+        out[subset_name(subset)] = row
+        print(f"  {subset_name(subset)}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     return out
 
 
-def _markdown(entries: list[dict]) -> str:
+def select(train: list[dict]) -> dict:
+    """The best rule subset per architecture family and over all of them, by :data:`CRITERION`."""
+
+    def score(entries: list[dict], subset: str) -> tuple[float, float]:
+        rows = [e["rule_subsets"][subset] for e in entries]
+        return min(r[f] for r in rows for f in SCORED), min(r.get("heads", 1.0) for r in rows)
+
+    groups: dict[str, list[dict]] = {}
+    for e in train:
+        groups.setdefault(e["architecture"], []).append(e)
+    groups["all families"] = list(train)
+    out = {}
+    for group, entries in groups.items():
+        scores = {subset_name(s): score(entries, subset_name(s)) for s in SUBSETS}
+        best = max(scores, key=lambda s: scores[s])
+        out[group] = {
+            "best": best,
+            "min_resid_attn_mlp": scores[best][0],
+            "min_heads": scores[best][1],
+            "runs": sorted(f"{e['model']}/{e['dataset']}" for e in entries),
+            "scores": {s: {"min_resid_attn_mlp": v[0], "min_heads": v[1]} for s, v in scores.items()},
+        }
+    return {"criterion": CRITERION, "groups": out}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown(data: dict) -> str:
     lines = [
         "# Patching faithfulness: AtP and RelP against exact activation patching",
         "",
-        "`flock /tmp/residlab-heavy.lock python benchmarks/patching.py` (CPU, 2 threads, float32). Sites: resid "
+        "`nice -n 5 python benchmarks/patching.py [--split train]` (CPU, 2 threads, float32). Sites: resid "
         "(block output), attn, mlp (layer x position), heads (layer x head, all positions). Metric: logit "
         "difference, effects averaged over the pairs. Seconds: exact per family; AtP / RelP one clean "
-        "forward + one corrupted forward and backward for all families.",
+        "forward + one corrupted forward and backward for all families. RelP runs the model family's "
+        "default rules (chosen on train pairs, below).",
         "",
-        "| model | dataset | pairs | family | sites | r AtP | r RelP | rho AtP | rho RelP "
+        "## Eval pairs",
+        "",
+        "| model | dataset | pairs | RelP rules | family | sites | r AtP | r RelP | rho AtP | rho RelP "
         "| s exact | s AtP | s RelP | x AtP | x RelP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for e in entries:
+    runs = data.get("runs", [])
+    for e in runs:
+        rules = subset_name(tuple(r for r in RULES if any(a.startswith(r + ":") for a in e["rules"])))
         for name, f in e["families"].items():
-            cells = [e["model"], e["dataset"], str(e["pairs"]), name, str(f["n_sites"])]
+            cells = [e["model"], e["dataset"], str(e["pairs"]), rules, name, str(f["n_sites"])]
             cells += [_fmt(f[k]) for k in ("pearson_atp", "pearson_relp", "spearman_atp", "spearman_relp")]
             cells += [_fmt(f[k], 1) for k in ("seconds_exact", "seconds_atp", "seconds_relp")]
             cells += [_fmt(f["seconds_exact"] / f[k], 0) if f[k] else "-" for k in ("seconds_atp", "seconds_relp")]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "All families together (AtP / RelP estimate every site from one pass):", ""]
     lines += ["| model | dataset | sites | s exact | x AtP | x RelP |", "|---|---|---|---|---|---|"]
-    for e in entries:
+    for e in runs:
         a = e["all_families"]
         lines.append(
             f"| {e['model']} | {e['dataset']} | {a['n_sites']} | {a['seconds_exact']:.1f} | "
             f"{a['speedup_atp']:.0f} | {a['speedup_relp']:.0f} |"
         )
-    lines += ["", "RelP Pearson r with one rule left out:", ""]
-    for e in entries:
-        for variant, rs in e.get("rule_ablation", {}).items():
-            cells = ", ".join(f"{k} {_fmt(v)}" for k, v in rs.items())
-            lines.append(f"- {e['model']} / {e['dataset']} {variant}: {cells}")
+    lines += ["", "Where RelP's rules came from:"]
+    for e in runs:
+        lines.append(f"- {e['model']} / {e['dataset']}: {e.get('rules_source') or 'every rule (before defaults)'}")
+    selection = data.get("selection")
+    if selection:
+        lines += ["", "## Choosing the default rules on train pairs", "", f"Criterion: {selection['criterion']}.", ""]
+        lines += ["| group | runs | best subset | min r resid/attn/mlp | min r heads | all rules | none (AtP) |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        full = subset_name(RULES)
+        for group, g in selection["groups"].items():
+            lines.append(
+                f"| {group} | {', '.join(g['runs'])} | {g['best']} | {_fmt(g['min_resid_attn_mlp'])} | "
+                f"{_fmt(g['min_heads'])} | {_fmt(g['scores'][full]['min_resid_attn_mlp'])} | "
+                f"{_fmt(g['scores']['none']['min_resid_attn_mlp'])} |"
+            )
+    for title, entries in (("Train", data.get("selection_runs", [])), ("Eval", runs)):
+        lines += _subset_tables(title, entries)
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _subset_tables(title: str, entries: list[dict]) -> list[str]:
+    """Per model: Pearson r of every rule subset, per dataset and family."""
+    lines: list[str] = []
+    models = list(dict.fromkeys(e["model"] for e in entries if "rule_subsets" in e))
+    for model in models:
+        mine = [e for e in entries if e["model"] == model and "rule_subsets" in e]
+        lines += ["", f"### {title} pairs, {model}: Pearson r of every rule subset", ""]
+        header = ["subset"] + [f"{e['dataset']} {f}" for e in mine for f in e["families"]] + ["min r/a/m"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for subset in (subset_name(s) for s in SUBSETS):
+            cells = [_fmt(e["rule_subsets"][subset][f]) for e in mine for f in e["families"]]
+            low = min(e["rule_subsets"][subset][f] for e in mine for f in SCORED)
+            lines.append(f"| {subset} | " + " | ".join(cells) + f" | {_fmt(low)} |")
+    return lines
 
 
 def main() -> None:
@@ -166,20 +241,25 @@ def main() -> None:
     parser.add_argument("--models", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--datasets", default="ioi,capitals")
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--split", choices=("eval", "train"), default="eval")
     parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--out", default=str(RESULTS / "patching.json"))
     parser.add_argument("--work-dir", default="residlab-out/benchmark-patching", help="per-run reports and plots")
     args = parser.parse_args()
     out = Path(args.out)
-    entries = json.loads(out.read_text())["runs"] if out.exists() else []
+    data = json.loads(out.read_text()) if out.exists() else {}
+    key = "runs" if args.split == "eval" else "selection_runs"
     for model in args.models.split(","):
         for dataset in args.datasets.split(","):
-            print(f"{model} / {dataset}", flush=True)
-            entry = run_one(model, dataset, args.pairs, args.max_rows, Path(args.work_dir))
-            entries = [e for e in entries if (e["model"], e["dataset"]) != (entry["model"], dataset)] + [entry]
+            print(f"{model} / {dataset} / {args.split}", flush=True)
+            entry = run_one(model, dataset, args.pairs, args.max_rows, args.split, Path(args.work_dir))
+            kept = [e for e in data.get(key, []) if (e["model"], e["dataset"]) != (entry["model"], dataset)]
+            data[key] = kept + [entry]
+            if args.split == "train":
+                data["selection"] = select(data[key])
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"runs": entries}, indent=2) + "\n")
-            out.with_suffix(".md").write_text(_markdown(entries))
+            out.write_text(json.dumps(data, indent=2) + "\n")
+            out.with_suffix(".md").write_text(_markdown(data))
             print(json.dumps(entry["families"], indent=1), flush=True)
 
 

@@ -16,6 +16,7 @@ from residlab.core.errors import ResidlabError
 from residlab.models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
+    from residlab.analyses.patching.relp import RelpRules
     from residlab.analyses.patching.report import PatchingResult
 
 console = Console(highlight=False, soft_wrap=True)
@@ -46,10 +47,15 @@ def patch(
     metric: Annotated[str, typer.Option(help="logit_diff, probability or kl.")] = "logit_diff",
     window: Annotated[int, typer.Option(min=1, help="Patch windows of this many consecutive layers.")] = 1,
     rules: Annotated[
-        str, typer.Option(help="The LRP rules RelP applies: some of norm, activation, attention, gated, or none.")
-    ] = ",".join(RULES),
+        str,
+        typer.Option(
+            help="The LRP rules RelP applies: default (the model family's, chosen on train pairs), none, "
+            "or some of norm, activation, attention, gated."
+        ),
+    ] = "default",
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the generated datasets.")] = 0,
+    split: Annotated[str, typer.Option(help="eval, or train (generated pairs disjoint from the eval ones).")] = "eval",
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     out: Annotated[
@@ -70,12 +76,11 @@ def patch(
     started = time.perf_counter()
     families = _names(sites, tuple(FAMILIES), "site family")
     chosen_methods = _names(methods, METHODS, "method")
-    chosen_rules = [] if rules.strip() == "none" else _names(rules, RULES, "RelP rule")
-    relp_rules = RelpRules(**{r: r in chosen_rules for r in RULES})
+    relp_rules = _rules(rules, RelpRules)
     out_dir = out if out is not None else Path("residlab-out") / "patching"
     check_writable_dir(out_dir)
     lm = load(model, dtype=dtype, device=device)
-    prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, seed=seed)
+    prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, seed=seed, split=split)
     err_console.print(f"loaded {lm.name}; {len(prompt_pairs)} {dataset} pairs", markup=False)
     run = measure_faithfulness(
         lm, prompt_pairs, families=families, methods=chosen_methods, metric=metric, rules=relp_rules,
@@ -88,6 +93,14 @@ def patch(
     paths = result.save(out_dir)
     _print_table(result)
     console.print(f"wrote {len(paths)} files to {out_dir} in {time.perf_counter() - started:.0f} s")
+
+
+def _rules(text: str, make: type[RelpRules]) -> RelpRules | None:
+    """``default`` -> None (the family's default), ``none`` -> no rule (AtP), else the named rules."""
+    if text.strip() == "default":
+        return None
+    chosen = [] if text.strip() == "none" else _names(text, RULES, "RelP rule")
+    return make(**{r: r in chosen for r in RULES})
 
 
 def _print_table(result: PatchingResult) -> None:

@@ -14,6 +14,12 @@ measures how much of the clean behaviour one component restores in the corrupted
 
 The builders that take a tokenizer keep only what patching needs: names that are one token (with their
 leading space) and corrupted prompts as long as their clean prompt in tokens.
+
+Splits: ``split="eval"`` (the default) gives the pairs every report is measured on; ``split="train"``
+gives pairs for choosing settings (RelP's default rules) that share nothing with the first
+:data:`HELD_OUT_PAIRS` eval pairs of the same seed and tokenizer: no IOI prompt (clean or corrupted) in
+common, no country (clean or corrupted) in common. Train pairs come from another random stream, and the
+disjointness is enforced by rejection, not hoped for.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 
 from residlab.core.errors import ResidlabError
 from residlab.core.io import iter_jsonl
-from residlab.data.facts import CAPITAL_PROMPT, CAPITALS
+from residlab.data.facts import CAPITAL_PROMPT, CAPITALS, Fact
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ IOI_NAMES: tuple[str, ...] = (
 IOI_PLACES: tuple[str, ...] = ("store", "park", "school", "office", "house", "station", "garden", "hospital")
 IOI_OBJECTS: tuple[str, ...] = ("drink", "book", "ring", "bone", "kiss", "snack", "letter", "ball")
 IOI_CORRUPTIONS = ("swap", "abc")
+PAIR_SPLITS = ("eval", "train")
+HELD_OUT_PAIRS = 32  # train pairs share nothing with this many eval pairs (the reported runs use 16)
+TRAIN_SEED_OFFSET = 1_000_003  # the train split's random stream: seed + this
 
 TokenCount = Callable[[str], int]
 
@@ -75,8 +84,16 @@ def equal_length(pair: PromptPair, count: TokenCount | None) -> bool:
     return count is None or count(pair.clean) == count(pair.corrupted)
 
 
-def ioi_pairs(n: int, *, tokenizer: Any = None, seed: int = 0, corruption: str = "swap") -> list[PromptPair]:
-    """``n`` IOI pairs, ABBA and BABA templates alternating, names one token each for ``tokenizer``."""
+def ioi_pairs(
+    n: int, *, tokenizer: Any = None, seed: int = 0, corruption: str = "swap", split: str = "eval"
+) -> list[PromptPair]:
+    """``n`` IOI pairs, ABBA and BABA templates alternating, names one token each for ``tokenizer``;
+    ``split="train"``: pairs with no prompt in common with the first :data:`HELD_OUT_PAIRS` eval pairs."""
+    taken: set[str] = set()
+    if _check_split(split) == "train":
+        held_out = ioi_pairs(HELD_OUT_PAIRS, tokenizer=tokenizer, seed=seed, corruption=corruption)
+        taken = {text for pair in held_out for text in (pair.clean, pair.corrupted)}
+        seed += TRAIN_SEED_OFFSET
     if corruption not in IOI_CORRUPTIONS:
         raise ResidlabError(f"unknown IOI corruption {corruption!r}.", hint=f"use one of {', '.join(IOI_CORRUPTIONS)}.")
     count = token_counter(tokenizer) if tokenizer is not None else None
@@ -105,19 +122,35 @@ def ioi_pairs(n: int, *, tokenizer: Any = None, seed: int = 0, corruption: str =
             head, tail = template.format(A=c, B=d, **fill).rsplit(f" {d} ", 1)
             corrupted = f"{head} {b} {tail}"  # the first two names replaced, the subject's second mention kept
         pair = PromptPair(clean, corrupted, " " + a, " " + b)
-        if equal_length(pair, count):
+        if equal_length(pair, count) and not {clean, corrupted} & taken:
             pairs.append(pair)
     return _enough(pairs, n, "IOI")
 
 
-def capital_pairs(n: int | None = None, *, tokenizer: Any = None, seed: int = 0) -> list[PromptPair]:
+def capital_pairs(
+    n: int | None = None, *, tokenizer: Any = None, seed: int = 0, split: str = "eval"
+) -> list[PromptPair]:
     """Nation -> capital pairs from :data:`~residlab.data.facts.CAPITALS`: each country's prompt,
-    corrupted with another country of the same token length (``n`` None: one pair per country)."""
-    count = token_counter(tokenizer) if tokenizer is not None else None
-    rng = random.Random(seed)
+    corrupted with another country of the same token length (``n`` None: one pair per country);
+    ``split="train"``: only countries that none of the first :data:`HELD_OUT_PAIRS` eval pairs uses."""
     facts = list(CAPITALS)
+    if _check_split(split) == "train":
+        held_out = _capital_pairs(facts, HELD_OUT_PAIRS, tokenizer, random.Random(seed))
+        used = {subject for _, subjects in held_out for subject in subjects}
+        facts = [f for f in facts if f.subject not in used]
+        seed += TRAIN_SEED_OFFSET
+    pairs = [pair for pair, _ in _capital_pairs(facts, n, tokenizer, random.Random(seed))]
+    return _enough(pairs, n if n is not None else len(pairs), "capitals")
+
+
+def _capital_pairs(
+    facts: list[Fact], n: int | None, tokenizer: Any, rng: random.Random
+) -> list[tuple[PromptPair, tuple[str, str]]]:
+    """Up to ``n`` pairs from ``facts``, each with its (clean, corrupted) countries."""
+    count = token_counter(tokenizer) if tokenizer is not None else None
+    facts = list(facts)
     rng.shuffle(facts)
-    pairs = []
+    pairs: list[tuple[PromptPair, tuple[str, str]]] = []
     for fact in facts:
         clean = CAPITAL_PROMPT.format(subject=fact.subject)
         others = [f for f in facts if f.subject != fact.subject]
@@ -127,11 +160,17 @@ def capital_pairs(n: int | None = None, *, tokenizer: Any = None, seed: int = 0)
                 clean, CAPITAL_PROMPT.format(subject=other.subject), " " + fact.answer, " " + other.answer
             )
             if equal_length(pair, count) and _first_tokens_differ(pair, tokenizer):
-                pairs.append(pair)
+                pairs.append((pair, (fact.subject, other.subject)))
                 break
         if n is not None and len(pairs) == n:
             break
-    return _enough(pairs, n if n is not None else len(pairs), "capitals")
+    return pairs
+
+
+def _check_split(split: str) -> str:
+    if split not in PAIR_SPLITS:
+        raise ResidlabError(f"unknown prompt-pair split {split!r}.", hint=f"use one of {', '.join(PAIR_SPLITS)}.")
+    return split
 
 
 def _first_tokens_differ(pair: PromptPair, tokenizer: Any) -> bool:
@@ -175,12 +214,19 @@ def read_pairs(path: str | Path, *, limit: int | None = None) -> list[PromptPair
 PAIR_DATASETS = ("ioi", "capitals")
 
 
-def load_pairs(dataset: str, *, n: int | None = None, tokenizer: Any = None, seed: int = 0) -> list[PromptPair]:
-    """``ioi``, ``capitals`` or a JSONL file's path, cut to ``n`` pairs (IOI default: 32)."""
+def load_pairs(
+    dataset: str, *, n: int | None = None, tokenizer: Any = None, seed: int = 0, split: str = "eval"
+) -> list[PromptPair]:
+    """``ioi``, ``capitals`` or a JSONL file's path, cut to ``n`` pairs (IOI default: 32); ``split``
+    picks the generated datasets' eval or (disjoint) train pairs; a file has no train split."""
     if dataset == "ioi":
-        return ioi_pairs(n or 32, tokenizer=tokenizer, seed=seed)
+        return ioi_pairs(n or 32, tokenizer=tokenizer, seed=seed, split=split)
     if dataset == "capitals":
-        return capital_pairs(n, tokenizer=tokenizer, seed=seed)
+        return capital_pairs(n, tokenizer=tokenizer, seed=seed, split=split)
+    if _check_split(split) == "train":
+        raise ResidlabError(
+            f"a prompt-pair file ({dataset}) has no train split.", hint="split it into two files yourself."
+        )
     path = Path(dataset).expanduser()
     if not path.exists():
         raise ResidlabError(

@@ -25,6 +25,7 @@ from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
 from residlab.analyses.patching.relp import RelpRules
+from residlab.analyses.patching.relp_defaults import choose_rules
 from residlab.analyses.patching.sites import get_families, site_grid
 from residlab.core.errors import ResidlabError
 from residlab.data.prompt_pairs import PromptPair
@@ -91,6 +92,7 @@ class Faithfulness:
     rules: tuple[str, ...]
     metric: str
     window: int
+    rules_source: str = ""  # where RelP's rules came from (explicit, the family's default, a fallback)
 
 
 def measure_faithfulness(
@@ -100,14 +102,18 @@ def measure_faithfulness(
     families: Sequence[str] = ("resid", "attn", "mlp", "heads"),
     methods: Sequence[str] = METHODS,
     metric: str = "logit_diff",
-    rules: RelpRules = RelpRules(),
+    rules: RelpRules | None = None,
     window: int = 1,
     max_rows: int = 256,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> Faithfulness:
-    """Exact patching and the estimates of every site of ``families`` on ``pairs`` (see the module doc)."""
+    """Exact patching and the estimates of every site of ``families`` on ``pairs`` (see the module doc);
+    ``rules`` None: the model family's default RelP rules (:func:`~.relp_defaults.choose_rules`)."""
     chosen, methods = get_families(families), _check_methods(methods)
+    choice = choose_rules(lm.arch.family, rules)
+    if "relp" in methods:
+        log(f"RelP rules: {', '.join(choice.rules.names()) or 'none'} ({choice.source})")
     score = get_metric(metric)
     batch = encode_pairs(lm, pairs)
     layers = list(range(lm.num_layers))
@@ -126,7 +132,7 @@ def measure_faithfulness(
     estimates, seconds = {}, {}
     for method in (m for m in methods if m in ESTIMATES):
         started = time.perf_counter()
-        relp = rules if method == "relp" else None
+        relp = choice.rules if method == "relp" else None
         estimates[method] = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
         seconds[method] = clean_seconds + time.perf_counter() - started
         log(f"{method}: {seconds[method]:.2f} s for every site")
@@ -157,4 +163,5 @@ def measure_faithfulness(
         tuple(estimates["relp"].rules) if "relp" in estimates else (),
         metric_name(metric),
         window,
+        choice.source if "relp" in estimates else "",
     )

@@ -32,12 +32,13 @@ class PatchingResult(AnalysisResult):
     corrupted_score: float
     rules: list[str]
     families: list[FamilyEffects]
+    rules_source: str = ""
 
     @classmethod
     def from_run(cls, run: Faithfulness, *, model: str, architecture: str, dataset: str) -> PatchingResult:
         return cls(
             model, architecture, dataset, run.metric, run.num_pairs, run.window, list(run.tokens),
-            run.clean_score, run.corrupted_score, list(run.rules), run.families,
+            run.clean_score, run.corrupted_score, list(run.rules), run.families, run.rules_source,
         )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
@@ -114,7 +115,8 @@ class PatchingResult(AnalysisResult):
             f"# Patching faithfulness: {self.model} on {self.dataset}",
             "",
             f"{self.num_pairs} prompt pairs, metric {self.metric} (clean {self.clean_score:.3f}, corrupted "
-            f"{self.corrupted_score:.3f}), window {self.window}. RelP rules: {'; '.join(self.rules) or 'n/a'}.",
+            f"{self.corrupted_score:.3f}), window {self.window}. RelP rules: {'; '.join(self.rules) or 'n/a'}"
+            f"{f' ({self.rules_source})' if self.rules_source else ''}.",
             "",
             "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP "
             "| s exact | s AtP | s RelP |",

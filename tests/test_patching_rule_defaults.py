@@ -1,0 +1,136 @@
+"""RelP's default rules: train pairs share nothing with eval pairs, and the per-family rule lookup
+(explicit rules win; a family without a default gets every rule, and the run says so)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from residlab.analyses.patching import relp_defaults
+from residlab.analyses.patching.faithfulness import measure_faithfulness
+from residlab.analyses.patching.relp import RelpRules
+from residlab.analyses.patching.relp_defaults import choose_rules
+from residlab.cli.main import app
+from residlab.core.errors import ResidlabError
+from residlab.data.facts import CAPITAL_PROMPT
+from residlab.data.prompt_pairs import HELD_OUT_PAIRS, PromptPair, capital_pairs, ioi_pairs, load_pairs
+from residlab.testing import save_tiny_model, tiny_model
+
+PAIRS = [
+    PromptPair("Natalia sold clips in May", "Natalia sold clips in April", " and", " then"),
+    PromptPair("The answer is 72", "The answer is 24", ".", " +"),
+]
+
+
+class WordTokenizer:
+    """One token per word; words over five letters are two (so the filters drop some names)."""
+
+    def __call__(self, text: str, **kwargs: object) -> dict[str, list[int]]:
+        ids = [(sum(map(ord, w)), len(w.strip(",.")) > 5) for w in text.split()]
+        return {"input_ids": [i for code, long in ids for i in ([code, code + 1] if long else [code])]}
+
+
+def _country(prompt: str) -> str:
+    head, tail = CAPITAL_PROMPT.split("{subject}")
+    return prompt.removeprefix(head).removesuffix(tail)
+
+
+def test_eval_pairs_are_todays_seed_zero_pairs():
+    assert ioi_pairs(2) == ioi_pairs(2, split="eval")
+    assert ioi_pairs(1)[0].clean == "While Jane and Tom were working at the garden, Tom gave a kiss to"
+    assert [p.clean for p in capital_pairs(2)] == ["The capital of Bangladesh is", "The capital of Australia is"]
+
+
+@pytest.mark.parametrize("tokenizer", [None, WordTokenizer()])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ioi_train_pairs_share_no_prompt_with_eval_pairs(tokenizer, seed):
+    held_out = ioi_pairs(HELD_OUT_PAIRS, tokenizer=tokenizer, seed=seed)
+    train = ioi_pairs(64, tokenizer=tokenizer, seed=seed, split="train")
+    eval_texts = {t for p in held_out for t in (p.clean, p.corrupted)}
+    train_texts = {t for p in train for t in (p.clean, p.corrupted)}
+    assert len(train) == 64 and len(set(train)) > 32  # a real sample, not one pair repeated
+    assert not eval_texts & train_texts
+    # The train stream alone would have collided: the rejection is doing work, not luck.
+    assert train != ioi_pairs(64, tokenizer=tokenizer, seed=seed)
+
+
+@pytest.mark.parametrize("tokenizer", [None, WordTokenizer()])
+def test_capital_train_pairs_use_no_eval_country(tokenizer):
+    held_out = capital_pairs(HELD_OUT_PAIRS, tokenizer=tokenizer)
+    train = capital_pairs(None, tokenizer=tokenizer, split="train")
+    eval_countries = {_country(t) for p in held_out for t in (p.clean, p.corrupted)}
+    train_countries = {_country(t) for p in train for t in (p.clean, p.corrupted)}
+    assert len(train) >= 16 and train_countries
+    assert not eval_countries & train_countries
+    assert load_pairs("capitals", n=4, tokenizer=tokenizer, split="train") == train[:4]
+
+
+def test_bad_split_is_a_clear_error(tmp_path):
+    with pytest.raises(ResidlabError, match="unknown prompt-pair split") as info:
+        ioi_pairs(2, split="test")
+    assert "eval, train" in (info.value.hint or "")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"clean": "a", "corrupted": "b", "answer": " c", "wrong": " d"}) + "\n")
+    with pytest.raises(ResidlabError, match="no train split"):
+        load_pairs(str(path), split="train")
+
+
+def test_explicit_rules_win_over_the_family_default(monkeypatch):
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", RelpRules(gated=False))
+    mine = RelpRules(norm=False, attention=False)
+    assert choose_rules("llama", mine) == relp_defaults.RuleChoice(mine, "explicit (given by the caller)")
+    default = choose_rules("llama")
+    assert default.rules == RelpRules(gated=False) and default.source.startswith("default for llama")
+
+
+def test_unknown_family_falls_back_to_every_rule_and_says_so():
+    choice = choose_rules("no-such-family")
+    assert choice.rules == RelpRules()
+    assert "fallback" in choice.source and "no-such-family" in choice.source
+
+
+def test_the_table_holds_typed_rules_for_mapped_families():
+    from residlab.models.architectures import ARCHITECTURES
+
+    families = {arch.family for arch in ARCHITECTURES.values()}
+    for family, rules in relp_defaults.DEFAULT_RULES.items():
+        assert family in families and isinstance(rules, RelpRules)
+
+
+def test_measure_faithfulness_runs_the_family_default_and_records_where_it_came_from(monkeypatch):
+    lm = tiny_model("llama")
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", RelpRules(attention=False, gated=False))
+    lines: list[str] = []
+    run = measure_faithfulness(lm, PAIRS, families=["resid"], methods=["relp"], log=lines.append)
+    assert [r.split(":")[0] for r in run.rules] == ["norm", "activation"]
+    assert run.rules_source.startswith("default for llama")
+    assert any(line.startswith("RelP rules: norm, activation (default for llama") for line in lines)
+    explicit = measure_faithfulness(lm, PAIRS, families=["resid"], methods=["relp"], rules=RelpRules(norm=False))
+    assert {r.split(":")[0] for r in explicit.rules} == {"activation", "attention", "gated"}
+    assert explicit.rules_source.startswith("explicit")
+
+
+def test_fallback_family_is_named_in_the_run(monkeypatch):
+    monkeypatch.delitem(relp_defaults.DEFAULT_RULES, "gpt2", raising=False)
+    run = measure_faithfulness(tiny_model("gpt2"), PAIRS, families=["mlp"], methods=["relp"])
+    assert "fallback" in run.rules_source and "gpt2" in run.rules_source
+    assert {r.split(":")[0] for r in run.rules} == {"norm", "activation", "attention", "gated"}
+
+
+def test_patch_command_reports_the_rules_and_their_source(tmp_path):
+    model = str(save_tiny_model(tmp_path / "tiny-qwen", "qwen2"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p.__dict__) + "\n" for p in PAIRS))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    for rules, expect in (("default", ("default for qwen2", "fallback: no default chosen for qwen2")),
+                          ("norm,gated", ("explicit",))):  # fmt: skip
+        out = tmp_path / rules.replace(",", "-")
+        args = ["patch", "-m", model, "--dataset", str(path), "--sites", "resid", "--rules", rules, "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        data = json.loads((out / "patching.json").read_text())
+        assert data["rules_source"].startswith(expect)
+        assert data["rules_source"] in (out / "report.md").read_text()
+    assert [r.split(":")[0] for r in data["rules"]] == ["norm", "gated"]
