@@ -66,7 +66,6 @@ def patch(
     patching per family, wall-clock per method, heatmaps and a report (patching.json, report.md, PNGs)."""
     from residlab.analyses.common import safe_name
     from residlab.analyses.patching.faithfulness import METHODS, measure_faithfulness
-    from residlab.analyses.patching.relp import RelpRules
     from residlab.analyses.patching.report import PatchingResult
     from residlab.analyses.patching.sites import FAMILIES
     from residlab.core.io import check_writable_dir
@@ -76,7 +75,7 @@ def patch(
     started = time.perf_counter()
     families = _names(sites, tuple(FAMILIES), "site family")
     chosen_methods = _names(methods, METHODS, "method")
-    relp_rules = _rules(rules, RelpRules)
+    relp_rules = _rules(rules)
     out_dir = out if out is not None else Path("residlab-out") / "patching"
     check_writable_dir(out_dir)
     lm = load(model, dtype=dtype, device=device)
@@ -95,12 +94,14 @@ def patch(
     console.print(f"wrote {len(paths)} files to {out_dir} in {time.perf_counter() - started:.0f} s")
 
 
-def _rules(text: str, make: type[RelpRules]) -> RelpRules | None:
+def _rules(text: str) -> RelpRules | None:
     """``default`` -> None (the family's default), ``none`` -> no rule (AtP), else the named rules."""
+    from residlab.analyses.patching.relp import RelpRules
+
     if text.strip() == "default":
         return None
     chosen = [] if text.strip() == "none" else _names(text, RULES, "RelP rule")
-    return make(**{r: r in chosen for r in RULES})
+    return RelpRules(**{r: r in chosen for r in RULES})
 
 
 def _print_table(result: PatchingResult) -> None:

@@ -37,17 +37,15 @@ class SteeringChoice:
 
     def absolute_strength(self, residual_norm: float, calibration: Calibration | None = None) -> float:
         """The strength on the unit vector: the calibrated bound for a mode, else relative x ``residual_norm``."""
-        if isinstance(self.strength, str) and calibration is None:
+        if not isinstance(self.strength, str):
+            return float(self.strength) * residual_norm
+        if calibration is None:
             raise ValueError(f"strength {self.strength!r} needs the KL-bound calibration")
         if self.strength == "auto":
-            assert calibration is not None
             return calibration.strength
-        if self.strength == "auto-centred":
-            assert calibration is not None
-            if calibration.strength_centred is None:
-                raise ValueError("the calibration has no centred bound")
-            return calibration.strength_centred
-        return float(self.strength) * residual_norm
+        if calibration.strength_centred is None:
+            raise ValueError("the calibration has no centred bound")
+        return calibration.strength_centred
 
 
 def choose_layer(separation: Mapping[int, float], num_layers: int) -> int:
