@@ -7,7 +7,7 @@ held-out documents for every evaluation number. Harvests and checkpoints go to -
 reused (a killed run resumes). The issue's target scale is the default model, a middle layer, width
 8 x d_model, k = 32; --train-tokens sets the scale (the CPU smoke run uses a few hundred thousand).
 
-    python benchmarks/sae.py [--model NAME] [--layer L] [--train-tokens 300000] [--eval-tokens 20000]
+    python benchmarks/sae.py [--model NAME] [--layer L] [--train-tokens 300000] [--eval-tokens 20000] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--ce-windows", type=int, default=64, help="held-out windows for the spliced CE")
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the harvested train tokens")
+    parser.add_argument("--lr", type=float, default=None, help="default: Gao et al.'s 2e-4 / sqrt(width / 2^14)")
     parser.add_argument("--dead-window", type=int, default=100_000)
     parser.add_argument("--archs", default="topk,vsae,vsae+sample")
     parser.add_argument("--corpus", default="wiki")
@@ -100,7 +102,11 @@ def main() -> None:
     ratio = stop_ratio(lm, windows[:32], layer, args.site)
     mean = train_store.mean()
     train = TrainConfig(
-        total_tokens=train_store.num_tokens, batch_size=args.batch_size, warmup_steps=20, checkpoint_every=50
+        total_tokens=int(train_store.num_tokens * args.epochs),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=20,
+        checkpoint_every=50,
     )
     rows, extra = [], {}
     for name, cfg in _configs(args, lm, layer).items():

@@ -95,6 +95,25 @@ def test_learning_resumes_where_it_stopped(qwen, tmp_path):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-4)
 
 
+def test_learning_resumes_across_last_bit_changes_of_the_start_but_not_another_start(qwen, tmp_path):
+    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(2)) * 0.5
+    settings = LearnSettings(layer=1, steps=2, learning_rate=0.3)
+    learn_vector(qwen, PAIRS, GENERAL, initial, settings, checkpoint_dir=tmp_path)
+    (checkpoint,) = tmp_path.glob("learned-*.pt")
+    first = torch.load(checkpoint, weights_only=False)
+    # The same extraction on other threads differs in its last bits: the checkpoint is used as it is.
+    jittered = initial * (1 + 1e-6 * torch.randn(initial.shape, generator=torch.Generator().manual_seed(3)))
+    logs: list[str] = []
+    again = learn_vector(qwen, PAIRS, GENERAL, jittered, settings, checkpoint_dir=tmp_path, log=logs.append)
+    assert logs == [] and torch.equal(again.vector, first["vector"])
+    # Another starting vector under the same key learns again, and says so.
+    other = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(4)) * 0.5
+    fresh = learn_vector(qwen, PAIRS, GENERAL, other, settings, checkpoint_dir=tmp_path, log=logs.append)
+    assert "started from another vector" in logs[0]
+    assert len(fresh.history) == 2 and not torch.equal(fresh.vector, first["vector"])
+    torch.testing.assert_close(torch.load(checkpoint, weights_only=False)["initial"], other)
+
+
 def test_learn_settings_are_checked():
     with pytest.raises(ResidlabError, match="steps must be at least 1"):
         LearnSettings(layer=1, steps=0)

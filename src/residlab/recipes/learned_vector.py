@@ -163,14 +163,33 @@ def general_kl(lm: LanguageModel, batch, steer: tuple[int, torch.Tensor]) -> tor
     return kl * batch.attention_mask.float()
 
 
-def _fingerprint(lm: LanguageModel, settings: LearnSettings, initial: torch.Tensor, pairs, general) -> str:
-    # The step count is not part of the key: a longer run continues a shorter one's checkpoint.
+# A checkpoint resumes when its starting vector matches this run's to within this cosine. The starting
+# vector is an extraction whose last bits depend on the thread count (bf16 matmul blocking), so an exact
+# match would re-learn from scratch after a change of machine or OMP_NUM_THREADS.
+RESUME_MIN_COSINE = 0.9999
+RESUME_MAX_NORM_CHANGE = 1e-3
+
+
+def _fingerprint(lm: LanguageModel, settings: LearnSettings, pairs, general) -> str:
+    # The step count is not part of the key: a longer run continues a shorter one's checkpoint. The
+    # starting vector is not either: it is compared with a tolerance on resume (same_start).
     defining = {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), defining], sort_keys=True).encode())
-    digest.update(initial.numpy().tobytes())
     for item in [*pairs, *general]:
         digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair) else item).encode())
     return digest.hexdigest()[:12]
+
+
+def same_start(saved: torch.Tensor, initial: torch.Tensor) -> bool:
+    """Whether a checkpoint's starting vector is this run's, up to the last bits of the extraction."""
+    saved, initial = saved.float().flatten(), initial.float().flatten()
+    if saved.shape != initial.shape:
+        return False
+    norms = float(saved.norm()), float(initial.norm())
+    if min(norms) == 0.0:
+        return norms[0] == norms[1]
+    cosine = float(torch.dot(saved, initial)) / (norms[0] * norms[1])
+    return cosine >= RESUME_MIN_COSINE and abs(norms[0] - norms[1]) <= RESUME_MAX_NORM_CHANGE * norms[1]
 
 
 def learn_vector(
@@ -186,7 +205,8 @@ def learn_vector(
     """Train ``initial`` (raw, at ``settings.layer``) by the contrastive energy loss with the KL hinge.
 
     ``general`` texts (rendered as they are) bound the KL. With ``checkpoint_dir``, the run resumes from
-    its checkpoint (keyed by everything that defines it) and checkpoints as it goes.
+    its checkpoint (keyed by the model, settings and texts; the starting vector must match to within
+    ``RESUME_MIN_COSINE``, else it learns again) and checkpoints as it goes.
     """
     if not pairs or not general:
         raise ResidlabError(
@@ -201,9 +221,13 @@ def learn_vector(
     start = 0
     path = None
     if checkpoint_dir is not None:
-        path = Path(checkpoint_dir) / f"learned-{_fingerprint(lm, settings, initial, pairs, general)}.pt"
-        if path.exists():
-            state = torch.load(path, weights_only=False)
+        path = Path(checkpoint_dir) / f"learned-{_fingerprint(lm, settings, pairs, general)}.pt"
+        state = torch.load(path, weights_only=False) if path.exists() else None
+        if state is not None and not same_start(state.get("initial", torch.zeros(0)), initial):
+            if log is not None:
+                log(f"      {path.name} started from another vector; learning again from this one")
+            state = None
+        if state is not None:
             with torch.no_grad():
                 vector.copy_(state["vector"])
             optimizer.load_state_dict(state["optimizer"])
@@ -220,9 +244,9 @@ def learn_vector(
                 )
             done = step + 1
             if path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
-                state = {"vector": vector.detach().clone(), "optimizer": optimizer.state_dict(), "step": done}
+                saved = {"vector": vector.detach().clone(), "optimizer": optimizer.state_dict(), "step": done}
                 with atomic_path(path) as tmp:
-                    torch.save({**state, "history": history}, tmp)
+                    torch.save({**saved, "initial": initial, "history": history}, tmp)
     return LearnedVector(vector.detach().clone(), initial, history)
 
 
