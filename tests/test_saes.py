@@ -313,6 +313,8 @@ def test_decomposition_recovers_a_sparse_combination(lm):
     assert result.fit[0]["coefficient"] == pytest.approx(3.0, abs=1e-2)
     assert sum(row["share"] for row in result.fit) == pytest.approx(result.explained_fraction, abs=1e-4)
     assert result.fit[0]["promoted"] and result.readout[0]["latent"] in (10, 200)
+    with pytest.raises(ResidlabError, match="top contexts need the model"):
+        decompose_vector(sae, vector, contexts=object())  # type: ignore[arg-type]
     steer = latent_vector(sae, 10, lm, scale=2.0)
     assert steer.layers == [1] and steer.norm() == pytest.approx(2.0, abs=1e-5) and steer.info["sae_latent"] == 10
     with lm.steer(steer, 1.0, positions="all"):

@@ -68,10 +68,19 @@ def test_sae_train_eval_decompose_latent(setup):
         str(vector),
         "--out",
         str(tmp / "dec"),
+        "--eval-tokens",
+        "300",
+        *common,
     )
     decomposition = json.loads((tmp / "dec" / "decomposition.json").read_text())
-    assert decomposition["fit"][0]["latent"] == 3 and decomposition["explained_fraction"] > 0.99
-    assert (tmp / "dec" / "report.md").read_text().startswith("# latent.safetensors")
+    top = decomposition["fit"][0]
+    assert top["latent"] == 3 and decomposition["explained_fraction"] > 0.99
+    # Each fitted latent carries what it fires on in held-out text, as the dashboard shows it.
+    assert top["density"] > 0 and top["contexts"] and any(tok[2] for tok in top["contexts"][0]["tokens"])
+    assert top["contexts"][0]["max"] == max(c["max"] for c in top["contexts"])
+    report = (tmp / "dec" / "report.md").read_text()
+    assert report.startswith("# latent.safetensors") and "top context" in report and "[" in report
+    assert (tmp / "dec" / "latents.html").is_file()
 
 
 def test_sae_errors_are_clear(setup):

@@ -306,28 +306,51 @@ def decompose(
     vector: Annotated[Path, typer.Option(help="A steering vector (.safetensors or control-vector .gguf).")],
     model_name: SaeModelArg = None,
     max_latents: Annotated[int, typer.Option(min=1, help="Latents in the sparse fit.")] = 16,
+    corpus: CorpusArg = "wiki",
+    eval_tokens: EvalTokensArg = 50_000,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    work_dir: WorkDirOption = DEFAULT_WORK,
     out: OutArg = None,
 ) -> None:
-    """Express a steering vector at the SAE's layer as SAE latents (read-out and sparse non-negative fit)."""
-    from residlab.models.loading import load
+    """Express a steering vector at the SAE's layer as SAE latents (read-out and sparse non-negative fit),
+    each with its logit-lens tokens and its top contexts in held-out text of --corpus."""
+    from residlab.core.io import atomic_write_text
+    from residlab.saes.dashboard import render_dashboard
     from residlab.saes.decompose import decompose_vector
     from residlab.saes.files import load_sae
     from residlab.vectors.files import load_vector
 
     model = load_sae(sae)
-    lm = load(model_name or model.cfg.hook.model, dtype=dtype, device=device)
+    lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens, device)
     steering = load_vector(vector, lm)
-    result = decompose_vector(model, steering, lm=lm, max_latents=max_latents)
+    result = decompose_vector(model, steering, lm=lm, max_latents=max_latents, contexts=held)
     folder = out or sae / "decompositions" / vector.stem
     files = result.save(folder)
-    table = "\n".join(
-        f"| {r['latent']} | {r['share']:.3f} | {r['cosine']:.3f} | {' '.join(map(repr, r.get('promoted', [])[:5]))} |"
+    page = folder / "latents.html"
+    facts = {"vector": vector.name, "explained": f"{result.explained_fraction:.1%} of |v|^2", "corpus": corpus}
+    atomic_write_text(page, render_dashboard(result.fit, f"{vector.name} as latents of {sae.name}", facts))
+    files.append(page)
+    rows = [
+        f"| {r['latent']} | {r['share']:.3f} | {r['cosine']:.3f} | {r.get('density', float('nan')):.2e} | "
+        f"{' '.join(map(repr, r.get('promoted', [])[:5]))} | {_top_context(r)} |"
         for r in result.fit
-    )
-    fit = "| latent | share of norm^2 | cosine | promotes |\n|---|---|---|---|\n" + table
+    ]
+    header = "| latent | share of norm^2 | cosine | density | promotes | top context (peak in [brackets]) |"
+    fit = header + "\n|---|---|---|---|---|---|\n" + "\n".join(rows)
     _report(folder, f"{vector.name} in terms of {sae.name}", {"summary": result.summary(), "sparse fit": fit}, files)
+
+
+def _top_context(row: dict[str, Any], radius: int = 6) -> str:
+    """The latent's strongest held-out context as text, the peak token in brackets (for a table cell)."""
+    if not row.get("contexts"):
+        return ""
+    tokens = row["contexts"][0]["tokens"]
+    peak = next((i for i, t in enumerate(tokens) if t[2]), 0)
+    shown = tokens[max(0, peak - radius) : peak + radius + 1]
+    text = "".join(f"[{t[0]}]" if t[2] else t[0] for t in shown)
+    return text.replace("|", "\\|").replace("\n", " ").strip()
 
 
 @sae_app.command()

@@ -19,7 +19,7 @@ import torch
 from residlab.core.io import atomic_write_text
 from residlab.saes.activations import ActivationStore
 from residlab.saes.base import SparseAutoencoder
-from residlab.saes.decompose import latent_lens
+from residlab.saes.latent_lens import latent_lens
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel

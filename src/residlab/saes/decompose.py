@@ -9,7 +9,8 @@ Two decompositions of a direction ``v`` at the SAE's layer:
   joins, then the coefficients on the chosen set are refitted by projected gradient).
 
 Each fitted latent's *share* is ``c_i W_dec[i] . v / |v|^2``; the shares add up to the fraction of
-``|v|^2`` the fit explains.
+``|v|^2`` the fit explains. Given held-out activations, each fitted latent also gets its firing density
+and its top-activating contexts (the dashboard's cards), so a reader sees what the latent fires on.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import torch
 from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.errors import ResidlabError
 from residlab.saes.base import SparseAutoencoder
+from residlab.saes.dashboard import DashboardOptions, latent_cards
+from residlab.saes.latent_lens import latent_lens
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from residlab.models.lm import LanguageModel
+    from residlab.saes.activations import ActivationStore
     from residlab.vectors.steering_vector import SteeringVector
 
 
@@ -119,9 +123,16 @@ def decompose_vector(
     max_latents: int = 16,
     top: int = 20,
     lens_tokens: int = 8,
+    contexts: ActivationStore | None = None,
+    contexts_per_latent: int = 5,
 ) -> VectorDecomposition:
     """Decompose ``vector``'s direction at the SAE's layer (both ways); with ``lm``, each fitted
-    latent's logit-lens tokens (promoted and suppressed) are added."""
+    latent's logit-lens tokens (promoted and suppressed) are added, and with ``lm`` and ``contexts``
+    (held-out activations at the SAE's hook) its density and top-activating contexts too."""
+    if contexts is not None and lm is None:
+        raise ResidlabError(
+            "top contexts need the model (to decode the tokens).", hint="pass lm= together with contexts=."
+        )
     layer = sae.cfg.hook.layer
     if layer not in vector.directions:
         raise ResidlabError(
@@ -136,6 +147,10 @@ def decompose_vector(
         )
     chosen, coeffs, residual = sparse_nonnegative_fit(sae, v, max_latents=max_latents)
     norm_sq = float(v.pow(2).sum()) or 1.0
+    cards: dict[int, dict[str, Any]] = {}
+    if contexts is not None and lm is not None and chosen:
+        options = DashboardOptions(latents=tuple(chosen), contexts=contexts_per_latent, lens_tokens=lens_tokens)
+        cards = {card["latent"]: card for card in latent_cards(lm, sae, contexts, options)}
     fit = []
     for latent, c in zip(chosen, coeffs.tolist(), strict=True):
         direction = sae.W_dec[latent].detach().float().cpu()
@@ -145,7 +160,9 @@ def decompose_vector(
             "share": c * float(direction @ v) / norm_sq,
             "cosine": float(direction @ v) / max(1e-12, float(v.norm())),
         }
-        if lm is not None:
+        if latent in cards:
+            row.update({key: cards[latent][key] for key in ("promoted", "suppressed", "density", "contexts")})
+        elif lm is not None:
             row.update(latent_lens(lm, sae, latent, k=lens_tokens))
         fit.append(row)
     fit.sort(key=lambda r: -r["share"])
@@ -158,17 +175,6 @@ def decompose_vector(
         explained_fraction=1.0 - float(residual.pow(2).sum()) / norm_sq,
         residual_norm=float(residual.norm()),
     )
-
-
-def latent_lens(lm: LanguageModel, sae: SparseAutoencoder, latent: int, *, k: int = 8) -> dict[str, Any]:
-    """The tokens latent ``latent``'s decoder direction promotes and suppresses (logit lens)."""
-    from residlab.analyses.lens import top_tokens
-
-    direction = sae.W_dec[latent].detach().float().to(lm.device)
-    return {
-        "promoted": [t for t, _ in top_tokens(lm, direction, k)],
-        "suppressed": [t for t, _ in top_tokens(lm, direction, k, largest=False)],
-    }
 
 
 def latent_vector(sae: SparseAutoencoder, latent: int, model: Any, *, scale: float = 1.0) -> SteeringVector:
