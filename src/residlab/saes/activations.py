@@ -192,8 +192,7 @@ class ActivationStore:
             raise ResidlabError(f"mix_shards must be at least 1, got {mix_shards}.", hint="use e.g. 4.")
         position = start_step * batch_size  # tokens consumed so far
         epoch, offset = divmod(position, sum(sizes))
-        pending: list[torch.Tensor] = []
-        have = 0
+        carry = torch.zeros(0, self.d)  # the rows of the last group that did not fill a batch
         while True:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(sizes), generator=generator).tolist()
@@ -206,12 +205,13 @@ class ActivationStore:
                     continue
                 rows = torch.cat([self.shard(i)["activations"] for i in group])[perm[offset:]].float()
                 offset = 0
-                pending.append(rows)
-                have += rows.shape[0]
-                while have >= batch_size:
-                    stacked = torch.cat(pending)
-                    yield stacked[:batch_size]
-                    pending, have = [stacked[batch_size:]], stacked.shape[0] - batch_size
+                # One copy per group: batches are slices of it (re-concatenating the remainder for every
+                # batch copied the whole group each step).
+                rows = torch.cat([carry, rows]) if carry.shape[0] else rows
+                full = rows.shape[0] // batch_size * batch_size
+                for begin in range(0, full, batch_size):
+                    yield rows[begin : begin + batch_size]
+                carry = rows[full:]
             epoch += 1
 
 
