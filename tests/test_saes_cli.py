@@ -115,5 +115,6 @@ def test_sae_errors_are_clear(setup):
     )
     (fitted, *_) = json.loads((tmp / "dec-plain" / "decomposition.json").read_text())["fit"]
     assert fitted["latent"] == 5 and fitted["promoted"] and "contexts" not in fitted
+    assert not (tmp / "dec-plain" / "latents.html").exists()  # its cards would lack density and contexts
     result = RUNNER.invoke(app, ["sae", "harvest", "--model", model, "--corpus", "nope", "--work-dir", str(tmp)])
     assert result.exit_code != 0 and "unknown corpus" in result.output

@@ -336,11 +336,11 @@ def decompose(
     result = decompose_vector(model, steering, lm=lm, max_latents=max_latents, contexts=held)
     folder = out or sae / "decompositions" / vector.stem
     files = result.save(folder)
-    page = folder / "latents.html"
-    facts = {"vector": vector.name, "explained": f"{result.explained_fraction:.1%} of |v|^2"}
-    facts["contexts"] = corpus if contexts else "none (--no-contexts)"
-    atomic_write_text(page, render_dashboard(result.fit, f"{vector.name} as latents of {sae.name}", facts))
-    files.append(page)
+    if contexts:  # the page's cards need each latent's density and contexts
+        page = folder / "latents.html"
+        facts = {"vector": vector.name, "explained": f"{result.explained_fraction:.1%} of |v|^2", "corpus": corpus}
+        atomic_write_text(page, render_dashboard(result.fit, f"{vector.name} as latents of {sae.name}", facts))
+        files.append(page)
     rows = [
         f"| {r['latent']} | {r['share']:.3f} | {r['cosine']:.3f} | {r.get('density', float('nan')):.2e} | "
         f"{' '.join(map(repr, r.get('promoted', [])[:5]))} | {_top_context(r)} |"
