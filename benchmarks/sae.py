@@ -9,6 +9,11 @@ reused (a killed run resumes). The issue's target scale is the default model, a 
 8 x d_model, k = 32; --train-tokens sets the scale (the CPU smoke run uses a few hundred thousand).
 
     python benchmarks/sae.py [--model NAME] [--layer L] [--train-tokens 300000] [--eval-tokens 20000] [--epochs 1]
+
+Alive latents are counted three ways: over the held-out store (`alive_fraction`, short: rare latents
+look dead), over the last --dead-window training tokens (`alive_fraction_train_window`, how Gao et al.
+count), and over the held-out store plus --alive-corpora text no SAE trained on
+(`alive_fraction_wide`, over `alive_wide_tokens` tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from provenance import commit
 RESULTS = Path(__file__).parent / "results"
 KEYS = (
     "model layer site arch sample train_sample width k train_tokens eval_tokens fve_centred fve_raw nmse l0 "
-    "alive_fraction alive_fraction_train_window ce_loss_original ce_loss_sae ce_loss_zero_ablation "
+    "alive_fraction alive_fraction_train_window alive_fraction_wide alive_wide_tokens "
+    "ce_loss_original ce_loss_sae ce_loss_zero_ablation "
     "ce_loss_recovered delta_lm_loss harvest_tokens_per_s train_tokens_per_s commit"
 ).split()
 
@@ -48,6 +54,14 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--dead-window", type=int, default=100_000)
     parser.add_argument("--archs", default="topk,vsae,vsae+sample")
     parser.add_argument("--corpus", default="wiki")
+    parser.add_argument(
+        "--alive-corpora",
+        default="gsm8k",
+        help="other corpora (comma-separated; none trained on) whose text widens the held-out window of "
+        "alive_fraction_wide; '' for none",
+    )
+    parser.add_argument("--alive-tokens", type=int, default=150_000, help="tokens harvested per --alive-corpora entry")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding gsm8k/ (for --alive-corpora gsm8k)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--work-dir", type=Path, default=Path("residlab-out/sae-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS / "sae.json")
@@ -82,7 +96,14 @@ def main() -> None:
     from residlab.data.corpus import load_corpus
     from residlab.models.loading import load
     from residlab.saes.files import save_sae
-    from residlab.saes.pipeline import HarvestRequest, eval_windows, evaluate_sae, harvest_split, stop_ratio
+    from residlab.saes.pipeline import (
+        HarvestRequest,
+        alive_over,
+        eval_windows,
+        evaluate_sae,
+        harvest_split,
+        stop_ratio,
+    )
     from residlab.saes.training import TrainConfig, train_sae
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -99,6 +120,17 @@ def main() -> None:
         if harvested
         else train_store.manifest.get("harvest_tokens_per_s", float("nan"))
     )
+    wide_stores = [eval_store] + [
+        harvest_split(
+            lm,
+            load_corpus(name, data_dir=args.data_dir),
+            "train",  # the whole of another corpus is held out from an SAE trained on --corpus
+            HarvestRequest(layer, args.site, args.context_len, args.alive_tokens),
+            args.work_dir / "stores",
+        )[0]
+        for name in filter(None, args.alive_corpora.split(","))
+        if name != args.corpus
+    ]
     windows = eval_windows(lm, corpus, request, args.ce_windows)
     ratio = stop_ratio(lm, windows[:32], layer, args.site)
     mean = train_store.mean()
@@ -136,14 +168,16 @@ def main() -> None:
             # row's alive_fraction counts firing over the held-out tokens only, a shorter window.
             "alive_fraction_train_window": float(1 - trained.sae.dead_mask.float().mean()),
         }
-        row = {**result.row(), **speeds, "train_sample": sample}
+        wide = _wide_alive(alive_over(trained.sae, wide_stores, sample=sample))
+        row = {**result.row(), **speeds, **wide, "train_sample": sample}
         rows.append({key: row.get(key, commit() if key == "commit" else None) for key in KEYS})
         extra[name] = {"stability": result.stability, "downstream": result.downstream}
         if cfg.arch == "vsae":  # the same SAE evaluated with the other sampling setting: its own row
             other = evaluate_sae(
                 lm, trained.sae, eval_store, windows, mean, sample=not sample, train_tokens=trained.tokens
             )
-            flipped = {**other.row(), **speeds, "train_sample": sample}
+            wide = _wide_alive(alive_over(trained.sae, wide_stores, sample=not sample))
+            flipped = {**other.row(), **speeds, **wide, "train_sample": sample}
             rows.append({key: flipped.get(key, commit() if key == "commit" else None) for key in KEYS})
         print(json.dumps(rows[-1]))
         payload = {  # written after every SAE, so a run stopped early keeps the rows it finished
@@ -159,11 +193,16 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
+def _wide_alive(alive: dict) -> dict:
+    """alive_fraction over the held-out store plus the --alive-corpora text (none of it trained on)."""
+    return {"alive_fraction_wide": alive["alive_fraction"], "alive_wide_tokens": alive["tokens"]}
+
+
 def _write_markdown(path: Path, payload: dict) -> None:
     from residlab.core.io import atomic_write_text
 
     cols = ("arch", "train_sample", "sample", "width", "k", "train_tokens", "fve_centred", "fve_raw", "l0")
-    cols += ("alive_fraction", "alive_fraction_train_window")
+    cols += ("alive_fraction", "alive_fraction_wide", "alive_fraction_train_window")
     cols += ("ce_loss_original", "ce_loss_sae", "ce_loss_zero_ablation", "ce_loss_recovered", "delta_lm_loss")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in payload["rows"]:

@@ -255,6 +255,23 @@ def test_reconstruction_metrics_both_conventions():
     assert perfect["l0"] == pytest.approx(8.0)
 
 
+def test_alive_over_several_stores_counts_the_union(lm, tmp_path):
+    from residlab.saes.pipeline import alive_over
+
+    first, _ = harvest(lm, DOCS[:30], _spec(lm), tmp_path / "a", max_tokens=300, progress=False)
+    second, _ = harvest(lm, DOCS[30:], _spec(lm), tmp_path / "b", max_tokens=300, progress=False)
+    torch.manual_seed(0)
+    sae = build_sae(TopKConfig(d_in=lm.hidden_size, d_sae=256, k=2, hook=HookPoint(lm.name, 1)))
+    both = alive_over(sae, [first, second], batch_size=100)
+    union = reconstruction_metrics(sae, torch.cat([first.activations(), second.activations()]))
+    assert both["tokens"] == first.num_tokens + second.num_tokens
+    assert both["alive_fraction"] == pytest.approx(union["alive_fraction"])
+    alone = [alive_over(sae, [store])["alive_fraction"] for store in (first, second)]
+    assert max(alone) < both["alive_fraction"] < 1.0  # k=2 of 256: the union finds latents each store missed
+    with pytest.raises(ValueError):
+        alive_over(sae, [])
+
+
 def test_eval_result_writes_json_and_plots(tmp_path):
     metrics = reconstruction_metrics(identity_oracle(8), torch.randn(50, 8))
     result = SAEEvalResult(

@@ -118,6 +118,29 @@ def evaluate_sae(
     )
 
 
+@torch.no_grad()
+def alive_over(
+    sae: SparseAutoencoder, stores: list[ActivationStore], *, sample: bool | None = None, batch_size: int = 4096
+) -> dict[str, float | int]:
+    """The fraction of latents that fire at least once over all tokens of ``stores`` together.
+
+    A wider window than one held-out store: rare latents (density ~1e-5) need a few hundred thousand
+    tokens to show that they are alive, which is why the field counts dead latents over a long window.
+    """
+    if not stores:
+        raise ValueError("alive_over needs at least one activation store")
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    tokens = 0
+    device = next(sae.parameters()).device
+    for store in stores:
+        acts = store.activations()
+        for start in range(0, acts.shape[0], batch_size):
+            z = sae(acts[start : start + batch_size].to(device).float(), sample=sample).z
+            fired |= (z != 0).any(dim=0).cpu()
+        tokens += acts.shape[0]
+    return {"tokens": tokens, "alive_fraction": float(fired.double().mean())}
+
+
 @torch.inference_mode()
 def stop_ratio(lm: LanguageModel, windows: list[list[int]], layer: int, site: str, *, batch_size: int = 8) -> dict:
     """Seconds for the harvest's stopped pass against a full forward pass over the same batches."""
