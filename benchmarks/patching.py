@@ -11,7 +11,9 @@ runs once; each subset is one more forward + backward pass).
 ``--split eval`` (default) measures the reported pairs; ``--split train`` measures pairs disjoint from
 them (data/prompt_pairs.py) and recomputes ``selection``: per architecture family and over all of them,
 the rule subset that maximises the minimum Pearson r over resid, attn and mlp across both datasets on
-train pairs (ties: the better minimum over heads). Entries are merged into
+train pairs (ties: the better minimum over heads), and the best subset per family group (resid + mlp,
+attn + heads: RelP's two passes, see relp_defaults.py). ``--reselect`` recomputes ``selection`` from
+the stored train runs without measuring. Entries are merged into
 benchmarks/results/patching.json as each finishes; patching.md is rewritten from the JSON.
 
     nice -n 5 python benchmarks/patching.py [--models M,...] [--datasets ioi,capitals] [--pairs 16] [--split train]
@@ -32,10 +34,17 @@ from provenance import commit
 
 RESULTS = Path(__file__).parent / "results"
 RULES = ("norm", "activation", "attention", "gated")
-SCORED = ("resid", "attn", "mlp")  # the selection criterion's families
+SCORED = ("resid", "attn", "mlp")  # the one-rule-set criterion's families
 CRITERION = (
     "maximise the minimum Pearson r (against exact patching) over resid, attn and mlp across the IOI "
     "and capitals train pairs; ties broken by the minimum over heads"
+)
+# RelP runs one backward pass per rule set: the component families are split into two groups, each
+# with its own rule set (the AH-rule helps resid/mlp and costs attn/heads on Qwen2's train pairs).
+FAMILY_GROUPS = (("resid", "mlp"), ("attn", "heads"))
+GROUP_CRITERION = (
+    "per family group (resid + mlp, attn + heads): maximise the minimum Pearson r over the group's "
+    "families across the IOI and capitals train pairs"
 )
 
 
@@ -46,7 +55,7 @@ def subset_name(rules: tuple[str, ...]) -> str:
 SUBSETS = [c for k in range(len(RULES) + 1) for c in itertools.combinations(RULES, k)]
 
 
-def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out_dir: Path) -> dict:
+def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out_dir: Path, threads: int = 2) -> dict:
     import torch
 
     from residlab.analyses.patching.faithfulness import measure_faithfulness
@@ -54,7 +63,7 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out
     from residlab.data.prompt_pairs import load_pairs
     from residlab.models.loading import load
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     lm = load(model)
     prompt_pairs = load_pairs(dataset, n=pairs, tokenizer=lm.tokenizer, split=split)
     started = time.perf_counter()
@@ -73,6 +82,7 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out
             "seconds_exact": fam.seconds.get("exact"),
             "seconds_atp": fam.seconds.get("atp"),
             "seconds_relp": fam.seconds.get("relp"),
+            "relp_rules": subset_name(tuple(line.split(":")[0] for line in fam.rules)),
         }
     measured = time.perf_counter() - started
     exact_all = sum(f["seconds_exact"] for f in families.values())
@@ -149,18 +159,28 @@ def select(train: list[dict]) -> dict:
     for e in train:
         groups.setdefault(e["architecture"], []).append(e)
     groups["all families"] = list(train)
+
+    def group_score(entries: list[dict], subset: str, families: tuple[str, ...]) -> float:
+        return min(e["rule_subsets"][subset][f] for e in entries for f in families)
+
     out = {}
     for group, entries in groups.items():
         scores = {subset_name(s): score(entries, subset_name(s)) for s in SUBSETS}
         best = max(scores, key=lambda s: scores[s])
+        per_group = {}
+        for families in FAMILY_GROUPS:
+            by_subset = {subset_name(s): group_score(entries, subset_name(s), families) for s in SUBSETS}
+            chosen = max(by_subset, key=lambda s: by_subset[s])
+            per_group["+".join(families)] = {"best": chosen, "min_r": by_subset[chosen]}
         out[group] = {
             "best": best,
             "min_resid_attn_mlp": scores[best][0],
             "min_heads": scores[best][1],
+            "per_family_group": per_group,
             "runs": sorted(f"{e['model']}/{e['dataset']}" for e in entries),
             "scores": {s: {"min_resid_attn_mlp": v[0], "min_heads": v[1]} for s, v in scores.items()},
         }
-    return {"criterion": CRITERION, "groups": out}
+    return {"criterion": CRITERION, "group_criterion": GROUP_CRITERION, "groups": out}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -171,11 +191,12 @@ def _markdown(data: dict) -> str:
     lines = [
         "# Patching faithfulness: AtP and RelP against exact activation patching",
         "",
-        "`nice -n 5 python benchmarks/patching.py [--split train]` (CPU, 2 threads, float32). Sites: resid "
+        "`nice -n 5 python benchmarks/patching.py [--split train] [--threads N]` (CPU, float32; threads "
+        "per run in the JSON). Sites: resid "
         "(block output), attn, mlp (layer x position), heads (layer x head, all positions). Metric: logit "
         "difference, effects averaged over the pairs. Seconds: exact per family; AtP / RelP one clean "
-        "forward + one corrupted forward and backward for all families. RelP runs the model family's "
-        "default rules (chosen on train pairs, below).",
+        "forward + one corrupted forward and backward per rule set (AtP: one) for all families. RelP runs the "
+        "model family's default rules per family group (chosen on train pairs, below).",
         "",
         "## Eval pairs",
         "",
@@ -185,14 +206,15 @@ def _markdown(data: dict) -> str:
     ]
     runs = data.get("runs", [])
     for e in runs:
-        rules = subset_name(tuple(r for r in RULES if any(a.startswith(r + ":") for a in e["rules"])))
+        every = subset_name(tuple(r for r in RULES if any(a.startswith(r + ":") for a in e["rules"])))
         for name, f in e["families"].items():
+            rules = f.get("relp_rules", every)  # runs before per-family rules: one set for every family
             cells = [e["model"], e["dataset"], str(e["pairs"]), rules, name, str(f["n_sites"])]
             cells += [_fmt(f[k]) for k in ("pearson_atp", "pearson_relp", "spearman_atp", "spearman_relp")]
             cells += [_fmt(f[k], 1) for k in ("seconds_exact", "seconds_atp", "seconds_relp")]
             cells += [_fmt(f["seconds_exact"] / f[k], 0) if f[k] else "-" for k in ("seconds_atp", "seconds_relp")]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "All families together (AtP / RelP estimate every site from one pass):", ""]
+    lines += ["", "All families (AtP: every site from one pass; RelP: one pass per rule set):", ""]
     lines += ["| model | dataset | sites | s exact | x AtP | x RelP |", "|---|---|---|---|---|---|"]
     for e in runs:
         a = e["all_families"]
@@ -215,6 +237,16 @@ def _markdown(data: dict) -> str:
                 f"{_fmt(g['min_heads'])} | {_fmt(g['scores'][full]['min_resid_attn_mlp'])} | "
                 f"{_fmt(g['scores']['none']['min_resid_attn_mlp'])} |"
             )
+        if "group_criterion" in selection:
+            names = ["+".join(f) for f in FAMILY_GROUPS]
+            lines += ["", f"Two rule sets ({selection['group_criterion']}):", ""]
+            lines += ["| group | " + " | ".join(f"{n}: best subset | min r" for n in names) + " |"]
+            lines += ["|---|" + "---|---|" * len(names)]
+            for group, g in selection["groups"].items():
+                cells = [
+                    f"{g['per_family_group'][n]['best']} | {_fmt(g['per_family_group'][n]['min_r'])}" for n in names
+                ]
+                lines.append(f"| {group} | " + " | ".join(cells) + " |")
     for title, entries in (("Train", data.get("selection_runs", [])), ("Eval", runs)):
         lines += _subset_tables(title, entries)
     return "\n".join(lines) + "\n"
@@ -245,14 +277,22 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--out", default=str(RESULTS / "patching.json"))
     parser.add_argument("--work-dir", default="residlab-out/benchmark-patching", help="per-run reports and plots")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (every method runs on them)")
+    parser.add_argument("--reselect", action="store_true", help="recompute the selection from stored train runs")
     args = parser.parse_args()
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
+    if args.reselect:
+        data["selection"] = select(data["selection_runs"])
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        out.with_suffix(".md").write_text(_markdown(data))
+        print(json.dumps({g: v["per_family_group"] for g, v in data["selection"]["groups"].items()}, indent=1))
+        return
     key = "runs" if args.split == "eval" else "selection_runs"
     for model in args.models.split(","):
         for dataset in args.datasets.split(","):
             print(f"{model} / {dataset} / {args.split}", flush=True)
-            entry = run_one(model, dataset, args.pairs, args.max_rows, args.split, Path(args.work_dir))
+            entry = run_one(model, dataset, args.pairs, args.max_rows, args.split, Path(args.work_dir), args.threads)
             kept = [e for e in data.get(key, []) if (e["model"], e["dataset"]) != (entry["model"], dataset)]
             data[key] = kept + [entry]
             if args.split == "train":

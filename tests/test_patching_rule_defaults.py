@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from residlab.analyses.patching import relp_defaults
 from residlab.analyses.patching.faithfulness import measure_faithfulness
 from residlab.analyses.patching.relp import RelpRules
-from residlab.analyses.patching.relp_defaults import choose_rules
+from residlab.analyses.patching.relp_defaults import FamilyRules, choose_rules
 from residlab.cli.main import app
 from residlab.core.errors import ResidlabError
 from residlab.data.facts import CAPITAL_PROMPT
@@ -78,16 +78,29 @@ def test_bad_split_is_a_clear_error(tmp_path):
 
 
 def test_explicit_rules_win_over_the_family_default(monkeypatch):
-    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", RelpRules(gated=False))
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", FamilyRules(RelpRules(gated=False)))
     mine = RelpRules(norm=False, attention=False)
-    assert choose_rules("llama", mine) == relp_defaults.RuleChoice(mine, "explicit (given by the caller)")
+    explicit = choose_rules("llama", mine)
+    assert explicit.source == "explicit (given by the caller)"
+    assert all(explicit.rules.for_family(f) == mine for f in ("resid", "attn", "mlp", "heads", "neurons"))
     default = choose_rules("llama")
-    assert default.rules == RelpRules(gated=False) and default.source.startswith("default for llama")
+    assert default.rules == FamilyRules(RelpRules(gated=False)) and default.source.startswith("default for llama")
+
+
+def test_family_rules_group_the_component_families_into_passes():
+    split = FamilyRules(RelpRules(gated=False), ((("attn", "heads"), RelpRules(attention=False)),))
+    assert split.for_family("resid") == split.for_family("neurons") == RelpRules(gated=False)
+    assert split.for_family("heads") == RelpRules(attention=False)
+    assert split.passes(["resid", "attn", "mlp", "heads"]) == {
+        RelpRules(gated=False): ("resid", "mlp"),
+        RelpRules(attention=False): ("attn", "heads"),
+    }
+    assert split.passes(["mlp"]) == {RelpRules(gated=False): ("mlp",)}  # a pass only for a family asked for
 
 
 def test_unknown_family_falls_back_to_every_rule_and_says_so():
     choice = choose_rules("no-such-family")
-    assert choice.rules == RelpRules()
+    assert choice.rules == FamilyRules(RelpRules())
     assert "fallback" in choice.source and "no-such-family" in choice.source
 
 
@@ -96,12 +109,14 @@ def test_the_table_holds_typed_rules_for_mapped_families():
 
     families = {arch.family for arch in ARCHITECTURES.values()}
     for family, rules in relp_defaults.DEFAULT_RULES.items():
-        assert family in families and isinstance(rules, RelpRules)
+        assert family in families and isinstance(rules, FamilyRules) and isinstance(rules.default, RelpRules)
+        for names, group_rules in rules.groups:
+            assert set(names) <= {"resid", "attn", "mlp", "heads", "neurons"} and isinstance(group_rules, RelpRules)
 
 
 def test_measure_faithfulness_runs_the_family_default_and_records_where_it_came_from(monkeypatch):
     lm = tiny_model("llama")
-    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", RelpRules(attention=False, gated=False))
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "llama", FamilyRules(RelpRules(attention=False, gated=False)))
     lines: list[str] = []
     run = measure_faithfulness(lm, PAIRS, families=["resid"], methods=["relp"], log=lines.append)
     assert [r.split(":")[0] for r in run.rules] == ["norm", "activation"]
@@ -134,3 +149,25 @@ def test_patch_command_reports_the_rules_and_their_source(tmp_path):
         assert data["rules_source"].startswith(expect)
         assert data["rules_source"] in (out / "report.md").read_text()
     assert [r.split(":")[0] for r in data["rules"]] == ["norm", "gated"]
+
+
+def test_two_rule_sets_take_two_passes_and_each_family_gets_its_own_estimate(monkeypatch):
+    """Per-family rules: each family's RelP estimate equals a run with that family's rules alone."""
+    lm = tiny_model("qwen2")
+    split = FamilyRules(RelpRules(gated=False), ((("attn", "heads"), RelpRules(attention=False, gated=False)),))
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "qwen2", split)
+    lines: list[str] = []
+    both = measure_faithfulness(lm, PAIRS, families=["resid", "attn"], methods=["exact", "relp"], log=lines.append)
+    assert any("relp:" in line and "2 backward passes" in line for line in lines)
+    assert any(line.startswith("RelP rules for attn: norm, activation (default for qwen2") for line in lines)
+    by_family = {f.family: f for f in both.families}
+    assert [r.split(":")[0] for r in by_family["resid"].rules] == ["norm", "activation", "attention"]
+    assert [r.split(":")[0] for r in by_family["attn"].rules] == ["norm", "activation"]
+    assert any(line.startswith("[attn] norm:") for line in both.rules)
+    for family, rules in (("resid", RelpRules(gated=False)), ("attn", RelpRules(attention=False, gated=False))):
+        alone = measure_faithfulness(lm, PAIRS, families=[family], methods=["relp"], rules=rules)
+        assert alone.families[0].effects["relp"] == by_family[family].effects["relp"]
+        assert alone.families[0].rules == by_family[family].rules
+    # one rule set for every family: one pass, and the rule lines carry no family prefix
+    one = measure_faithfulness(lm, PAIRS, families=["resid", "attn"], methods=["relp"], rules=RelpRules())
+    assert [r.split(":")[0] for r in one.rules] == ["norm", "activation", "gated", "attention"]

@@ -4,9 +4,10 @@
 exact patching of every site of each family, and the estimates (AtP; RelP with its rules), timing each
 method; :mod:`.report` turns the result into JSON, heatmaps and a markdown report.
 
-Timing: ``exact`` counts the corrupted recording and its patching passes, per family; ``atp`` and
-``relp`` count the clean forward pass (the source activations) plus their one forward and backward
-pass, which serve every family at once.
+Timing: ``exact`` counts the corrupted recording and its patching passes, per family; ``atp`` counts
+the clean forward pass (the source activations) plus its one forward and backward pass, which serves
+every family at once; ``relp`` the clean pass plus one forward and backward pass per distinct rule set
+the families need (:class:`~.relp_defaults.FamilyRules`), all of them charged to every family.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import torch
 from scipy import stats
 
 from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
-from residlab.analyses.patching.attribution import attribute, estimated_effects
+from residlab.analyses.patching.attribution import Attribution, attribute, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
 from residlab.analyses.patching.relp import RelpRules
-from residlab.analyses.patching.relp_defaults import choose_rules
+from residlab.analyses.patching.relp_defaults import FamilyRules, choose_rules
 from residlab.analyses.patching.sites import get_families, site_grid
 from residlab.core.errors import ResidlabError
 from residlab.data.prompt_pairs import PromptPair
@@ -49,6 +50,7 @@ class FamilyEffects:
     spearman: dict[str, float] = field(default_factory=dict)
     num_sites: int = 0
     noop_sites: int = 0  # sites whose source equals the base value (effect exactly 0, not run)
+    rules: tuple[str, ...] = ()  # the RelP rules this family's estimate ran with (one line per rule)
 
 
 def correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -60,7 +62,13 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def _family_effects(
-    family: str, unit: str, units: int, effects: dict[str, torch.Tensor], seconds: dict[str, float], noop: int
+    family: str,
+    unit: str,
+    units: int,
+    effects: dict[str, torch.Tensor],
+    seconds: dict[str, float],
+    noop: int,
+    rules: tuple[str, ...] = (),
 ) -> FamilyEffects:
     """Grids of every method's effects, and each estimate's correlations with exact patching."""
     pearson, spearman = {}, {}
@@ -68,7 +76,18 @@ def _family_effects(
         for method in (m for m in effects if m != "exact"):
             pearson[method], spearman[method] = correlation(effects[method], effects["exact"])
     grids = {m: e.view(-1, units).tolist() for m, e in effects.items()}
-    return FamilyEffects(family, unit, grids, seconds, pearson, spearman, len(next(iter(effects.values()))), noop)
+    count = len(next(iter(effects.values())))
+    return FamilyEffects(family, unit, grids, seconds, pearson, spearman, count, noop, rules)
+
+
+def _rule_lines(families: list[FamilyEffects], passes: int) -> tuple[str, ...]:
+    """The run's RelP rule lines: one pass's as they are; several passes' each prefixed by its families."""
+    if passes <= 1:
+        return families[0].rules if families else ()
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for fam in families:
+        groups.setdefault(fam.rules, []).append(fam.family)
+    return tuple(f"[{', '.join(names)}] {line}" for rules, names in groups.items() for line in rules)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -102,18 +121,22 @@ def measure_faithfulness(
     families: Sequence[str] = ("resid", "attn", "mlp", "heads"),
     methods: Sequence[str] = METHODS,
     metric: str = "logit_diff",
-    rules: RelpRules | None = None,
+    rules: RelpRules | FamilyRules | None = None,
     window: int = 1,
     max_rows: int = 256,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> Faithfulness:
     """Exact patching and the estimates of every site of ``families`` on ``pairs`` (see the module doc);
-    ``rules`` None: the model family's default RelP rules (:func:`~.relp_defaults.choose_rules`)."""
+    ``rules`` None: the model family's default RelP rules (:func:`~.relp_defaults.choose_rules`); one
+    :class:`RelpRules` serves every component family, a :class:`FamilyRules` sets them per family."""
     chosen, methods = get_families(families), _check_methods(methods)
     choice = choose_rules(lm.arch.family, rules)
+    passes = choice.rules.passes([f.name for f in chosen])
     if "relp" in methods:
-        log(f"RelP rules: {', '.join(choice.rules.names()) or 'none'} ({choice.source})")
+        for pass_rules, names in passes.items():
+            label = f" for {', '.join(names)}" if len(passes) > 1 else ""
+            log(f"RelP rules{label}: {', '.join(pass_rules.names()) or 'none'} ({choice.source})")
     score = get_metric(metric)
     batch = encode_pairs(lm, pairs)
     layers = list(range(lm.num_layers))
@@ -129,13 +152,19 @@ def measure_faithfulness(
     targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
     run = PatchRun(batch.corrupted_ids, batch.attention_mask, targets, corrupted.values, clean.values, corrupted.logits)
     shape = unit_shape(lm, clean.values, batch.num_tokens)
-    estimates, seconds = {}, {}
+    estimates: dict[str, dict[str, Attribution]] = {}  # method -> component family -> its attribution
+    seconds = {}
     for method in (m for m in methods if m in ESTIMATES):
         started = time.perf_counter()
-        relp = choice.rules if method == "relp" else None
-        estimates[method] = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
+        runs: dict[RelpRules | None, tuple[str, ...]] = {None: tuple(f.name for f in chosen)}  # AtP: plain autograd
+        if method == "relp":
+            runs = {rules: names for rules, names in passes.items()}
+        estimates[method] = {}
+        for relp, names in runs.items():
+            attribution = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
+            estimates[method].update(dict.fromkeys(names, attribution))
         seconds[method] = clean_seconds + time.perf_counter() - started
-        log(f"{method}: {seconds[method]:.2f} s for every site")
+        log(f"{method}: {seconds[method]:.2f} s for every site ({len(runs)} backward pass{'es' * (len(runs) > 1)})")
     results = []
     for family in chosen:
         sites = site_grid(family, lm.num_layers, shape, window=window)
@@ -148,11 +177,12 @@ def measure_faithfulness(
             )
             family_seconds["exact"] = corrupted_seconds + time.perf_counter() - started
             log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
-        for method, attribution in estimates.items():
-            effects[method] = estimated_effects(attribution, clean.values, sites, shape.head_dim, run.base)
+        for method, by_family in estimates.items():
+            effects[method] = estimated_effects(by_family[family.name], clean.values, sites, shape.head_dim, run.base)
         noop = sum(is_noop(run, site, shape.head_dim) for site in sites)
+        applied = estimates["relp"][family.name].rules if "relp" in estimates else ()
         results.append(
-            _family_effects(family.name, family.unit, shape.count(family.unit), effects, family_seconds, noop)
+            _family_effects(family.name, family.unit, shape.count(family.unit), effects, family_seconds, noop, applied)
         )
     return Faithfulness(
         results,
@@ -160,7 +190,7 @@ def measure_faithfulness(
         run.base_score(score),
         batch.num_pairs,
         batch.tokens,
-        tuple(estimates["relp"].rules) if "relp" in estimates else (),
+        _rule_lines(results, len(passes)) if "relp" in estimates else (),
         metric_name(metric),
         window,
         choice.source if "relp" in estimates else "",

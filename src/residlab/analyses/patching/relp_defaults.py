@@ -8,28 +8,61 @@ patching package (the models layer must not know about analyses).
 How the table was chosen (benchmarks/patching.py ``--split train``, saved under ``"selection"`` in
 benchmarks/results/patching.json): every one of the 16 subsets of the four rules was scored on TRAIN
 prompt pairs (:data:`~residlab.data.prompt_pairs.PAIR_SPLITS`: no prompt or country in common with the
-reported eval pairs) by the minimum Pearson r against exact patching over resid, attn and mlp across
-IOI and capitals; the best subset per family is its default. The table is per family, not global,
-because which rule helps is a measured property of a model family (in the earlier one-rule-out
-ablation, leaving out the AH-rule helped SmolLM2 on IOI in every family but cost Qwen's resid and
-mlp), and a family is entered only once both its train runs exist. Explicit
-rules always win; a family with no entry gets every rule, and the choice says so (never silently).
+reported eval pairs) by Pearson r against exact patching; for each group of component families
+(resid + mlp, attn + heads) the subset with the best minimum r over the group's families across IOI
+and capitals is its rule set. Two groups, two backward passes: one rule set cannot serve both on
+Qwen2 (see the table's comment), and a pass per component family would cost a third pass for 0.01.
+The table is per architecture family, not global, because which rule helps is a measured property of
+a model family (in the earlier one-rule-out ablation, leaving out the AH-rule helped SmolLM2 on IOI in
+every component family but cost Qwen's resid and mlp), and a family is entered only once both its
+train runs exist. Explicit rules always win; a family with no entry gets every rule, and the choice
+says so (never silently).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from residlab.analyses.patching.relp import RelpRules
 
-SELECTION = "chosen on train pairs (min Pearson over resid/attn/mlp, IOI + capitals)"
+SELECTION = "chosen on train pairs (per family group: min Pearson over its families, IOI + capitals)"
 
-DEFAULT_RULES: dict[str, RelpRules] = {
-    # qwen2.5-coder-0.5b-instruct, 16 IOI + 16 capitals train pairs: min r over resid/attn/mlp 0.830
-    # (every rule 0.732, none = AtP -0.020); the half rule is what costs (IOI mlp 0.902 -> 0.787).
-    "qwen2": RelpRules(gated=False),
-    # llama (SmolLM2-135M): the same subset wins on its IOI train pairs (0.866; every rule 0.826), but
-    # its capitals train run is missing, so the family keeps the named fallback until it is measured.
+
+@dataclass(frozen=True)
+class FamilyRules:
+    """RelP's rules per component family: ``default`` for every family not in ``groups``, whose entries
+    name families that run with other rules. Each distinct rule set costs one backward pass."""
+
+    default: RelpRules
+    groups: tuple[tuple[tuple[str, ...], RelpRules], ...] = ()
+
+    def for_family(self, family: str) -> RelpRules:
+        """The rules the estimate of ``family`` (resid, attn, mlp, heads, neurons) is computed with."""
+        return next((rules for names, rules in self.groups if family in names), self.default)
+
+    def passes(self, families: Sequence[str]) -> dict[RelpRules, tuple[str, ...]]:
+        """The distinct rule sets ``families`` need, each with the families it serves (one pass each)."""
+        out: dict[RelpRules, tuple[str, ...]] = {}
+        for family in families:
+            rules = self.for_family(family)
+            out[rules] = (*out.get(rules, ()), family)
+        return out
+
+
+DEFAULT_RULES: dict[str, FamilyRules] = {
+    # qwen2.5-coder-0.5b-instruct, 16 IOI + 16 capitals train pairs (benchmarks/results/patching.json,
+    # "selection"). The AH-rule splits the families: it lifts resid and mlp (IOI train 0.558 -> 0.830 and
+    # 0.552 -> 0.902 with norm + activation) but costs attn and heads (0.951 -> 0.874, 0.943 -> 0.666),
+    # because IOI runs through heads that move other heads' queries and keys, the path it detaches.
+    # So two passes: resid/mlp with norm + activation + attention (min r 0.830), attn/heads with norm +
+    # activation (min r 0.943); the half rule costs in both groups (one pass with it: 0.732).
+    "qwen2": FamilyRules(
+        default=RelpRules(gated=False),
+        groups=((("attn", "heads"), RelpRules(attention=False, gated=False)),),
+    ),
+    # llama (SmolLM2-135M): the same resid/mlp subset wins on its IOI train pairs (0.866; every rule
+    # 0.826), but its capitals train run is missing, so the family keeps the named fallback until it is.
 }
 
 
@@ -37,15 +70,17 @@ DEFAULT_RULES: dict[str, RelpRules] = {
 class RuleChoice:
     """The rules RelP runs with and where they came from (``source``: explicit, default or fallback)."""
 
-    rules: RelpRules
+    rules: FamilyRules
     source: str
 
 
-def choose_rules(family: str, explicit: RelpRules | None = None) -> RuleChoice:
-    """``explicit`` when given; else the family's default from :data:`DEFAULT_RULES`; else every rule,
-    with a source that says no default was chosen for ``family``."""
+def choose_rules(family: str, explicit: RelpRules | FamilyRules | None = None) -> RuleChoice:
+    """``explicit`` when given (one :class:`RelpRules` serves every component family); else the
+    architecture family's default from :data:`DEFAULT_RULES`; else every rule, with a source that says
+    no default was chosen for ``family``."""
     if explicit is not None:
-        return RuleChoice(explicit, "explicit (given by the caller)")
+        rules = explicit if isinstance(explicit, FamilyRules) else FamilyRules(explicit)
+        return RuleChoice(rules, "explicit (given by the caller)")
     if family in DEFAULT_RULES:
         return RuleChoice(DEFAULT_RULES[family], f"default for {family}, {SELECTION}")
-    return RuleChoice(RelpRules(), f"fallback: no default chosen for {family}, so every rule")
+    return RuleChoice(FamilyRules(RelpRules()), f"fallback: no default chosen for {family}, so every rule")

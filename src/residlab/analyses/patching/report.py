@@ -119,13 +119,16 @@ class PatchingResult(AnalysisResult):
             f"{f' ({self.rules_source})' if self.rules_source else ''}.",
             "",
             "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP "
-            "| s exact | s AtP | s RelP |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| s exact | s AtP | s RelP | RelP rules |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for fam in self.families:
             cells = [fam.family, str(fam.num_sites), str(fam.noop_sites)]
             cells += [_num(fam.pearson.get(m)) for m in ESTIMATES] + [_num(fam.spearman.get(m)) for m in ESTIMATES]
             cells += [_num(fam.seconds.get(m), 2) for m in ("exact", *ESTIMATES)]
+            cells.append(
+                "+".join(line.split(":")[0] for line in fam.rules) or ("none" if "relp" in fam.seconds else "-")
+            )
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "No-op sites write the value the corrupted run already has (positions before the prompts "
                   "differ): their effect is exactly 0 and they are not run.", ""]  # fmt: skip
