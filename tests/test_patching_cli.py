@@ -62,7 +62,9 @@ def test_patch_command_writes_effects_correlations_and_report(tiny_dir, pair_fil
     )
     for name in ("positions.png", "heads.png", "scatter.png", "report.md"):
         assert (out / name).exists()
-    assert "Pearson RelP" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Pearson RelP" in report and "## Where the estimates miss exact patching" in report
+    assert {"atp", "relp"} == set(data["summary"]["families"]["resid"]["misses"])
 
 
 def test_patch_command_rejects_bad_input(tiny_dir, pair_file, tmp_path):
@@ -132,3 +134,18 @@ def test_patch_real_model_ioi_relp_tracks_exact(tmp_path, monkeypatch):
     mlp = data["families"][0]
     assert max(abs(v) for row in mlp["effects"]["exact"] for v in row) > 0.1
     assert mlp["pearson"]["relp"] > 0.8
+
+
+def test_misses_name_the_sites_and_position_that_hold_the_estimate_error():
+    from residlab.analyses.patching.faithfulness import FamilyEffects
+    from residlab.analyses.patching.report import misses_of
+
+    exact = [[1.0, 10.0, 0.0], [0.5, 10.0, 0.0]]  # layers x positions
+    relp = [[1.0, 4.0, 0.0], [0.5, 7.0, 1.0]]  # errors 36 (layer 0, pos 1), 9 (layer 1, pos 1), 1
+    fam = FamilyEffects("resid", "position", {"exact": exact, "relp": relp}, {}, {"relp": 0.5}, {"relp": 0.5})
+    misses = misses_of(fam, "relp", ["a", "b", "c"], top=2)
+    assert [(s["layer"], s["unit"]) for s in misses["sites"]] == [(0, "'b'"), (1, "'b'")]
+    assert misses["sites"][0]["share"] == pytest.approx(36 / 46)
+    assert misses["position"] == {"unit": "'b'", "share": pytest.approx(45 / 46)}
+    heads = FamilyEffects("heads", "head", {"exact": [[1.0, 0.0]], "atp": [[0.0, 0.0]]}, {}, {"atp": 0.1}, {"atp": 0.1})
+    assert misses_of(heads, "atp", [])["sites"][0]["unit"] == "head 0" and "position" not in misses_of(heads, "atp", [])

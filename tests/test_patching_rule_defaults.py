@@ -171,3 +171,27 @@ def test_two_rule_sets_take_two_passes_and_each_family_gets_its_own_estimate(mon
     # one rule set for every family: one pass, and the rule lines carry no family prefix
     one = measure_faithfulness(lm, PAIRS, families=["resid", "attn"], methods=["relp"], rules=RelpRules())
     assert [r.split(":")[0] for r in one.rules] == ["norm", "activation", "gated", "attention"]
+
+
+def test_patch_command_takes_a_rule_set_per_family_group(tmp_path):
+    model = str(save_tiny_model(tmp_path / "tiny-qwen", "qwen2"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p.__dict__) + "\n" for p in PAIRS))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    out = tmp_path / "grouped"
+    rules = "resid=norm+attention;attn,heads=activation"
+    args = ["patch", "-m", model, "--dataset", str(path), "--sites", "resid,attn,mlp", "--methods", "exact,relp"]
+    result = runner.invoke(app, [*args, "--rules", rules, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "patching.json").read_text())
+    used = {f["family"]: [r.split(":")[0] for r in f["rules"]] for f in data["families"]}
+    assert used == {
+        "resid": ["norm", "attention"],
+        "attn": ["activation"],
+        "mlp": ["norm", "activation", "gated", "attention"],
+    }
+    assert "RelP rules" in (out / "report.md").read_text() and "norm+attention" in (out / "report.md").read_text()
+    twice = runner.invoke(app, [*args, "--rules", "resid=norm;resid,attn=none", "--out", str(tmp_path / "bad")])
+    assert twice.exit_code != 0 and "two groups" in twice.output
+    bogus = runner.invoke(app, [*args, "--rules", "resid=norm+bogus", "--out", str(tmp_path / "bad2")])
+    assert bogus.exit_code != 0 and "bogus" in bogus.output

@@ -37,3 +37,11 @@ def test_the_layer_convention_says_where_hugging_face_differs():
     conventions = README.split("### Conventions", 1)[1]
     assert "after the final norm" in conventions and '"final_norm"' in conventions
     assert "i.e. Hugging Face\n  `hidden_states[i + 1]`." not in README
+
+
+def test_no_section_appears_twice():
+    """A botched merge or edit that pastes a block of the README twice repeats its headings."""
+    code_free = re.sub(r"```.*?```", "", README, flags=re.S)
+    headings = [line for line in code_free.splitlines() if re.match(r"#{1,4} ", line)]
+    repeated = {h for h in headings if headings.count(h) > 1}
+    assert not repeated, f"README headings appear twice: {sorted(repeated)}"

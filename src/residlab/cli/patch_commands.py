@@ -17,6 +17,7 @@ from residlab.models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from residlab.analyses.patching.relp import RelpRules
+    from residlab.analyses.patching.relp_defaults import FamilyRules
     from residlab.analyses.patching.report import PatchingResult
 
 console = Console(highlight=False, soft_wrap=True)
@@ -50,7 +51,9 @@ def patch(
         str,
         typer.Option(
             help="The LRP rules RelP applies: default (the model family's, chosen on train pairs), none, "
-            "or some of norm, activation, attention, gated."
+            "some of norm, activation, attention, gated (every family), or a rule set per family group, one "
+            "backward pass each: 'resid,mlp=norm+activation+attention;attn,heads=norm+activation' (families "
+            "not named: a group without '=', else every rule)."
         ),
     ] = "default",
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
@@ -94,14 +97,38 @@ def patch(
     console.print(f"wrote {len(paths)} files to {out_dir} in {time.perf_counter() - started:.0f} s")
 
 
-def _rules(text: str) -> RelpRules | None:
-    """``default`` -> None (the family's default), ``none`` -> no rule (AtP), else the named rules."""
+def _rule_set(text: str) -> RelpRules:
+    """``none`` -> no rule (AtP), else the rules named, separated by ``,`` or ``+``."""
     from residlab.analyses.patching.relp import RelpRules
+
+    chosen = [] if text.strip() == "none" else _names(text.replace("+", ","), RULES, "RelP rule")
+    return RelpRules(**{r: r in chosen for r in RULES})
+
+
+def _rules(text: str) -> RelpRules | FamilyRules | None:
+    """``default`` -> None (the family's default); one rule set for every family; or groups
+    ``FAMILIES=RULES`` separated by ``;`` (a part without ``=`` sets the rules of every other family)."""
+    from residlab.analyses.patching.relp import RelpRules
+    from residlab.analyses.patching.relp_defaults import FamilyRules
+    from residlab.analyses.patching.sites import FAMILIES
 
     if text.strip() == "default":
         return None
-    chosen = [] if text.strip() == "none" else _names(text, RULES, "RelP rule")
-    return RelpRules(**{r: r in chosen for r in RULES})
+    if "=" not in text and ";" not in text:
+        return _rule_set(text)
+    default, groups = RelpRules(), []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        if "=" not in part:
+            default = _rule_set(part)
+            continue
+        families, rules = part.split("=", 1)
+        groups.append((tuple(_names(families, tuple(FAMILIES), "site family")), _rule_set(rules)))
+    named = [f for names, _ in groups for f in names]
+    if len(named) != len(set(named)):
+        raise ResidlabError(
+            f"--rules names a family in two groups: {text!r}.", hint="name each family in one group at most."
+        )
+    return FamilyRules(default, tuple(groups))
 
 
 def _print_table(result: PatchingResult) -> None:

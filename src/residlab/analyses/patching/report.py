@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -54,6 +55,9 @@ class PatchingResult(AnalysisResult):
             for method in ESTIMATES:
                 if method in fam.seconds and "exact" in fam.seconds:
                     row[f"speedup_{method}"] = fam.seconds["exact"] / max(fam.seconds[method], 1e-9)
+            misses = {m: misses_of(fam, m, self.tokens) for m in ESTIMATES if m in fam.pearson}
+            if misses:
+                row["misses"] = misses
             rows[fam.family] = row
         return {"clean_score": self.clean_score, "corrupted_score": self.corrupted_score, "families": rows}
 
@@ -132,8 +136,24 @@ class PatchingResult(AnalysisResult):
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "No-op sites write the value the corrupted run already has (positions before the prompts "
                   "differ): their effect is exactly 0 and they are not run.", ""]  # fmt: skip
+        lines += self._misses_markdown()
         lines += [f"![{name}]({name})" for name in figures]
         return "\n".join(lines) + "\n"
+
+    def _misses_markdown(self) -> list[str]:
+        lines = []
+        for fam in self.families:
+            for method in (m for m in ESTIMATES if m in fam.pearson):
+                misses = misses_of(fam, method, self.tokens)
+                sites = "; ".join(
+                    f"layer {s['layer']} {s['unit']}: exact {s['exact']:+.3f}, estimate {s['estimate']:+.3f} "
+                    f"({s['share']:.0%})"
+                    for s in misses["sites"]
+                )
+                where = misses.get("position")
+                at = f" {where['share']:.0%} of it at position {where['unit']}." if where else ""
+                lines.append(f"- {fam.family}, {method}: largest squared errors: {sites}.{at}")
+        return ["## Where the estimates miss exact patching", "", *lines, ""] if lines else []
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """JSON, figures, and ``report.md``."""
@@ -141,6 +161,34 @@ class PatchingResult(AnalysisResult):
         report = Path(out_dir) / "report.md"
         atomic_write_text(report, self.markdown([p.name for p in paths if p.suffix == ".png"]))
         return [*paths, report]
+
+
+def misses_of(fam: FamilyEffects, method: str, tokens: Sequence[str], top: int = 3) -> dict[str, Any]:
+    """Where ``method``'s estimate is furthest from exact patching in ``fam``: the ``top`` sites by
+    squared error (layer, unit, both effects, share of the family's squared error) and, for position
+    families, the position that holds the largest share."""
+    exact = [v for row in fam.effects["exact"] for v in row]
+    estimate = [v for row in fam.effects[method] for v in row]
+    errors = [(e - x) ** 2 for x, e in zip(exact, estimate, strict=True)]
+    total = sum(errors) or 1.0
+    units = len(fam.effects["exact"][0])
+
+    def label(unit: int) -> str:
+        return repr(tokens[unit]) if fam.unit == "position" and unit < len(tokens) else f"{fam.unit} {unit}"
+
+    worst = sorted(range(len(errors)), key=errors.__getitem__, reverse=True)[:top]
+    out: dict[str, Any] = {
+        "sites": [
+            {"layer": i // units, "unit": label(i % units), "exact": exact[i], "estimate": estimate[i],
+             "share": errors[i] / total}
+            for i in worst
+        ]
+    }  # fmt: skip
+    if fam.unit == "position":
+        by_unit = [sum(errors[u::units]) / total for u in range(units)]
+        worst_unit = max(range(units), key=by_unit.__getitem__)
+        out["position"] = {"unit": label(worst_unit), "share": by_unit[worst_unit]}
+    return out
 
 
 def _num(value: float | None, digits: int = 3) -> str:
