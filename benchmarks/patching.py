@@ -59,6 +59,7 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out
     import torch
 
     from residlab.analyses.patching.faithfulness import measure_faithfulness
+    from residlab.analyses.patching.relp import applied_rule_names
     from residlab.analyses.patching.report import PatchingResult
     from residlab.data.prompt_pairs import load_pairs
     from residlab.models.loading import load
@@ -83,7 +84,7 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out
             "seconds_exact": fam.seconds.get("exact"),
             "seconds_atp": fam.seconds.get("atp"),
             "seconds_relp": fam.seconds.get("relp"),
-            "relp_rules": subset_name(tuple(line.split(":")[0] for line in fam.rules)),
+            "relp_rules": subset_name(applied_rule_names(fam.rules)),
             "relp_misses": misses[fam.family],  # where RelP's squared error against exact patching sits
         }
     measured = time.perf_counter() - started
@@ -163,7 +164,7 @@ def select(train: list[dict]) -> dict:
     groups["all families"] = list(train)
 
     def group_score(entries: list[dict], subset: str, families: tuple[str, ...]) -> float:
-        return min(e["rule_subsets"][subset][f] for e in entries for f in families)
+        return min(e["rule_subsets"][subset].get(f, 1.0) for e in entries for f in families)
 
     out = {}
     for group, entries in groups.items():

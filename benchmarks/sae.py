@@ -124,11 +124,11 @@ def main() -> None:
         harvest_split(
             lm,
             load_corpus(name, data_dir=args.data_dir),
-            "train",  # the whole of another corpus is held out from an SAE trained on --corpus
+            "train",  # another corpus's train split: none of it is in the SAE's --corpus training text
             HarvestRequest(layer, args.site, args.context_len, args.alive_tokens),
             args.work_dir / "stores",
         )[0]
-        for name in filter(None, args.alive_corpora.split(","))
+        for name in filter(None, (n.strip() for n in args.alive_corpora.split(",")))
         if name != args.corpus
     ]
     windows = eval_windows(lm, corpus, request, args.ce_windows)

@@ -144,8 +144,11 @@ def test_misses_name_the_sites_and_position_that_hold_the_estimate_error():
     relp = [[1.0, 4.0, 0.0], [0.5, 7.0, 1.0]]  # errors 36 (layer 0, pos 1), 9 (layer 1, pos 1), 1
     fam = FamilyEffects("resid", "position", {"exact": exact, "relp": relp}, {}, {"relp": 0.5}, {"relp": 0.5})
     misses = misses_of(fam, "relp", ["a", "b", "c"], top=2)
-    assert [(s["layer"], s["unit"]) for s in misses["sites"]] == [(0, "'b'"), (1, "'b'")]
+    assert [(s["layer"], s["unit"]) for s in misses["sites"]] == [(0, "1 'b'"), (1, "1 'b'")]
     assert misses["sites"][0]["share"] == pytest.approx(36 / 46)
-    assert misses["position"] == {"unit": "'b'", "share": pytest.approx(45 / 46)}
+    assert misses["position"] == {"unit": "1 'b'", "share": pytest.approx(45 / 46)}
+    broken = FamilyEffects("mlp", "position", {"exact": exact, "relp": [[float("nan"), 4.0, 0.0], relp[1]]}, {}, {}, {})
+    assert misses_of(broken, "relp", ["a", "b", "c"])["nan_sites"] == 1
+    assert misses_of(broken, "relp", ["a", "b", "c"])["position"]["share"] == pytest.approx(45 / 46)
     heads = FamilyEffects("heads", "head", {"exact": [[1.0, 0.0]], "atp": [[0.0, 0.0]]}, {}, {"atp": 0.1}, {"atp": 0.1})
     assert misses_of(heads, "atp", [])["sites"][0]["unit"] == "head 0" and "position" not in misses_of(heads, "atp", [])

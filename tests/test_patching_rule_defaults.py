@@ -173,7 +173,8 @@ def test_two_rule_sets_take_two_passes_and_each_family_gets_its_own_estimate(mon
     assert [r.split(":")[0] for r in one.rules] == ["norm", "activation", "gated", "attention"]
 
 
-def test_patch_command_takes_a_rule_set_per_family_group(tmp_path):
+def test_patch_command_takes_a_rule_set_per_family_group(tmp_path, monkeypatch):
+    monkeypatch.setitem(relp_defaults.DEFAULT_RULES, "qwen2", FamilyRules(RelpRules(activation=False, attention=False)))
     model = str(save_tiny_model(tmp_path / "tiny-qwen", "qwen2"))
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p.__dict__) + "\n" for p in PAIRS))
@@ -185,13 +186,47 @@ def test_patch_command_takes_a_rule_set_per_family_group(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "patching.json").read_text())
     used = {f["family"]: [r.split(":")[0] for r in f["rules"]] for f in data["families"]}
+    # mlp is in no group: it keeps the table's default for qwen2 (patched here to a known set)
+    assert data["rules_source"].startswith("explicit for resid, attn, heads (given by the caller); the rest: default")
     assert used == {
         "resid": ["norm", "attention"],
         "attn": ["activation"],
-        "mlp": ["norm", "activation", "gated", "attention"],
+        "mlp": ["norm", "gated"],
     }
     assert "RelP rules" in (out / "report.md").read_text() and "norm+attention" in (out / "report.md").read_text()
     twice = runner.invoke(app, [*args, "--rules", "resid=norm;resid,attn=none", "--out", str(tmp_path / "bad")])
-    assert twice.exit_code != 0 and "two groups" in twice.output
+    assert twice.exit_code != 0 and "a family twice" in twice.output
+    two_defaults = runner.invoke(app, [*args, "--rules", "norm;activation", "--out", str(tmp_path / "bad3")])
+    assert two_defaults.exit_code != 0 and "twice" in two_defaults.output
     bogus = runner.invoke(app, [*args, "--rules", "resid=norm+bogus", "--out", str(tmp_path / "bad2")])
     assert bogus.exit_code != 0 and "bogus" in bogus.output
+
+
+def test_family_rules_check_their_names_and_fill_gaps_from_a_base():
+    with pytest.raises(ResidlabError, match="unknown families head"):
+        FamilyRules(RelpRules(), ((("head",), RelpRules()),))
+    with pytest.raises(ResidlabError, match="a family twice"):
+        FamilyRules(RelpRules(), ((("attn",), RelpRules()), (("attn", "mlp"), RelpRules(norm=False))))
+    partial = FamilyRules(None, ((("attn",), RelpRules(norm=False)),))
+    with pytest.raises(ResidlabError, match="no RelP rules for resid"):
+        partial.for_family("resid")
+    base = FamilyRules(RelpRules(gated=False), ((("attn", "heads"), RelpRules(attention=False)),))
+    merged = partial.over(base)
+    assert merged.for_family("attn") == RelpRules(norm=False)  # the caller's group wins
+    assert merged.for_family("heads") == RelpRules(attention=False)  # the base's group, less what was named
+    assert merged.for_family("resid") == RelpRules(gated=False)
+
+
+def test_applied_rule_names_follow_one_order_and_skip_what_did_not_apply():
+    from residlab.analyses.patching.relp import applied_rule_names
+
+    lines = ["norm: 3 norm modules", "activation: x", "gated: not applicable (no gated MLP)", "attention: y"]
+    assert applied_rule_names(lines) == ("norm", "activation", "attention")
+    assert applied_rule_names(["gated: half rule", "norm: z"]) == ("norm", "gated")
+
+
+def test_a_group_without_rules_is_named_in_the_run_lines():
+    no_rule = RelpRules(norm=False, activation=False, attention=False, gated=False)
+    rules = FamilyRules(RelpRules(), ((("resid",), no_rule),))
+    run = measure_faithfulness(tiny_model("qwen2"), PAIRS, families=["resid", "attn"], methods=["relp"], rules=rules)
+    assert "[resid] none" in run.rules and any(line.startswith("[attn] norm:") for line in run.rules)

@@ -53,7 +53,7 @@ def patch(
             help="The LRP rules RelP applies: default (the model family's, chosen on train pairs), none, "
             "some of norm, activation, attention, gated (every family), or a rule set per family group, one "
             "backward pass each: 'resid,mlp=norm+activation+attention;attn,heads=norm+activation' (families "
-            "not named: a group without '=', else every rule)."
+            "not named: a part without '=', else the model family's default)."
         ),
     ] = "default",
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
@@ -101,14 +101,19 @@ def _rule_set(text: str) -> RelpRules:
     """``none`` -> no rule (AtP), else the rules named, separated by ``,`` or ``+``."""
     from residlab.analyses.patching.relp import RelpRules
 
+    if text.strip() == "default":
+        raise ResidlabError(
+            "'default' names no rule set inside --rules groups.",
+            hint="leave the families out of every group to keep the model family's defaults.",
+        )
     chosen = [] if text.strip() == "none" else _names(text.replace("+", ","), RULES, "RelP rule")
     return RelpRules(**{r: r in chosen for r in RULES})
 
 
 def _rules(text: str) -> RelpRules | FamilyRules | None:
     """``default`` -> None (the family's default); one rule set for every family; or groups
-    ``FAMILIES=RULES`` separated by ``;`` (a part without ``=`` sets the rules of every other family)."""
-    from residlab.analyses.patching.relp import RelpRules
+    ``FAMILIES=RULES`` separated by ``;`` (one part without ``=`` sets the rules of every family not
+    named; without it those keep the model family's defaults)."""
     from residlab.analyses.patching.relp_defaults import FamilyRules
     from residlab.analyses.patching.sites import FAMILIES
 
@@ -116,19 +121,18 @@ def _rules(text: str) -> RelpRules | FamilyRules | None:
         return None
     if "=" not in text and ";" not in text:
         return _rule_set(text)
-    default, groups = RelpRules(), []
-    for part in (p.strip() for p in text.split(";") if p.strip()):
-        if "=" not in part:
-            default = _rule_set(part)
-            continue
+    parts = [p.strip() for p in text.split(";") if p.strip()]
+    defaults = [p for p in parts if "=" not in p]
+    if len(defaults) > 1:
+        raise ResidlabError(
+            f"--rules sets the other families' rules twice: {', '.join(defaults)}.",
+            hint="give at most one part without '=' (e.g. 'attn,heads=norm+activation;norm+activation+attention').",
+        )
+    groups = []
+    for part in (p for p in parts if "=" in p):
         families, rules = part.split("=", 1)
         groups.append((tuple(_names(families, tuple(FAMILIES), "site family")), _rule_set(rules)))
-    named = [f for names, _ in groups for f in names]
-    if len(named) != len(set(named)):
-        raise ResidlabError(
-            f"--rules names a family in two groups: {text!r}.", hint="name each family in one group at most."
-        )
-    return FamilyRules(default, tuple(groups))
+    return FamilyRules(_rule_set(defaults[0]) if defaults else None, tuple(groups))
 
 
 def _print_table(result: PatchingResult) -> None:

@@ -87,7 +87,7 @@ def _rule_lines(families: list[FamilyEffects], passes: int) -> tuple[str, ...]:
     groups: dict[tuple[str, ...], list[str]] = {}
     for fam in families:
         groups.setdefault(fam.rules, []).append(fam.family)
-    return tuple(f"[{', '.join(names)}] {line}" for rules, names in groups.items() for line in rules)
+    return tuple(f"[{', '.join(names)}] {line}" for rules, names in groups.items() for line in rules or ("none",))
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

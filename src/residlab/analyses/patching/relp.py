@@ -51,6 +51,13 @@ class RelpRules:
         return [n for n in ("norm", "activation", "attention", "gated") if getattr(self, n)]
 
 
+def applied_rule_names(lines: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The rules that ``relp_rules`` reported as applied (its ``name: ...`` lines), in
+    :meth:`RelpRules.names` order; a rule the model had nothing to apply to is left out."""
+    applied = {line.split(":")[0] for line in lines if "not applicable" not in line}
+    return tuple(name for name in RelpRules().names() if name in applied)
+
+
 def with_local_factor(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``y`` in value, ``factor`` (detached) as its elementwise derivative with respect to ``x``."""
     return y.detach() + (x - x.detach()) * factor.detach()

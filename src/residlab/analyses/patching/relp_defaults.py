@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from residlab.analyses.patching.relp import RelpRules
+from residlab.analyses.patching.sites import FAMILIES
+from residlab.core.errors import ResidlabError
 
 SELECTION = "chosen on train pairs (per family group: min Pearson over its families, IOI + capitals)"
 
@@ -32,14 +34,36 @@ SELECTION = "chosen on train pairs (per family group: min Pearson over its famil
 @dataclass(frozen=True)
 class FamilyRules:
     """RelP's rules per component family: ``default`` for every family not in ``groups``, whose entries
-    name families that run with other rules. Each distinct rule set costs one backward pass."""
+    name families that run with other rules. Each distinct rule set costs one backward pass.
+    ``default`` None leaves the other families to the architecture's table (:meth:`over`)."""
 
-    default: RelpRules
+    default: RelpRules | None
     groups: tuple[tuple[tuple[str, ...], RelpRules], ...] = ()
+
+    def __post_init__(self) -> None:
+        named = [family for names, _ in self.groups for family in names]
+        unknown = sorted(set(named) - set(FAMILIES))
+        if unknown or len(named) != len(set(named)):
+            raise ResidlabError(
+                f"RelP rule groups name {'unknown families ' + ', '.join(unknown) if unknown else 'a family twice'}.",
+                hint=f"name each of {', '.join(FAMILIES)} in one group at most.",
+            )
 
     def for_family(self, family: str) -> RelpRules:
         """The rules the estimate of ``family`` (resid, attn, mlp, heads, neurons) is computed with."""
-        return next((rules for names, rules in self.groups if family in names), self.default)
+        rules = next((rules for names, rules in self.groups if family in names), self.default)
+        if rules is None:
+            raise ResidlabError(f"no RelP rules for {family}.", hint="complete the rules with FamilyRules.over().")
+        return rules
+
+    def over(self, base: FamilyRules) -> FamilyRules:
+        """These rules where they name a family (or set a default), ``base``'s for the rest."""
+        named = {family for names, _ in self.groups for family in names}
+        kept = tuple(
+            (rest, rules) for names, rules in base.groups if (rest := tuple(f for f in names if f not in named))
+        )
+        default = self.default if self.default is not None else base.default
+        return FamilyRules(default, self.groups + kept)
 
     def passes(self, families: Sequence[str]) -> dict[RelpRules, tuple[str, ...]]:
         """The distinct rule sets ``families`` need, each with the families it serves (one pass each)."""
@@ -75,12 +99,19 @@ class RuleChoice:
 
 
 def choose_rules(family: str, explicit: RelpRules | FamilyRules | None = None) -> RuleChoice:
-    """``explicit`` when given (one :class:`RelpRules` serves every component family); else the
+    """``explicit`` when given (one :class:`RelpRules` serves every component family; a
+    :class:`FamilyRules` without a default leaves the families it does not name to the table); else the
     architecture family's default from :data:`DEFAULT_RULES`; else every rule, with a source that says
     no default was chosen for ``family``."""
-    if explicit is not None:
-        rules = explicit if isinstance(explicit, FamilyRules) else FamilyRules(explicit)
-        return RuleChoice(rules, "explicit (given by the caller)")
     if family in DEFAULT_RULES:
-        return RuleChoice(DEFAULT_RULES[family], f"default for {family}, {SELECTION}")
-    return RuleChoice(FamilyRules(RelpRules()), f"fallback: no default chosen for {family}, so every rule")
+        base = RuleChoice(DEFAULT_RULES[family], f"default for {family}, {SELECTION}")
+    else:
+        base = RuleChoice(FamilyRules(RelpRules()), f"fallback: no default chosen for {family}, so every rule")
+    if explicit is None:
+        return base
+    if isinstance(explicit, RelpRules):
+        return RuleChoice(FamilyRules(explicit), "explicit (given by the caller)")
+    if explicit.default is not None:
+        return RuleChoice(explicit, "explicit (given by the caller)")
+    named = ", ".join(f for names, _ in explicit.groups for f in names)
+    return RuleChoice(explicit.over(base.rules), f"explicit for {named} (given by the caller); the rest: {base.source}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from residlab.analyses.patching.faithfulness import ESTIMATES, Faithfulness, FamilyEffects
+from residlab.analyses.patching.relp import applied_rule_names
 from residlab.analyses.result import AnalysisResult, figure
 from residlab.core.io import atomic_write_text
 
@@ -130,9 +131,7 @@ class PatchingResult(AnalysisResult):
             cells = [fam.family, str(fam.num_sites), str(fam.noop_sites)]
             cells += [_num(fam.pearson.get(m)) for m in ESTIMATES] + [_num(fam.spearman.get(m)) for m in ESTIMATES]
             cells += [_num(fam.seconds.get(m), 2) for m in ("exact", *ESTIMATES)]
-            cells.append(
-                "+".join(line.split(":")[0] for line in fam.rules) or ("none" if "relp" in fam.seconds else "-")
-            )
+            cells.append("+".join(applied_rule_names(fam.rules)) or ("none" if "relp" in fam.seconds else "-"))
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "No-op sites write the value the corrupted run already has (positions before the prompts "
                   "differ): their effect is exactly 0 and they are not run.", ""]  # fmt: skip
@@ -166,26 +165,31 @@ class PatchingResult(AnalysisResult):
 def misses_of(fam: FamilyEffects, method: str, tokens: Sequence[str], top: int = 3) -> dict[str, Any]:
     """Where ``method``'s estimate is furthest from exact patching in ``fam``: the ``top`` sites by
     squared error (layer, unit, both effects, share of the family's squared error) and, for position
-    families, the position that holds the largest share."""
+    families, the position that holds the largest share. Sites with a non-finite effect are counted
+    (``nan_sites``) and left out."""
     exact = [v for row in fam.effects["exact"] for v in row]
     estimate = [v for row in fam.effects[method] for v in row]
     errors = [(e - x) ** 2 for x, e in zip(exact, estimate, strict=True)]
-    total = sum(errors) or 1.0
-    units = len(fam.effects["exact"][0])
+    finite = [i for i, err in enumerate(errors) if math.isfinite(err)]
+    total = sum(errors[i] for i in finite) or 1.0
+    units = len(fam.effects["exact"][0]) if fam.effects["exact"] else 1
 
     def label(unit: int) -> str:
-        return repr(tokens[unit]) if fam.unit == "position" and unit < len(tokens) else f"{fam.unit} {unit}"
+        if fam.unit == "position":
+            return f"{unit} {tokens[unit]!r}" if unit < len(tokens) else f"position {unit}"
+        return f"{fam.unit} {unit}"
 
-    worst = sorted(range(len(errors)), key=errors.__getitem__, reverse=True)[:top]
+    worst = sorted(finite, key=errors.__getitem__, reverse=True)[:top]
     out: dict[str, Any] = {
         "sites": [
             {"layer": i // units, "unit": label(i % units), "exact": exact[i], "estimate": estimate[i],
              "share": errors[i] / total}
             for i in worst
-        ]
+        ],
+        "nan_sites": len(errors) - len(finite),
     }  # fmt: skip
-    if fam.unit == "position":
-        by_unit = [sum(errors[u::units]) / total for u in range(units)]
+    if fam.unit == "position" and finite:
+        by_unit = [sum(errors[i] for i in finite if i % units == u) / total for u in range(units)]
         worst_unit = max(range(units), key=by_unit.__getitem__)
         out["position"] = {"unit": label(worst_unit), "share": by_unit[worst_unit]}
     return out
