@@ -21,7 +21,7 @@ import torch
 from scipy import stats
 
 from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
-from residlab.analyses.patching.attribution import Attribution, attribute, estimated_effects
+from residlab.analyses.patching.attribution import attribute, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
@@ -152,22 +152,28 @@ def measure_faithfulness(
     targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
     run = PatchRun(batch.corrupted_ids, batch.attention_mask, targets, corrupted.values, clean.values, corrupted.logits)
     shape = unit_shape(lm, clean.values, batch.num_tokens)
-    estimates: dict[str, dict[str, Attribution]] = {}  # method -> component family -> its attribution
+    grids = {family.name: site_grid(family, lm.num_layers, shape, window=window) for family in chosen}
+    # method -> component family -> (its estimated effects, the RelP rule lines they ran with). Each pass's
+    # attribution (values and gradients of every site) is scored and dropped before the next pass runs.
+    estimates: dict[str, dict[str, tuple[torch.Tensor, tuple[str, ...]]]] = {}
     seconds = {}
     for method in (m for m in methods if m in ESTIMATES):
-        started = time.perf_counter()
         runs: dict[RelpRules | None, tuple[str, ...]] = {None: tuple(f.name for f in chosen)}  # AtP: plain autograd
         if method == "relp":
             runs = {rules: names for rules, names in passes.items()}
-        estimates[method] = {}
+        estimates[method], seconds[method] = {}, clean_seconds
         for relp, names in runs.items():
+            started = time.perf_counter()
             attribution = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
-            estimates[method].update(dict.fromkeys(names, attribution))
-        seconds[method] = clean_seconds + time.perf_counter() - started
+            seconds[method] += time.perf_counter() - started
+            for name in names:
+                estimate = estimated_effects(attribution, clean.values, grids[name], shape.head_dim, run.base)
+                estimates[method][name] = (estimate, attribution.rules)
+            del attribution
         log(f"{method}: {seconds[method]:.2f} s for every site ({len(runs)} backward pass{'es' * (len(runs) > 1)})")
     results = []
     for family in chosen:
-        sites = site_grid(family, lm.num_layers, shape, window=window)
+        sites = grids[family.name]
         family_seconds = {m: seconds[m] for m in estimates}
         effects: dict[str, torch.Tensor] = {}
         if "exact" in methods:
@@ -178,9 +184,9 @@ def measure_faithfulness(
             family_seconds["exact"] = corrupted_seconds + time.perf_counter() - started
             log(f"exact {family.name}: {len(sites)} sites in {family_seconds['exact']:.1f} s")
         for method, by_family in estimates.items():
-            effects[method] = estimated_effects(by_family[family.name], clean.values, sites, shape.head_dim, run.base)
+            effects[method] = by_family[family.name][0]
         noop = sum(is_noop(run, site, shape.head_dim) for site in sites)
-        applied = estimates["relp"][family.name].rules if "relp" in estimates else ()
+        applied = estimates["relp"][family.name][1] if "relp" in estimates else ()
         results.append(
             _family_effects(family.name, family.unit, shape.count(family.unit), effects, family_seconds, noop, applied)
         )
