@@ -85,8 +85,18 @@ DEFAULT_RULES: dict[str, FamilyRules] = {
         default=RelpRules(gated=False),
         groups=((("attn", "heads"), RelpRules(attention=False, gated=False)),),
     ),
-    # llama (SmolLM2-135M): the same resid/mlp subset wins on its IOI train pairs (0.866; every rule
-    # 0.826), but its capitals train run is missing, so the family keeps the named fallback until it is.
+    # llama (SmolLM2-135M-Instruct), 16 IOI + 16 capitals train pairs: the same resid/mlp set (min r 0.866;
+    # every rule 0.826); attn/heads with norm + activation + gated (min r 0.963; with the AH-rule 0.78).
+    "llama": FamilyRules(
+        default=RelpRules(gated=False),
+        groups=((("attn", "heads"), RelpRules(attention=False)),),
+    ),
+    # gemma3_text (Gemma-3-270M), 16 IOI + 16 capitals train pairs: resid/mlp with norm + attention (min r
+    # 0.985; every rule 0.872), attn/heads with norm + gated (min r 0.946; with the AH-rule IOI attn 0.87).
+    "gemma3_text": FamilyRules(
+        default=RelpRules(activation=False, gated=False),
+        groups=((("attn", "heads"), RelpRules(activation=False, attention=False)),),
+    ),
 }
 
 
