@@ -9,6 +9,11 @@ interrupted run resumes where it stopped.
 
     python benchmarks/asc_methods.py --split train --offset 1000 --limit 24       # a tuning slice
     python benchmarks/asc_methods.py --split test --limit 200                     # the reported run
+    python benchmarks/asc_methods.py --dataset math500 --split test --limit 100 --methods learned \
+        --adaptive '' --prompt-baselines ''                                        # transfer
+
+The vector is always built from GSM8K train pairs; ``--dataset math500`` evaluates it on MATH-500
+(test only), which is the transfer the method claims.
 
 Writes benchmarks/results/asc_methods.json and .md: rows of every split run so far (a rerun of the same
 split, offset and n replaces its rows); each row says its split, offset and n. Row fields: ROW_FIELDS.
@@ -34,6 +39,7 @@ ROW_FIELDS = (
     "method",  # a METHODS key, or "baseline" / a prompt baseline
     "adaptive",  # the strength schedule (None: constant strength, or not steered)
     "condition",  # the compress condition name
+    "dataset",  # the evaluation problems (the vector's pairs are always GSM8K train)
     "split",
     "offset",
     "n",
@@ -53,7 +59,7 @@ ROW_FIELDS = (
 )
 
 
-def _rows(label: str, report: dict[str, Any], split: str, offset: int) -> list[dict[str, Any]]:
+def _rows(label: str, report: dict[str, Any], dataset: str, split: str, offset: int) -> list[dict[str, Any]]:
     """One row per condition of a compress report (the baseline's row has no comparison)."""
     from residlab.methods.asc.conditions import parse_condition_name
 
@@ -67,6 +73,7 @@ def _rows(label: str, report: dict[str, Any], split: str, offset: int) -> list[d
                 "method": label if steered else template,
                 "adaptive": schedule,
                 "condition": name,
+                "dataset": dataset,
                 "split": split,
                 "offset": offset,
                 "n": summary["n"],
@@ -96,6 +103,7 @@ def main() -> None:
     parser.add_argument(
         "--prompt-baselines", default=",".join(PROMPT_BASELINES), help="prompt-only conditions (first method)"
     )
+    parser.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "math500"], help="evaluation problems")
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--offset", type=int, default=1000, help="first eval problem (train: past the pairs)")
     parser.add_argument("--limit", type=int, default=24)
@@ -110,6 +118,8 @@ def main() -> None:
     parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
     parser.add_argument("--work-dir", default="residlab-out/asc-methods")
     args = parser.parse_args()
+    if args.dataset == "math500" and args.split != "test":
+        parser.error("MATH-500 has a test split only (--split test)")
     if args.split == "train" and args.offset < args.pairs + 2 * args.calibration_states:
         parser.error("a train-split evaluation must start past the pair and calibration problems (--offset)")
 
@@ -119,7 +129,7 @@ def main() -> None:
     stem = "asc_methods"
     out_json = RESULTS / f"{stem}.json"
     previous = json.loads(out_json.read_text()) if out_json.exists() else {}
-    rows = {_key(r): r for r in previous.get("rows", [])}
+    rows = {_key(r): {"dataset": "gsm8k", **r} for r in previous.get("rows", [])}  # rows from before the field
     runs = dict(previous.get("runs", {}))
     for index, label in enumerate(m for m in args.methods.split(",") if m):
         steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
@@ -134,7 +144,7 @@ def main() -> None:
             calibration_states=args.calibration_states,
             strength=parse_strength(args.strength),
             learn_steps=args.learn_steps,
-            eval_dataset="gsm8k",
+            eval_dataset=args.dataset,
             eval_split=args.split,
             eval_offset=args.offset,
             limit=args.limit,
@@ -146,7 +156,7 @@ def main() -> None:
         )
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
-        runs[f"{args.split}:{args.offset}:{args.limit}:{label}:{args.strength or 'tuned'}"] = {
+        runs[f"{args.dataset}:{args.split}:{args.offset}:{args.limit}:{label}:{args.strength or 'tuned'}"] = {
             "seconds": report["seconds"],
             "stage_seconds": report.get("stage_seconds"),
             "layer": report["layer"],
@@ -155,13 +165,14 @@ def main() -> None:
             "learned": report.get("learned"),
             "calibration_strength": (report["calibration"] or {}).get("strength"),  # None: KL bound not run
         }
-        for row in _rows(label, report, args.split, args.offset):
+        for row in _rows(label, report, args.dataset, args.split, args.offset):
             rows[_key(row)] = row
         _write(stem, args, list(rows.values()), runs)
 
 
 def _key(row: dict[str, Any]) -> str:
-    return f"{row['split']}|{row['offset']}|{row['n']}|{row['method']}|{row['condition']}|{row['strength']}"
+    parts = ("dataset", "split", "offset", "n", "method", "condition", "strength")
+    return "|".join(str(row.get(part, "gsm8k" if part == "dataset" else None)) for part in parts)
 
 
 def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs: dict[str, Any]) -> None:
@@ -184,15 +195,15 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        f"# ASC methods on GSM8K ({args.model}, {args.engine} {args.dtype}, commit {commit})",
+        f"# ASC methods, vectors from GSM8K train pairs ({args.model}, {args.engine} {args.dtype}, commit {commit})",
         "",
         f"Pairs {args.pairs} ({args.keep}); greedy, {args.max_new_tokens} new tokens at most, batch {args.batch_size}. "
         "Rows of a split are on the same problems (offset..offset+n-1 of that split). s/problem and speedup are "
         "wall-clock on the machine as it was when each condition ran: on a shared machine they compare nothing.",
         "",
-        "| split | offset | method | adaptive | n | accuracy (95% CI) | mean tokens | reduction | acc. diff "
+        "| data | split | offset | method | adaptive | n | accuracy (95% CI) | mean tokens | reduction | acc. diff "
         "| McNemar p | s/problem | speedup | tokens saved within 2 pts (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["accuracy_ci95"]
@@ -200,14 +211,16 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         ci = r["tokens_saved_within_2pts_ci95"]
         saved_text = f"{saved:.1%} ({ci[0]:.1%} to {ci[1]:.1%})" if saved is not None else "-"
         lines.append(
-            f"| {r['split']} | {r['offset']} | {r['method']} | {r['adaptive'] or '-'} | {r['n']} | "
+            f"| {r.get('dataset', 'gsm8k')} | {r['split']} | {r['offset']} | {r['method']} | "
+            f"{r['adaptive'] or '-'} | {r['n']} | "
             f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}) | "
             f"{r['mean_tokens']:.0f} | {r['token_reduction']:+.1%} | {r['accuracy_difference']:+.1%} | "
             f"{r['mcnemar_p']:.3f} | {r['seconds_per_problem']:.2f} | {r['speedup']:.2f}x | {saved_text} |"
         )
     lines += [
         "",
-        f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --split {args.split} "
+        f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --dataset {args.dataset} "
+        f"--split {args.split} "
         f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}`",
     ]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

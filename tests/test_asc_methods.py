@@ -224,3 +224,54 @@ def test_vector_method_registry():
     assert not VECTOR_METHODS["prompt-contrast"].needs_traces
     with pytest.raises(ResidlabError, match="unknown vector method"):
         vector_method("telepathy")
+
+
+def _trace_pairs():
+    from residlab.methods.asc.pairs import TracePair
+
+    return [
+        TracePair(
+            f"p{a}x{b}",
+            f"What is {a}*{b}?",
+            f"We take {a} groups of {b}, which is {a * b} in all. \\boxed{{{a * b}}}",
+            f"{a}*{b}={a * b} \\boxed{{{a * b}}}",
+            14,
+            6,
+            True,
+            True,
+            "reference",
+        )
+        for a, b in [(2, 3), (4, 2), (5, 5), (3, 7), (6, 2), (9, 4)]
+    ]
+
+
+def test_extraction_is_cached_and_reused(qwen, tmp_path, monkeypatch):
+    """A rerun on the same pairs reads the saved extraction (no forward pass); other pairs extract anew;
+    an unreadable cache file is recomputed, not trusted."""
+    from residlab.methods.asc import vector as vector_module
+
+    pairs = _trace_pairs()
+    first = vector_module.cached_extraction(qwen, pairs, tmp_path, log=lambda _: None)
+    assert len(list(tmp_path.glob("extraction-*.safetensors"))) == 1
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the extraction ran again")
+
+    monkeypatch.setattr(vector_module, "extract_vector", no_forward)
+    again = vector_module.cached_extraction(qwen, pairs, tmp_path, log=lambda _: None)
+    for layer in first.vector.layers:
+        torch.testing.assert_close(again.vector.directions[layer], first.vector.directions[layer], rtol=0, atol=0)
+    assert again.separation == pytest.approx(first.separation)
+    assert again.residual_norm == pytest.approx(first.residual_norm)
+    assert (again.read, again.method, again.n_pairs) == (first.read, first.method, first.n_pairs)
+    assert again.best_layer == first.best_layer
+
+    with pytest.raises(AssertionError, match="ran again"):  # other pairs: another key, a new extraction
+        vector_module.cached_extraction(qwen, pairs[:1], tmp_path, log=lambda _: None)
+    monkeypatch.undo()
+    stats = next(tmp_path.glob("extraction-*.json"))
+    stats.write_text("{not json")
+    messages: list[str] = []
+    redone = vector_module.cached_extraction(qwen, pairs, tmp_path, log=messages.append)
+    assert any("unreadable" in m for m in messages)
+    torch.testing.assert_close(redone.vector.directions[0], first.vector.directions[0])

@@ -7,11 +7,15 @@ out); :func:`steering_vector` is the one-layer unit vector compress saves, with 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from residlab.analyses.lens import top_tokens
+from residlab.core.errors import ResidlabError
+from residlab.core.io import write_json
 from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import Engine
@@ -62,6 +66,57 @@ def extract_vector(
     )
 
 
+def _extraction_key(lm: LanguageModel, pairs: Sequence[TracePair], read: str, method: str, template: str) -> str:
+    digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), read, method, template]).encode())
+    for pair in pairs:
+        digest.update(json.dumps(asdict(pair), sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def _per_layer(values: dict[str, float | None]) -> dict[int, float]:
+    """A saved per-layer statistic (JSON keys are strings; NaN was written as null)."""
+    return {int(k): float("nan") if v is None else float(v) for k, v in values.items()}
+
+
+def cached_extraction(
+    lm: LanguageModel,
+    pairs: Sequence[TracePair],
+    cache_dir: Path,
+    *,
+    read: str = "mean",
+    method: str = "mean_diff",
+    batch_size: int = 4,
+    template: str = prompts.VERBOSE,
+    log: Log = print,
+) -> ExtractionResult:
+    """:func:`extract_vector`, saved under ``cache_dir`` and reused by a rerun on the same model (name and
+    dtype), pairs, read and method: the extraction is minutes of forward passes on a CPU, and a resumed
+    ``compress`` should not pay them again. A cache file that cannot be read is recomputed."""
+    key = _extraction_key(lm, pairs, read, method, template)
+    vector_path, stats_path = cache_dir / f"extraction-{key}.safetensors", cache_dir / f"extraction-{key}.json"
+    if vector_path.is_file() and stats_path.is_file():
+        try:
+            stats = json.loads(stats_path.read_text())
+            extraction = ExtractionResult(
+                SteeringVector.load(vector_path),
+                _per_layer(stats["separation"]),
+                _per_layer(stats["residual_norm"]),
+                stats["read"],
+                stats["method"],
+                int(stats["n_pairs"]),
+            )
+            log(f"      reusing the extraction in {vector_path.name}")
+            return extraction
+        except (ResidlabError, ValueError, KeyError, TypeError) as err:
+            log(f"      the cached extraction {vector_path.name} is unreadable ({err}); extracting again")
+    extraction = extract_vector(lm, pairs, read=read, method=method, batch_size=batch_size, template=template)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    extraction.vector.save(vector_path)
+    fields = ("separation", "residual_norm", "read", "method", "n_pairs")
+    write_json(stats_path, {name: getattr(extraction, name) for name in fields})  # last: marks the pair complete
+    return extraction
+
+
 @dataclass(frozen=True)
 class ProjectedOut:
     """The second pair source whose direction was removed from the vector."""
@@ -99,12 +154,16 @@ def build_concise_vector(
     )
     log(f"[2/4] extracting the vector ({cfg.method}, read={cfg.read}) at all {lm.num_layers} layers")
     batch_size = max(1, cfg.batch_size // 2)
-    extraction = extract_vector(lm, pairs, read=cfg.read, method=cfg.method, batch_size=batch_size)
+    extraction = cached_extraction(
+        lm, pairs, pairs_dir, read=cfg.read, method=cfg.method, batch_size=batch_size, log=log
+    )
     if not cfg.project_out:
         return ConciseVector(extraction, stats)
     log(f"      and the control direction to project out (concise source {cfg.project_out})")
     control_pairs, control_stats = compress_pairs(lm, cfg, cfg.project_out, problems, pairs_dir, engine)
-    control = extract_vector(lm, control_pairs, read=cfg.read, method=cfg.method, batch_size=batch_size).vector
+    control = cached_extraction(
+        lm, control_pairs, pairs_dir, read=cfg.read, method=cfg.method, batch_size=batch_size, log=log
+    ).vector
     vector = extraction.vector.project_out(control)
     cosines = {str(k): round(extraction.vector.cosine(control, k), 4) for k in vector.layers}
     projected = replace(vector, info={**vector.info, "projected_out": cfg.project_out})
