@@ -1,8 +1,10 @@
 """ASC methods side by side: one row per vector method, each with constant and adaptive strength, plus
 the prompt baselines (concise prompt, Chain of Draft), all on the same problems and decoding.
 
-Methods: ``mean-diff-reference`` (the default compress vector), ``prompt-contrast`` (concise vs plain
-instruction, no traces) and ``learned`` (trained from the mean difference). Each runs
+Methods: ``mean-diff-reference`` (the mean difference with reference solutions as the concise side),
+``prompt-contrast`` (concise vs plain instruction, no traces), ``learned`` (trained from the mean
+difference; the default compress vector) and the same two with ``rewrite`` pairs (the model's own
+correct trace made dense by the model itself). Each runs
 ``run_compress`` in one shared work dir, so the baseline and prompt conditions (and the trace pairs
 that mean-diff and learned share) are generated once and every record is reused on a rerun: an
 interrupted run resumes where it stopped.
@@ -33,6 +35,11 @@ METHODS = {
     "mean-diff-reference": {"method": "mean_diff", "pair_source": "reference"},
     "prompt-contrast": {"method": "prompt-contrast", "pair_source": "reference"},
     "learned": {"method": "learned", "pair_source": "reference"},
+    # In-distribution pairs: the model's own correct trace against its dense rewrite by the model itself
+    # (kept when the rewrite still reaches the gold answer). ``--pairs`` counts problems, and the model
+    # solves about a third of them: give ~3x the pairs wanted.
+    "mean-diff-rewrite": {"method": "mean_diff", "pair_source": "rewrite"},
+    "learned-rewrite": {"method": "learned", "pair_source": "rewrite"},
 }
 PROMPT_BASELINES = ("concise_prompt", "chain_of_draft")
 ROW_FIELDS = (
@@ -128,9 +135,6 @@ def main() -> None:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     stem = "asc_methods"
     out_json = RESULTS / f"{stem}.json"
-    previous = json.loads(out_json.read_text()) if out_json.exists() else {}
-    rows = {_key(r): {"dataset": "gsm8k", **r} for r in previous.get("rows", [])}  # rows from before the field
-    runs = dict(previous.get("runs", {}))
     for index, label in enumerate(m for m in args.methods.split(",") if m):
         steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
         prompt_only = tuple(p for p in args.prompt_baselines.split(",") if p) if index == 0 else ()
@@ -156,7 +160,16 @@ def main() -> None:
         )
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
-        runs[f"{args.dataset}:{args.split}:{args.offset}:{args.limit}:{label}:{args.strength or 'tuned'}"] = {
+        # Read the file again just before writing: another process (a second worker, another method) may
+        # have added rows while this one ran.
+        previous = json.loads(out_json.read_text()) if out_json.exists() else {}
+        rows = {_key(r): {"dataset": "gsm8k", **r} for r in previous.get("rows", [])}  # rows from before the field
+        runs = dict(previous.get("runs", {}))
+        run_key = ":".join(
+            str(part)
+            for part in (args.dataset, args.split, args.offset, args.limit, label, args.pairs, args.strength or "tuned")
+        )
+        runs[run_key] = {
             "seconds": report["seconds"],
             "stage_seconds": report.get("stage_seconds"),
             "layer": report["layer"],
@@ -171,7 +184,7 @@ def main() -> None:
 
 
 def _key(row: dict[str, Any]) -> str:
-    parts = ("dataset", "split", "offset", "n", "method", "condition", "strength")
+    parts = ("dataset", "split", "offset", "n", "method", "condition", "strength", "n_pairs")
     return "|".join(str(row.get(part, "gsm8k" if part == "dataset" else None)) for part in parts)
 
 
@@ -184,7 +197,6 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         "engine": args.engine,
         "dtype": args.dtype,
         "commit": commit,
-        "pairs": args.pairs,
         "keep": args.keep,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
@@ -197,13 +209,15 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
     lines = [
         f"# ASC methods, vectors from GSM8K train pairs ({args.model}, {args.engine} {args.dtype}, commit {commit})",
         "",
-        f"Pairs {args.pairs} ({args.keep}); greedy, {args.max_new_tokens} new tokens at most, batch {args.batch_size}. "
-        "Rows of a split are on the same problems (offset..offset+n-1 of that split). s/problem and speedup are "
-        "wall-clock on the machine as it was when each condition ran: on a shared machine they compare nothing.",
+        f"Pairs: from the first --pairs GSM8K train problems ({args.keep}); the pairs column counts those kept. "
+        f"Greedy, {args.max_new_tokens} new tokens at most, batch {args.batch_size}. Rows of a split are on the "
+        "same problems (offset..offset+n-1 of that split). s/problem and speedup are wall-clock on the machine "
+        "as it was when each condition ran: on a shared machine they compare nothing.",
         "",
-        "| data | split | offset | method | adaptive | n | accuracy (95% CI) | mean tokens | reduction | acc. diff "
+        "| data | split | offset | method | adaptive | pairs | n | accuracy (95% CI) | mean tokens | reduction "
+        "| acc. diff "
         "| McNemar p | s/problem | speedup | tokens saved within 2 pts (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["accuracy_ci95"]
@@ -212,7 +226,7 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         saved_text = f"{saved:.1%} ({ci[0]:.1%} to {ci[1]:.1%})" if saved is not None else "-"
         lines.append(
             f"| {r.get('dataset', 'gsm8k')} | {r['split']} | {r['offset']} | {r['method']} | "
-            f"{r['adaptive'] or '-'} | {r['n']} | "
+            f"{r['adaptive'] or '-'} | {r['n_pairs'] or '-'} | {r['n']} | "
             f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}) | "
             f"{r['mean_tokens']:.0f} | {r['token_reduction']:+.1%} | {r['accuracy_difference']:+.1%} | "
             f"{r['mcnemar_p']:.3f} | {r['seconds_per_problem']:.2f} | {r['speedup']:.2f}x | {saved_text} |"

@@ -213,3 +213,46 @@ def test_relp_differs_from_atp_on_a_real_nonlinear_model(qwen):
     assert not torch.allclose(atp.grads[0, "block"], relp.grads[0, "block"])
     real = batch.attention_mask.bool()
     assert torch.allclose(atp.values[0, "block"][real], relp.values[0, "block"][real], atol=1e-4)
+
+
+def test_route_sends_the_gradient_where_the_switch_says_at_backward_time():
+    from residlab.analyses.patching.relp_switch import RuleSwitch, route
+
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    switch = RuleSwitch(RelpRules(norm=False))
+    out = route(x * 2, (x * 3).detach() + (x - x.detach()) * 5, "norm", switch)  # value 2x; rule derivative 5
+    assert torch.equal(out.detach(), x.detach() * 2)
+    (plain,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    switch.active = RelpRules(norm=True)
+    (ruled,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(plain, torch.full((2,), 2.0)) and torch.equal(ruled, torch.full((2,), 5.0))
+    assert route(x * 2, x * 7, "norm", None) is not None  # no switch: the rule's tensor itself
+    assert torch.equal(route(x * 2, x * 7, "norm", None).detach(), x.detach() * 7)
+
+
+def test_rule_sets_sharing_one_forward_match_separate_passes(lm):
+    """attribute_each's one forward + a backward per rule set gives each set's own gradients (as separate
+    attribute() calls do, up to the attention kernel's rounding), and leaves no hook or setting behind."""
+    from residlab.analyses.patching import relp_attention
+    from residlab.analyses.patching.attribution import attribute_each
+    from tests.conftest import hook_keys  # noqa: PLC0415
+
+    before_hooks, before_attn = hook_keys(lm), lm.model.config._attn_implementation
+    batch = encode_pairs(lm, PAIRS)
+    layers = list(range(lm.num_layers))
+    clean = record_values(lm, batch.clean_ids, batch.attention_mask, ["block", "attn", "mlp_act"], layers)
+    targets = MetricTargets(batch.answer, batch.wrong, clean.logits.log_softmax(-1))
+    metric, keys = get_metric("logit_diff"), list(clean.values)
+    sets = [RelpRules(), RelpRules(attention=False, gated=False), RelpRules(False, False, False, False)]
+    shared = list(attribute_each(lm, batch.corrupted_ids, batch.attention_mask, targets, metric, keys, sets))
+    assert len(shared) == 3
+    real = batch.attention_mask.bool()
+    for rules, together in zip(sets, shared, strict=True):
+        alone = attribute(lm, batch.corrupted_ids, batch.attention_mask, targets, metric, keys, rules)
+        assert together.rules == alone.rules
+        for key in keys:
+            scale = alone.grads[key][real].abs().max().clamp_min(1e-6)
+            assert (together.grads[key][real] - alone.grads[key][real]).abs().max() <= 1e-4 * scale, (rules, key)
+    assert not torch.allclose(shared[0].grads[0, "block"][real], shared[2].grads[0, "block"][real])
+    assert hook_keys(lm) == before_hooks and lm.model.config._attn_implementation == before_attn
+    assert relp_attention._switch[0] is None

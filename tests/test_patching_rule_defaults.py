@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from residlab.analyses.patching import relp_defaults
@@ -166,7 +167,10 @@ def test_two_rule_sets_take_two_passes_and_each_family_gets_its_own_estimate(mon
     assert any(line.startswith("[attn] norm:") for line in both.rules)
     for family, rules in (("resid", RelpRules(gated=False)), ("attn", RelpRules(attention=False, gated=False))):
         alone = measure_faithfulness(lm, PAIRS, families=[family], methods=["relp"], rules=rules)
-        assert alone.families[0].effects["relp"] == by_family[family].effects["relp"]
+        # equal up to rounding: the two sets share one forward pass, whose attention runs the eager kernel
+        alone_effects, shared_effects = alone.families[0].effects["relp"], by_family[family].effects["relp"]
+        assert torch.allclose(torch.tensor(alone_effects), torch.tensor(shared_effects), rtol=1e-5, atol=1e-6)
+        assert alone_effects != [[0.0] * len(row) for row in alone_effects]
         assert alone.families[0].rules == by_family[family].rules
     # one rule set for every family: one pass, and the rule lines carry no family prefix
     one = measure_faithfulness(lm, PAIRS, families=["resid", "attn"], methods=["relp"], rules=RelpRules())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +83,39 @@ def values_and_grads(
 ) -> tuple[SiteValues, dict[SiteKey, torch.Tensor]]:
     """One forward and one backward pass: every site's value and the gradient of ``score(last logits)``
     (a scalar) with respect to it. Whatever rule hooks are active shape the backward pass (RelP)."""
+    with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, [lambda: None])) as passes:
+        return next(passes)  # closing: the capture hooks come off now, not when the generator is collected
+
+
+def values_and_grad_passes(
+    lm: LanguageModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    sites: Sequence[str],
+    layers: Sequence[int],
+    score: Callable[[torch.Tensor], torch.Tensor],
+    before_each: Sequence[Callable[[], None]],
+) -> Iterator[tuple[SiteValues, dict[SiteKey, torch.Tensor]]]:
+    """One forward pass, then one backward pass per entry of ``before_each`` (called just before it, to
+    set what shapes that pass: a RelP rule switch); yields the values and each pass's gradients. The
+    graph is kept until the last pass, so a consumer that drops each pass's gradients holds one at a time."""
     with torch.enable_grad(), capturing(lm, sites, layers) as captured:
         logits = last_logits(lm, ids, mask)
         keys = list(captured)
-        grads = torch.autograd.grad(score(logits), [captured[k] for k in keys], allow_unused=True)
-    values = {k: captured[k].detach() for k in keys}
-    return SiteValues(values, logits.detach()), {
-        k: (torch.zeros_like(values[k]) if g is None else g.detach()) for k, g in zip(keys, grads, strict=True)
-    }
+        target = score(logits)
+        values = SiteValues({k: captured[k].detach() for k in keys}, logits.detach())
+        for index, prepare in enumerate(before_each):
+            prepare()
+            grads = torch.autograd.grad(
+                target, [captured[k] for k in keys], allow_unused=True, retain_graph=index < len(before_each) - 1
+            )
+            yield (
+                values,
+                {
+                    k: (torch.zeros_like(values.values[k]) if g is None else g.detach())
+                    for k, g in zip(keys, grads, strict=True)
+                },
+            )
 
 
 def unit_shape(lm: LanguageModel, values: dict[SiteKey, torch.Tensor], num_tokens: int) -> UnitShape:

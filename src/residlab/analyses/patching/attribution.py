@@ -8,17 +8,19 @@ run without gradients (the clean prompts for denoising patching; an ablation's r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from residlab.analyses.patching.activations import SiteKey, values_and_grads
+from residlab.analyses.patching.activations import SiteKey, values_and_grad_passes, values_and_grads
 from residlab.analyses.patching.metrics import Metric, MetricTargets
 from residlab.analyses.patching.relp import RelpRules, relp_rules
+from residlab.analyses.patching.relp_switch import RuleSwitch
 from residlab.analyses.patching.sites import FAMILIES, PatchSite, SiteFamily
+from residlab.core.errors import ResidlabError
 
 if TYPE_CHECKING:
     from residlab.models.lm import LanguageModel
@@ -53,6 +55,45 @@ def attribute(
     with context as applied:
         values, grads = values_and_grads(lm, ids, mask, sites, layers, lambda logits: metric(logits, targets).mean())
     return Attribution(values.values, grads, values.logits, mask, tuple(applied))
+
+
+def union_of(rule_sets: Sequence[RelpRules]) -> RelpRules:
+    """Every rule any of ``rule_sets`` uses (their epsilon must agree: it shapes the forward's hooks)."""
+    epsilons = {r.epsilon for r in rule_sets}
+    if len(epsilons) != 1:
+        raise ResidlabError(
+            f"RelP rule sets that share one forward pass need one epsilon, got {sorted(epsilons)}.",
+            hint="give every rule set the same epsilon (it shapes the forward pass's activation hooks).",
+        )
+    names = ("norm", "activation", "attention", "gated")
+    return RelpRules(**{n: any(getattr(r, n) for r in rule_sets) for n in names}, epsilon=epsilons.pop())
+
+
+def attribute_each(
+    lm: LanguageModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    targets: MetricTargets,
+    metric: Metric,
+    keys: Sequence[SiteKey],
+    rule_sets: Sequence[RelpRules],
+) -> Iterator[Attribution]:
+    """RelP with each of ``rule_sets``, in order: one forward pass shared by all (the rules change no
+    value, :mod:`.relp_switch`), one backward pass each. Yields each set's attribution; drop it before
+    taking the next to hold one set of gradients at a time. One set: exactly :func:`attribute`."""
+    if len(rule_sets) == 1:
+        yield attribute(lm, ids, mask, targets, metric, keys, rule_sets[0])
+        return
+    sites = sorted({site for _, site in keys})
+    layers = sorted({layer for layer, _ in keys})
+    switch = RuleSwitch(rule_sets[0])
+    setters = [lambda rules=rules: setattr(switch, "active", rules) for rules in rule_sets]
+    score = lambda logits: metric(logits, targets).mean()  # noqa: E731
+    with relp_rules(lm, union_of(rule_sets), switch) as applied:
+        with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, setters)) as passes:
+            for rules, (values, grads) in zip(rule_sets, passes, strict=True):
+                lines = tuple(line for line in applied if line.split(":")[0] in rules.names())
+                yield Attribution(values.values, grads, values.logits, mask, lines)
 
 
 def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, head_dim: int) -> torch.Tensor:

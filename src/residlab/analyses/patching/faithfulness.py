@@ -6,8 +6,9 @@ method; :mod:`.report` turns the result into JSON, heatmaps and a markdown repor
 
 Timing: ``exact`` counts the corrupted recording and its patching passes, per family; ``atp`` counts
 the clean forward pass (the source activations) plus its one forward and backward pass, which serves
-every family at once; ``relp`` the clean pass plus one forward and backward pass per distinct rule set
-the families need (:class:`~.relp_defaults.FamilyRules`), all of them charged to every family.
+every family at once; ``relp`` the clean pass plus one forward pass and one backward pass per distinct
+rule set the families need (:class:`~.relp_defaults.FamilyRules`; the rules change no value, so the
+sets share the forward pass), all of it charged to every family.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from scipy import stats
 
 from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
-from residlab.analyses.patching.attribution import attribute, estimated_effects
+from residlab.analyses.patching.attribution import attribute, attribute_each, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
@@ -158,19 +159,23 @@ def measure_faithfulness(
     estimates: dict[str, dict[str, tuple[torch.Tensor, tuple[str, ...]]]] = {}
     seconds = {}
     for method in (m for m in methods if m in ESTIMATES):
-        runs: dict[RelpRules | None, tuple[str, ...]] = {None: tuple(f.name for f in chosen)}  # AtP: plain autograd
-        if method == "relp":
-            runs = {rules: names for rules, names in passes.items()}
+        keys = list(clean.values)
+        if method == "relp":  # one forward pass shared by every rule set, one backward pass each
+            groups = list(passes.values())
+            attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes))
+        else:  # AtP: plain autograd
+            groups = [tuple(f.name for f in chosen)]
+            attributions = iter([attribute(lm, run.ids, run.mask, targets, score, keys)])
         estimates[method], seconds[method] = {}, clean_seconds
-        for relp, names in runs.items():
-            started = time.perf_counter()
-            attribution = attribute(lm, run.ids, run.mask, targets, score, list(clean.values), relp)
+        started = time.perf_counter()
+        for names, attribution in zip(groups, attributions, strict=True):
             seconds[method] += time.perf_counter() - started
             for name in names:
                 estimate = estimated_effects(attribution, clean.values, grids[name], shape.head_dim, run.base)
                 estimates[method][name] = (estimate, attribution.rules)
             del attribution
-        log(f"{method}: {seconds[method]:.2f} s for every site ({len(runs)} backward pass{'es' * (len(runs) > 1)})")
+            started = time.perf_counter()
+        log(f"{method}: {seconds[method]:.2f} s for every site ({len(groups)} backward pass{'es' * (len(groups) > 1)})")
     results = []
     for family in chosen:
         sites = grids[family.name]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from residlab.analyses.patching.relp_attention import detached_attention
+from residlab.analyses.patching.relp_switch import RuleSwitch, route
 from residlab.core.errors import ResidlabError
 from residlab.interventions.hooks import HookSet
 
@@ -117,7 +118,7 @@ def norm_rule_for(module: torch.nn.Module) -> NormRule | None:
     return None
 
 
-def _norm_hook(rule: NormRule) -> Callable[..., torch.Tensor]:
+def _norm_hook(rule: NormRule, switch: RuleSwitch | None = None) -> Callable[..., torch.Tensor]:
     checked = [False]
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -130,15 +131,15 @@ def _norm_hook(rule: NormRule) -> Callable[..., torch.Tensor]:
                     hint="turn the norm rule off (RelpRules(norm=False)) for this model.",
                 )
             checked[0] = True
-        return with_local_factor(flow, output, factor).to(output.dtype)
+        return route(output, with_local_factor(flow, output, factor).to(output.dtype), "norm", switch)
 
     return hook
 
 
-def _activation_hook(eps: float) -> Callable[..., torch.Tensor]:
+def _activation_hook(eps: float, switch: RuleSwitch | None = None) -> Callable[..., torch.Tensor]:
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        return with_local_factor(x, output, output / stabilise(x, eps))
+        return route(output, with_local_factor(x, output, output / stabilise(x, eps)), "activation", switch)
 
     return hook
 
@@ -149,16 +150,21 @@ def half_rule(g: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def relp_rules(lm: LanguageModel, rules: RelpRules = RelpRules()) -> Iterator[list[str]]:
+def relp_rules(
+    lm: LanguageModel, rules: RelpRules = RelpRules(), switch: RuleSwitch | None = None
+) -> Iterator[list[str]]:
     """While the block runs, backward passes through ``lm`` follow ``rules``; yields what was applied
-    (one line per rule). Every hook is removed and the attention setting restored on exit."""
+    (one line per rule). Every hook is removed and the attention setting restored on exit.
+
+    With a ``switch`` (:mod:`.relp_switch`), ``rules`` are the rules any pass may use, and each backward
+    pass follows ``switch.active`` at the time it runs: rule sets share one forward pass."""
     hooks, applied = HookSet(), []
     try:
         with ExitStack() as stack:
             if rules.norm:
                 norms = [(m, r) for m in lm.model.modules() if (r := norm_rule_for(m)) is not None]
                 for module, rule in norms:
-                    hooks.forward(module, _norm_hook(rule))
+                    hooks.forward(module, _norm_hook(rule, switch))
                 applied.append(f"norm: {len(norms)} norm modules, scale detached")
             if rules.activation:
                 for layer in range(lm.num_layers):
@@ -168,17 +174,19 @@ def relp_rules(lm: LanguageModel, rules: RelpRules = RelpRules()) -> Iterator[li
                             f"RelP's identity rule needs the MLP activation as a module; {lm.arch.family}'s is not.",
                             hint="turn the activation rule off (RelpRules(activation=False)).",
                         )
-                    hooks.forward(act, _activation_hook(rules.epsilon))
+                    hooks.forward(act, _activation_hook(rules.epsilon, switch))
                 applied.append(f"activation: identity rule on {lm.num_layers} MLP activations")
             if rules.gated:
                 if lm.arch.mlp_up is None:
                     applied.append("gated: not applicable (no gated MLP product in this family)")
                 else:
                     for layer in range(lm.num_layers):
-                        hooks.replace(lm.block_part(layer, "mlp_down"), "input", half_rule)
+                        hooks.replace(
+                            lm.block_part(layer, "mlp_down"), "input", lambda g: route(g, half_rule(g), "gated", switch)
+                        )
                     applied.append(f"gated: half rule on {lm.num_layers} gated MLP products")
             if rules.attention:
-                stack.enter_context(detached_attention(lm.model, expected_calls=lm.num_layers))
+                stack.enter_context(detached_attention(lm.model, expected_calls=lm.num_layers, switch=switch))
                 applied.append("attention: softmax pattern detached (AttentionInterface)")
             yield applied
     finally:

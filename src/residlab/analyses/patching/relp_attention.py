@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from residlab.analyses.patching.relp_switch import RuleSwitch, route
 from residlab.core.errors import ResidlabError
 
 RELP_ATTENTION = "residlab_relp"
 _calls = [0]  # attention calls through the detached-pattern function (read by detached_attention)
+_switch: list[RuleSwitch | None] = [None]  # set by detached_attention: the pattern's gradient per backward pass
 
 
 def detached_pattern_attention(
@@ -51,7 +53,8 @@ def detached_pattern_attention(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    pattern = torch.softmax(scores.float(), dim=-1).to(query.dtype).detach()
+    pattern = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    pattern = route(pattern, pattern.detach(), "attention", _switch[0])
     out = torch.matmul(pattern, value)
     return out.transpose(1, 2).contiguous(), pattern
 
@@ -65,18 +68,20 @@ def _register() -> None:
 
 
 @contextmanager
-def detached_attention(model: torch.nn.Module, expected_calls: int) -> Iterator[None]:
+def detached_attention(model: torch.nn.Module, expected_calls: int, switch: RuleSwitch | None = None) -> Iterator[None]:
     """While the block runs, ``model``'s attention uses :func:`detached_pattern_attention`; on a clean
-    exit, a clear error if fewer than ``expected_calls`` attention calls went through it."""
+    exit, a clear error if fewer than ``expected_calls`` attention calls went through it. With a
+    ``switch``, the pattern is detached only in backward passes whose rules have ``attention`` on."""
     _register()
     config: Any = model.config
     previous = config._attn_implementation
-    _calls[0] = 0
+    _calls[0], _switch[0] = 0, switch
     config._attn_implementation = RELP_ATTENTION
     try:
         yield
     finally:
         config._attn_implementation = previous
+        _switch[0] = None
     if _calls[0] < expected_calls:
         raise ResidlabError(
             f"RelP's AH-rule reached {_calls[0]} of {expected_calls} attention calls of this "
