@@ -4,7 +4,7 @@ gradient). Hooks come from the intervention system and are removed when each run
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -95,7 +95,7 @@ def values_and_grad_passes(
     layers: Sequence[int],
     score: Callable[[torch.Tensor], torch.Tensor],
     before_each: Sequence[Callable[[], None]],
-) -> Iterator[tuple[SiteValues, dict[SiteKey, torch.Tensor]]]:
+) -> Generator[tuple[SiteValues, dict[SiteKey, torch.Tensor]], None, None]:
     """One forward pass, then one backward pass per entry of ``before_each`` (called just before it, to
     set what shapes that pass: a RelP rule switch); yields the values and each pass's gradients. The
     graph is kept until the last pass, so a consumer that drops each pass's gradients holds one at a time."""
