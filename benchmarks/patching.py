@@ -4,9 +4,10 @@ For each model and dataset (ioi, capitals): exact patching of every site of resi
 position) and heads (layer x head), AtP and RelP (the model family's default rules, see
 residlab/analyses/patching/relp_defaults.py) on the same sites; Pearson and Spearman r of each estimate
 against exact patching, the number of sites and each method's wall-clock (exact: per family; AtP / RelP:
-their one forward + backward pass, which serves every family, plus the clean forward pass). Then every
+one forward pass and one backward pass per rule set (AtP: one), which serve every family, plus the clean
+forward pass). Then every
 one of the 16 subsets of RelP's four rules (none = AtP) against the same exact effects (exact patching
-runs once; each subset is one more forward + backward pass).
+runs once; the subsets share one forward pass and take one backward pass each).
 
 ``--split eval`` (default) measures the reported pairs; ``--split train`` measures pairs disjoint from
 them (data/prompt_pairs.py) and recomputes ``selection``: per architecture family and over all of them,
@@ -121,7 +122,7 @@ def rule_subsets(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
     from residlab.analyses.patching.activations import record_values, unit_shape
-    from residlab.analyses.patching.attribution import attribute, estimated_effects
+    from residlab.analyses.patching.attribution import attribute_each, estimated_effects
     from residlab.analyses.patching.faithfulness import correlation
     from residlab.analyses.patching.metrics import MetricTargets, get_metric
     from residlab.analyses.patching.pairs import encode_pairs
@@ -137,10 +138,12 @@ def rule_subsets(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
     shape = unit_shape(lm, clean.values, batch.num_tokens)
     exact = {f.family: torch.tensor(f.effects["exact"], dtype=torch.float64).flatten() for f in run.families}
     out: dict = {}
-    for subset in SUBSETS:
-        rules = RelpRules(**{r: r in subset for r in RULES}) if subset else None  # None: plain autograd (AtP)
-        attribution = attribute(lm, batch.corrupted_ids, batch.attention_mask, targets, get_metric("logit_diff"),
-                                list(clean.values), rules)  # fmt: skip
+    # One forward pass for all 16 subsets (the rules change no value), one backward pass each; the empty
+    # subset is plain autograd (AtP).
+    every = [RelpRules(**{r: r in subset for r in RULES}) for subset in SUBSETS]
+    passes = attribute_each(lm, batch.corrupted_ids, batch.attention_mask, targets, get_metric("logit_diff"),
+                            list(clean.values), every)  # fmt: skip
+    for subset, attribution in zip(SUBSETS, passes, strict=True):
         row = {}
         for fam in run.families:
             sites = site_grid(FAMILIES[fam.family], lm.num_layers, shape)
