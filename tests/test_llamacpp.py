@@ -209,3 +209,19 @@ def test_engine_frees_llama_cpp_on_leaving_the_with_block(engines):
         ids = torch_engine.tokenize(TEXT)[:8]
         np.testing.assert_allclose(extra.score(ids), llama.score(ids), rtol=1e-4, atol=1e-4)
     assert extra._model is None and extra._ctx is None
+
+
+def test_usable_cores_follows_the_affinity_mask():
+    import os
+
+    from residlab.engines.llamacpp import usable_cores
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no affinity masks on this platform")
+    everything = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(everything)})
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, everything)
+    assert usable_cores() == len(everything)

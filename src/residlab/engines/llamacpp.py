@@ -76,6 +76,14 @@ def _silence(lib: Any) -> None:
 ALL_LAYERS = 999  # llama.cpp caps n_gpu_layers at the model's depth (+ the output layer)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset``, cgroup cpusets), not every core the machine has:
+    more llama.cpp threads than cores makes decoding several times slower."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def gpu_layers(requested: int | None, supports_gpu: bool) -> int:
     """How many layers llama.cpp offloads: ``None`` -> all of them where the build has GPU support
     (CUDA, Metal...), else none; ``-1`` -> all; ``0`` -> none; ``n`` -> the first ``n``. Asking a
@@ -116,7 +124,7 @@ class LlamaCppEngine(Engine):
         if not self.gguf_path.is_file():
             raise ResidlabError(f"no GGUF file at {self.gguf_path}.", hint="check the path.")
         super().__init__(tokenizer, name)
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = threads or usable_cores()
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         self.n_gpu_layers = gpu_layers(n_gpu_layers, bool(lib.llama_supports_gpu_offload()))
