@@ -17,8 +17,9 @@ interrupted run resumes where it stopped.
 The vector is always built from GSM8K train pairs; ``--dataset math500`` evaluates it on MATH-500
 (test only), which is the transfer the method claims.
 
-Writes benchmarks/results/asc_methods.json and .md: rows of every split run so far (a rerun of the same
-split, offset and n replaces its rows); each row says its split, offset and n. Row fields: ROW_FIELDS.
+Writes benchmarks/results/asc_methods.json and .md (another --model: asc_methods_<model>.json and .md):
+rows of every run so far (a rerun of the same data set, split, offset, n and pair count replaces its
+rows); each row says them. Row fields: ROW_FIELDS.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT = "qwen2.5-coder-0.5b-instruct"
 METHODS = {
     "mean-diff-reference": {"method": "mean_diff", "pair_source": "reference"},
     "prompt-contrast": {"method": "prompt-contrast", "pair_source": "reference"},
@@ -104,7 +106,7 @@ def _rows(label: str, report: dict[str, Any], dataset: str, split: str, offset: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--model", default=DEFAULT)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--adaptive", default="until-answer", help="the adaptive rows' schedule ('': none)")
     parser.add_argument(
@@ -133,7 +135,8 @@ def main() -> None:
     from residlab.methods.asc import CompressConfig, parse_strength, run_compress
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    stem = "asc_methods"
+    # The default model's rows are asc_methods.json; another model's go to their own file (one model per file).
+    stem = "asc_methods" if args.model == DEFAULT else f"asc_methods_{args.model.replace('/', '_')}"
     out_json = RESULTS / f"{stem}.json"
     for index, label in enumerate(m for m in args.methods.split(",") if m):
         steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
