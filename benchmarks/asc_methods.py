@@ -25,11 +25,14 @@ rows); each row says them. Row fields: ROW_FIELDS.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from residlab.core.io import atomic_write_text, write_json
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT = "qwen2.5-coder-0.5b-instruct"
@@ -114,7 +117,9 @@ def main() -> None:
     )
     parser.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "math500"], help="evaluation problems")
     parser.add_argument("--split", default="train", choices=["train", "test"])
-    parser.add_argument("--offset", type=int, default=1000, help="first eval problem (train: past the pairs)")
+    parser.add_argument(
+        "--offset", type=int, default=None, help="first eval problem (default: train 1000, past the pairs; test 0)"
+    )
     parser.add_argument("--limit", type=int, default=24)
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--keep", default="concise_correct")
@@ -129,6 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.dataset == "math500" and args.split != "test":
         parser.error("MATH-500 has a test split only (--split test)")
+    if args.offset is None:
+        args.offset = 1000 if args.split == "train" else 0
     if args.split == "train" and args.offset < args.pairs + 2 * args.calibration_states:
         parser.error("a train-split evaluation must start past the pair and calibration problems (--offset)")
 
@@ -163,8 +170,10 @@ def main() -> None:
         )
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
-        # Read the file again just before writing: another process (a second worker, another method) may
-        # have added rows while this one ran.
+        # Read the file again just before writing, under a lock: another process (a second worker, another
+        # method) may have added rows while this one ran.
+        lock = (RESULTS / f".{stem}.lock").open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
         previous = json.loads(out_json.read_text()) if out_json.exists() else {}
         rows = {_key(r): {"dataset": "gsm8k", **r} for r in previous.get("rows", [])}  # rows from before the field
         runs = dict(previous.get("runs", {}))
@@ -184,11 +193,15 @@ def main() -> None:
         for row in _rows(label, report, args.dataset, args.split, args.offset):
             rows[_key(row)] = row
         _write(stem, args, list(rows.values()), runs)
+        lock.close()  # releases the lock
 
 
 def _key(row: dict[str, Any]) -> str:
-    parts = ("dataset", "split", "offset", "n", "method", "condition", "strength", "n_pairs")
-    return "|".join(str(row.get(part, "gsm8k" if part == "dataset" else None)) for part in parts)
+    """What identifies a row: a rerun of the same run replaces it (the strength rounded: a re-extraction on
+    other threads differs in its last digits)."""
+    strength = row.get("strength")
+    parts = [row.get("dataset", "gsm8k"), *(row.get(p) for p in ("split", "offset", "n", "method", "condition"))]
+    return "|".join(str(p) for p in [*parts, None if strength is None else round(strength, 3), row.get("n_pairs")])
 
 
 def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs: dict[str, Any]) -> None:
@@ -208,7 +221,7 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(RESULTS / f"{stem}.json", payload)  # atomic: a concurrent reader never sees half a file
     lines = [
         f"# ASC methods, vectors from GSM8K train pairs ({args.model}, {args.engine} {args.dtype}, commit {commit})",
         "",
@@ -240,7 +253,7 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         f"--split {args.split} "
         f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}`",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ For each model and dataset (ioi, capitals): exact patching of every site of resi
 position) and heads (layer x head), AtP and RelP (the model family's default rules, see
 residlab/analyses/patching/relp_defaults.py) on the same sites; Pearson and Spearman r of each estimate
 against exact patching, the number of sites and each method's wall-clock (exact: per family; AtP / RelP:
-one forward pass and one backward pass per rule set (AtP: one), which serve every family, plus the clean
-forward pass). Then every
+one shared forward pass plus one backward pass per rule set (AtP: one of each), which serve every family,
+plus the clean forward pass). Then every
 one of the 16 subsets of RelP's four rules (none = AtP) against the same exact effects (exact patching
 runs once; the subsets share one forward pass and take one backward pass each).
 
@@ -119,6 +119,8 @@ def run_one(model: str, dataset: str, pairs: int, max_rows: int, split: str, out
 
 def rule_subsets(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
     """RelP's Pearson r per family for every subset of the four rules ("none" is AtP)."""
+    from contextlib import closing
+
     import torch
 
     from residlab.analyses.patching.activations import record_values, unit_shape
@@ -143,14 +145,18 @@ def rule_subsets(lm, prompt_pairs, run) -> dict:  # type: ignore[no-untyped-def]
     every = [RelpRules(**{r: r in subset for r in RULES}) for subset in SUBSETS]
     passes = attribute_each(lm, batch.corrupted_ids, batch.attention_mask, targets, get_metric("logit_diff"),
                             list(clean.values), every)  # fmt: skip
-    for subset, attribution in zip(SUBSETS, passes, strict=True):
-        row = {}
-        for fam in run.families:
-            sites = site_grid(FAMILIES[fam.family], lm.num_layers, shape)
-            estimate = estimated_effects(attribution, clean.values, sites, shape.head_dim, corrupted.values)
-            row[fam.family] = correlation(estimate, exact[fam.family])[0]
-        out[subset_name(subset)] = row
-        print(f"  {subset_name(subset)}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    remaining = iter(SUBSETS)
+    with closing(passes):
+        for attribution in passes:
+            subset = next(remaining)
+            row = {}
+            for fam in run.families:
+                sites = site_grid(FAMILIES[fam.family], lm.num_layers, shape)
+                estimate = estimated_effects(attribution, clean.values, sites, shape.head_dim, corrupted.values)
+                row[fam.family] = correlation(estimate, exact[fam.family])[0]
+            del attribution
+            out[subset_name(subset)] = row
+            print(f"  {subset_name(subset)}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     return out
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -234,3 +235,27 @@ def test_a_group_without_rules_is_named_in_the_run_lines():
     rules = FamilyRules(RelpRules(), ((("resid",), no_rule),))
     run = measure_faithfulness(tiny_model("qwen2"), PAIRS, families=["resid", "attn"], methods=["relp"], rules=rules)
     assert "[resid] none" in run.rules and any(line.startswith("[attn] norm:") for line in run.rules)
+
+
+def test_each_estimate_is_timed_over_its_own_passes(monkeypatch):
+    """AtP's and RelP's seconds include their forward and backward passes (both run lazily inside the
+    timed loop), not only the clean pass: a pass made 0.3 s slower shows up in its method's seconds."""
+    from residlab.analyses.patching import faithfulness
+
+    lm = tiny_model("qwen2")
+    slow_attribute, slow_each = faithfulness.attribute, faithfulness.attribute_each
+
+    def attribute(*args, **kwargs):
+        time.sleep(0.3)
+        return slow_attribute(*args, **kwargs)
+
+    def attribute_each(*args, **kwargs):
+        for attribution in slow_each(*args, **kwargs):
+            time.sleep(0.3)
+            yield attribution
+
+    monkeypatch.setattr(faithfulness, "attribute", attribute)
+    monkeypatch.setattr(faithfulness, "attribute_each", attribute_each)
+    result = measure_faithfulness(lm, PAIRS, families=["resid"], methods=["atp", "relp"], rules=RelpRules())
+    seconds = result.families[0].seconds
+    assert seconds["atp"] >= 0.3 and seconds["relp"] >= 0.3, seconds

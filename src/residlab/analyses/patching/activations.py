@@ -98,24 +98,25 @@ def values_and_grad_passes(
 ) -> Generator[tuple[SiteValues, dict[SiteKey, torch.Tensor]], None, None]:
     """One forward pass, then one backward pass per entry of ``before_each`` (called just before it, to
     set what shapes that pass: a RelP rule switch); yields the values and each pass's gradients. The
-    graph is kept until the last pass, so a consumer that drops each pass's gradients holds one at a time."""
+    graph is kept until the last pass; this generator keeps no reference to a pass's gradients once it
+    has yielded them. While it is suspended the capture hooks stay on ``lm`` and gradients stay enabled:
+    do not run the model between passes (close the generator first, e.g. with ``contextlib.closing``)."""
     with torch.enable_grad(), capturing(lm, sites, layers) as captured:
         logits = last_logits(lm, ids, mask)
         keys = list(captured)
+        inputs = [captured[k] for k in keys]  # taken now: another forward pass would overwrite ``captured``
         target = score(logits)
         values = SiteValues({k: captured[k].detach() for k in keys}, logits.detach())
         for index, prepare in enumerate(before_each):
             prepare()
-            grads = torch.autograd.grad(
-                target, [captured[k] for k in keys], allow_unused=True, retain_graph=index < len(before_each) - 1
-            )
-            yield (
-                values,
-                {
-                    k: (torch.zeros_like(values.values[k]) if g is None else g.detach())
-                    for k, g in zip(keys, grads, strict=True)
-                },
-            )
+            grads = torch.autograd.grad(target, inputs, allow_unused=True, retain_graph=index < len(before_each) - 1)
+            pass_grads = {
+                k: (torch.zeros_like(values.values[k]) if g is None else g.detach())
+                for k, g in zip(keys, grads, strict=True)
+            }
+            del grads
+            yield values, pass_grads
+            del pass_grads
 
 
 def unit_shape(lm: LanguageModel, values: dict[SiteKey, torch.Tensor], num_tokens: int) -> UnitShape:

@@ -8,7 +8,7 @@ run without gradients (the clean prompts for denoising patching; an ablation's r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,11 +59,16 @@ def attribute(
 
 def union_of(rule_sets: Sequence[RelpRules]) -> RelpRules:
     """Every rule any of ``rule_sets`` uses (their epsilon must agree: it shapes the forward's hooks)."""
-    epsilons = {r.epsilon for r in rule_sets}
+    epsilons = {r.epsilon for r in rule_sets if r.activation}  # only the activation rule reads it
+    if not rule_sets:
+        raise ResidlabError("no RelP rule sets to join.", hint="give at least one RelpRules.")
+    if not epsilons:
+        epsilons = {rule_sets[0].epsilon}
     if len(epsilons) != 1:
         raise ResidlabError(
             f"RelP rule sets that share one forward pass need one epsilon, got {sorted(epsilons)}.",
-            hint="give every rule set the same epsilon (it shapes the forward pass's activation hooks).",
+            hint="give every rule set with the activation rule the same epsilon (it shapes the forward "
+            "pass's activation hooks).",
         )
     names = ("norm", "activation", "attention", "gated")
     return RelpRules(**{n: any(getattr(r, n) for r in rule_sets) for n in names}, epsilon=epsilons.pop())
@@ -77,10 +82,15 @@ def attribute_each(
     metric: Metric,
     keys: Sequence[SiteKey],
     rule_sets: Sequence[RelpRules],
-) -> Iterator[Attribution]:
+) -> Generator[Attribution, None, None]:
     """RelP with each of ``rule_sets``, in order: one forward pass shared by all (the rules change no
-    value, :mod:`.relp_switch`), one backward pass each. Yields each set's attribution; drop it before
-    taking the next to hold one set of gradients at a time. One set: exactly :func:`attribute`."""
+    value, :mod:`.relp_switch`), then one backward pass per set. Yields each set's attribution and keeps
+    no reference to it afterwards: a consumer that drops it before asking for the next holds one set of
+    gradients at a time. One set: exactly :func:`attribute`. Until the generator is exhausted or closed,
+    the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and do not run the model
+    between passes."""
+    if not rule_sets:
+        return
     if len(rule_sets) == 1:
         yield attribute(lm, ids, mask, targets, metric, keys, rule_sets[0])
         return
@@ -91,9 +101,14 @@ def attribute_each(
     score = lambda logits: metric(logits, targets).mean()  # noqa: E731
     with relp_rules(lm, union_of(rule_sets), switch) as applied:
         with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, setters)) as passes:
-            for rules, (values, grads) in zip(rule_sets, passes, strict=True):
+            remaining = iter(rule_sets)
+            for values, grads in passes:  # no zip: its reused tuple would keep the last pass's gradients
+                rules = next(remaining)
                 lines = tuple(line for line in applied if line.split(":")[0] in rules.names())
-                yield Attribution(values.values, grads, values.logits, mask, lines)
+                attribution = Attribution(values.values, grads, values.logits, mask, lines)
+                del grads
+                yield attribution
+                del attribution
 
 
 def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -6,15 +6,16 @@ method; :mod:`.report` turns the result into JSON, heatmaps and a markdown repor
 
 Timing: ``exact`` counts the corrupted recording and its patching passes, per family; ``atp`` counts
 the clean forward pass (the source activations) plus its one forward and backward pass, which serves
-every family at once; ``relp`` the clean pass plus one forward pass and one backward pass per distinct
-rule set the families need (:class:`~.relp_defaults.FamilyRules`; the rules change no value, so the
-sets share the forward pass), all of it charged to every family.
+every family at once; ``relp`` the clean pass plus one shared forward pass and one backward pass per
+distinct rule set the families need (:class:`~.relp_defaults.FamilyRules`; the rules change no value,
+so the sets share the forward pass), all of it charged to every family.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -160,21 +161,24 @@ def measure_faithfulness(
     seconds = {}
     for method in (m for m in methods if m in ESTIMATES):
         keys = list(clean.values)
+        # Both are lazy: the passes run (and are timed) inside the loop, not where they are set up.
         if method == "relp":  # one forward pass shared by every rule set, one backward pass each
             groups = list(passes.values())
             attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes))
         else:  # AtP: plain autograd
             groups = [tuple(f.name for f in chosen)]
-            attributions = iter([attribute(lm, run.ids, run.mask, targets, score, keys)])
+            attributions = (attribute(lm, run.ids, run.mask, targets, score, keys) for _ in groups)
         estimates[method], seconds[method] = {}, clean_seconds
-        started = time.perf_counter()
-        for names, attribution in zip(groups, attributions, strict=True):
-            seconds[method] += time.perf_counter() - started
-            for name in names:
-                estimate = estimated_effects(attribution, clean.values, grids[name], shape.head_dim, run.base)
-                estimates[method][name] = (estimate, attribution.rules)
-            del attribution
+        remaining = iter(groups)
+        with closing(attributions):  # the rule hooks come off even if scoring fails
             started = time.perf_counter()
+            for attribution in attributions:  # no zip: its reused tuple would keep the previous pass alive
+                seconds[method] += time.perf_counter() - started
+                for name in next(remaining):
+                    estimate = estimated_effects(attribution, clean.values, grids[name], shape.head_dim, run.base)
+                    estimates[method][name] = (estimate, attribution.rules)
+                del attribution
+                started = time.perf_counter()
         log(f"{method}: {seconds[method]:.2f} s for every site ({len(groups)} backward pass{'es' * (len(groups) > 1)})")
     results = []
     for family in chosen:

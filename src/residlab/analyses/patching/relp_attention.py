@@ -5,7 +5,8 @@ additive mask, the mask function) named ``residlab_relp``; :func:`detached_atten
 ``config._attn_implementation`` to it while a ``with`` block runs and restores it after. Attention then
 computes ``softmax(q k^T * scaling + mask).detach() @ v``: the same value, but no gradient flows into
 the queries and keys, only through the values (the pattern is treated as a constant, as the AH-rule of
-LRP for attention asks). The model files are not touched. An attention module that does not dispatch
+LRP for attention asks; under a rule switch, :mod:`.relp_switch`, only in the backward passes whose
+rules have ``attention`` on). The model files are not touched. An attention module that does not dispatch
 through the interface is found by counting the calls: the context raises instead of silently running
 without the rule.
 """
@@ -74,14 +75,14 @@ def detached_attention(model: torch.nn.Module, expected_calls: int, switch: Rule
     ``switch``, the pattern is detached only in backward passes whose rules have ``attention`` on."""
     _register()
     config: Any = model.config
-    previous = config._attn_implementation
+    previous, previous_switch = config._attn_implementation, _switch[0]
     _calls[0], _switch[0] = 0, switch
     config._attn_implementation = RELP_ATTENTION
     try:
         yield
     finally:
         config._attn_implementation = previous
-        _switch[0] = None
+        _switch[0] = previous_switch
     if _calls[0] < expected_calls:
         raise ResidlabError(
             f"RelP's AH-rule reached {_calls[0]} of {expected_calls} attention calls of this "

@@ -44,7 +44,7 @@ def extract_vector(
     to shorten outputs (measured, not assumed: see the sweep).
     """
     use_chat = lm.has_chat_template
-    heads = [lm.format_prompt(template.format(question=p.question), chat=use_chat) for p in pairs]
+    heads = _heads(lm, pairs, template)
     source = pairs[0].concise_source if pairs else ""
     return contrast_vector(
         lm,
@@ -66,10 +66,21 @@ def extract_vector(
     )
 
 
+def _heads(lm: LanguageModel, pairs: Sequence[TracePair], template: str) -> list[str]:
+    """Each pair's prompt as the model reads it (the chat template applied where the model has one)."""
+    return [lm.format_prompt(template.format(question=p.question), chat=lm.has_chat_template) for p in pairs]
+
+
+EXTRACTION_CACHE_VERSION = 1  # bump when the extraction's computation changes: older cache files are then unused
+
+
 def _extraction_key(lm: LanguageModel, pairs: Sequence[TracePair], read: str, method: str, template: str) -> str:
-    digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), read, method, template]).encode())
-    for pair in pairs:
-        digest.update(json.dumps(asdict(pair), sort_keys=True).encode())
+    """The inputs as rendered (so a changed chat template or system prompt misses the cache), the model's
+    name and dtype, and how the vector is read."""
+    settings = [EXTRACTION_CACHE_VERSION, lm.name, str(lm.dtype), read, method, not lm.has_chat_template]
+    digest = hashlib.sha256(json.dumps(settings).encode())
+    for pair, head in zip(pairs, _heads(lm, pairs, template), strict=True):
+        digest.update(json.dumps([head, asdict(pair)], sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
@@ -107,7 +118,7 @@ def cached_extraction(
             )
             log(f"      reusing the extraction in {vector_path.name}")
             return extraction
-        except (ResidlabError, ValueError, KeyError, TypeError) as err:
+        except (ResidlabError, ValueError, KeyError, TypeError, AttributeError) as err:
             log(f"      the cached extraction {vector_path.name} is unreadable ({err}); extracting again")
     extraction = extract_vector(lm, pairs, read=read, method=method, batch_size=batch_size, template=template)
     cache_dir.mkdir(parents=True, exist_ok=True)
