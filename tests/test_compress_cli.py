@@ -150,3 +150,18 @@ def test_compress_can_project_out_a_second_pair_source(tmp_path):
     assert full.info["projected_out"] == "sampled"
     assert set(control["cosine_per_layer"]) == {str(k) for k in full.layers}
     assert "minus its component along the sampled" in (run_dir / "report.md").read_text()
+
+
+def test_compress_command_defaults_are_the_config_defaults():
+    """The CLI states its defaults for typer's help; they must be the config's (what `make demo` runs)."""
+    import inspect
+
+    from residlab.cli.asc_commands import compress
+    from residlab.methods.asc import CompressConfig
+
+    params = inspect.signature(compress).parameters
+    config = CompressConfig()
+    for name in ("pairs", "limit", "method", "learn_steps", "batch_size", "max_new_tokens"):
+        if name in params:
+            assert params[name].default == getattr(config, name), name
+    assert (config.pairs, config.limit) == (16, 30)  # sized so `make demo` fits 15 minutes (README)

@@ -42,7 +42,7 @@ def _log(message: str) -> None:
 
 def compress(
     model: ModelOption = DEFAULT_MODEL,
-    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 32,
+    pairs: Annotated[int, typer.Option(min=2, help="Calibration problems from the train split.")] = 16,
     pairs_dataset: Annotated[str, typer.Option(help="Dataset whose train split gives the pairs.")] = "gsm8k",
     calibration_states: Annotated[int, typer.Option(min=1, help="States for the KL-bound estimate.")] = 16,
     kl_bound: Annotated[
@@ -115,7 +115,7 @@ def compress(
     eps: Annotated[float, typer.Option(help="KL budget for the bound.")] = 1e-3,
     positions: PositionsOption = DEFAULT_POSITIONS,
     eval_dataset: Annotated[str, typer.Option("--eval", help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
-    limit: Annotated[int, typer.Option(min=1, help="Evaluation problems (from the start of the test split).")] = 40,
+    limit: Annotated[int, typer.Option(min=1, help="Evaluation problems (from the start of the test split).")] = 30,
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "auto",

@@ -27,8 +27,9 @@ class CompressConfig:
 
     The defaults are the method that did best on GSM8K train problems (``learned``: -2.5 points, -19.6%
     tokens on train problems 1000-1039, where the mean difference lost 7.5 points) at a size that keeps
-    ``make demo`` within 15 minutes on a 2-core CPU without AVX-512: 32 pairs, the baseline and ASC only,
-    no KL bound (``benchmarks/results/asc_methods.md``, README "ASC II").
+    ``make demo`` within 15 minutes on a 2-core CPU without AVX-512: 16 pairs (on the same train problems
+    as good as 32: -2.5 points, -20.8% tokens), 30 test problems, the baseline and ASC only, no KL bound
+    (``benchmarks/results/asc_methods.md``, ``benchmarks/results/demo_noavx512.md``, README "ASC II").
     """
 
     model: str = DEFAULT_MODEL
@@ -38,7 +39,7 @@ class CompressConfig:
     device_map: str | None = None  # torch: accelerate's "auto" spreads a large model over every GPU
     n_gpu_layers: int | None = None  # llama.cpp: layers on the GPU (None: all where the build has GPU support)
     pairs_dataset: str = "gsm8k"  # calibration problems come from its train split
-    pairs: int = 32
+    pairs: int = 16
     pair_source: str = "reference"
     pair_samples: int = 4  # samples per problem for pair_source="sampled"
     max_concise_ratio: float | None = None  # if set, drop pairs whose concise trace exceeds this x the verbose one
@@ -61,7 +62,7 @@ class CompressConfig:
     eval_dataset: str = "gsm8k"
     eval_split: str = "test"
     eval_offset: int = 0  # skip this many eval problems (a train-split evaluation must skip the pair problems)
-    limit: int = 40
+    limit: int = 30
     max_new_tokens: int = 512
     batch_size: int = 8
     data_dir: str | None = None
