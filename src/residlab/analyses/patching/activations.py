@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,20 +71,6 @@ def capturing(lm: LanguageModel, sites: Sequence[str], layers: Sequence[int]) ->
         yield captured
     finally:
         hooks.remove_all()
-
-
-def values_and_grads(
-    lm: LanguageModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    sites: Sequence[str],
-    layers: Sequence[int],
-    score: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[SiteValues, dict[SiteKey, torch.Tensor]]:
-    """One forward and one backward pass: every site's value and the gradient of ``score(last logits)``
-    (a scalar) with respect to it. Whatever rule hooks are active shape the backward pass (RelP)."""
-    with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, [lambda: None])) as passes:
-        return next(passes)  # closing: the capture hooks come off now, not when the generator is collected
 
 
 def values_and_grad_passes(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from residlab.analyses.patching.activations import SiteKey, values_and_grad_passes, values_and_grads
+from residlab.analyses.patching.activations import SiteKey, values_and_grad_passes
 from residlab.analyses.patching.metrics import Metric, MetricTargets
 from residlab.analyses.patching.relp import RelpRules, relp_rules
 from residlab.analyses.patching.relp_switch import RuleSwitch
@@ -53,7 +53,9 @@ def attribute(
     layers = sorted({layer for layer, _ in keys})
     context: AbstractContextManager[list[str]] = relp_rules(lm, rules) if rules is not None else nullcontext([])
     with context as applied:
-        values, grads = values_and_grads(lm, ids, mask, sites, layers, lambda logits: metric(logits, targets).mean())
+        score = lambda logits: metric(logits, targets).mean()  # noqa: E731
+        with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, [lambda: None])) as one_pass:
+            values, grads = next(one_pass)  # closing: the capture hooks come off now
     return Attribution(values.values, grads, values.logits, mask, tuple(applied))
 
 
