@@ -249,7 +249,8 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         )
     lines += [
         "",
-        f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --dataset {args.dataset} "
+        f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --model {args.model} "
+        f"--engine {args.engine} --dtype {args.dtype} --dataset {args.dataset} "
         f"--split {args.split} "
         f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}`",
     ]
