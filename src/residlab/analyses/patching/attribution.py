@@ -49,21 +49,15 @@ def attribute(
     rules: RelpRules | None = None,
 ) -> Attribution:
     """Run ``ids`` forward and backward once, with ``rules`` (RelP) or without (AtP)."""
-    sites = sorted({site for _, site in keys})
-    layers = sorted({layer for layer, _ in keys})
-    context: AbstractContextManager[list[str]] = relp_rules(lm, rules) if rules is not None else nullcontext([])
-    with context as applied:
-        score = lambda logits: metric(logits, targets).mean()  # noqa: E731
-        with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, [lambda: None])) as one_pass:
-            values, grads = next(one_pass)  # closing: the capture hooks come off now
-    return Attribution(values.values, grads, values.logits, mask, tuple(applied))
+    with closing(attribute_each(lm, ids, mask, targets, metric, keys, [rules])) as one:
+        return next(one)  # closing: the hooks come off now
 
 
 def union_of(rule_sets: Sequence[RelpRules]) -> RelpRules:
     """Every rule any of ``rule_sets`` uses (their epsilon must agree: it shapes the forward's hooks)."""
-    epsilons = {r.epsilon for r in rule_sets if r.activation}  # only the activation rule reads it
     if not rule_sets:
         raise ResidlabError("no RelP rule sets to join.", hint="give at least one RelpRules.")
+    epsilons = {r.epsilon for r in rule_sets if r.activation}  # only the activation rule reads it
     if not epsilons:
         epsilons = {rule_sets[0].epsilon}
     if len(epsilons) != 1:
@@ -83,27 +77,33 @@ def attribute_each(
     targets: MetricTargets,
     metric: Metric,
     keys: Sequence[SiteKey],
-    rule_sets: Sequence[RelpRules],
+    rule_sets: Sequence[RelpRules | None],
 ) -> Generator[Attribution, None, None]:
     """RelP with each of ``rule_sets``, in order: one forward pass shared by all (the rules change no
     value, :mod:`.relp_switch`), then one backward pass per set. Yields each set's attribution and keeps
     no reference to it afterwards: a consumer that drops it before asking for the next holds one set of
-    gradients at a time. One set: exactly :func:`attribute`. Until the generator is exhausted or closed,
-    the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and do not run the model
-    between passes."""
+    gradients at a time. One set (``None``: AtP, plain autograd) takes no switch. Until the generator is
+    exhausted or closed, the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and
+    do not run the model between passes."""
     if not rule_sets:
-        return
-    if len(rule_sets) == 1:
-        yield attribute(lm, ids, mask, targets, metric, keys, rule_sets[0])
         return
     sites = sorted({site for _, site in keys})
     layers = sorted({layer for layer, _ in keys})
-    switch = RuleSwitch(rule_sets[0])
-    setters = [lambda rules=rules: setattr(switch, "active", rules) for rules in rule_sets]
     score = lambda logits: metric(logits, targets).mean()  # noqa: E731
-    with relp_rules(lm, union_of(rule_sets), switch) as applied:
+    if len(rule_sets) == 1:
+        only = rule_sets[0]
+        context: AbstractContextManager[list[str]] = relp_rules(lm, only) if only is not None else nullcontext([])
+        with context as applied:
+            with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, [lambda: None])) as one_pass:
+                values, grads = next(one_pass)
+        yield Attribution(values.values, grads, values.logits, mask, tuple(applied))
+        return
+    every = [RelpRules(False, False, False, False) if r is None else r for r in rule_sets]  # None: AtP
+    switch = RuleSwitch(every[0])
+    setters = [lambda rules=rules: setattr(switch, "active", rules) for rules in every]
+    with relp_rules(lm, union_of(every), switch) as applied:
         with closing(values_and_grad_passes(lm, ids, mask, sites, layers, score, setters)) as passes:
-            remaining = iter(rule_sets)
+            remaining = iter(every)
             for values, grads in passes:  # no zip: its reused tuple would keep the last pass's gradients
                 rules = next(remaining)
                 lines = tuple(line for line in applied if line.split(":")[0] in rules.names())
