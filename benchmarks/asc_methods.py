@@ -40,9 +40,9 @@ METHODS = {
     "mean-diff-reference": {"method": "mean_diff", "pair_source": "reference"},
     "prompt-contrast": {"method": "prompt-contrast", "pair_source": "reference"},
     "learned": {"method": "learned", "pair_source": "reference"},
-    # In-distribution pairs: the model's own correct trace against its dense rewrite by the model itself
-    # (kept when the rewrite still reaches the gold answer). ``--pairs`` counts problems, and the model
-    # solves about a third of them: give ~3x the pairs wanted.
+    # In-distribution pairs: the model's own correct trace against its dense rewrite by the model itself,
+    # or by --teacher-url (kept when the rewrite still reaches the gold answer). ``--pairs`` counts
+    # problems, and the model solves about a third of them: give ~3x the pairs wanted.
     "mean-diff-rewrite": {"method": "mean_diff", "pair_source": "rewrite"},
     "learned-rewrite": {"method": "learned", "pair_source": "rewrite"},
 }
@@ -131,6 +131,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
     parser.add_argument("--work-dir", default="residlab-out/asc-methods")
+    parser.add_argument(
+        "--teacher-url",
+        default=None,
+        help="rewrite pairs by this OpenAI-compatible endpoint (e.g. `residlab serve` with the 1.5B model) "
+        "instead of the model itself; the rewrite rows' method names say '+teacher'",
+    )
+    parser.add_argument("--teacher-model", default="default", help="the model name sent to --teacher-url")
     args = parser.parse_args()
     if args.dataset == "math500" and args.split != "test":
         parser.error("MATH-500 has a test split only (--split test)")
@@ -166,8 +173,12 @@ def main() -> None:
             batch_size=args.batch_size,
             work_dir=args.work_dir,
             conditions=conditions,
+            teacher_url=args.teacher_url,
+            teacher_model=args.teacher_model,
             **METHODS[label],
         )
+        if args.teacher_url and METHODS[label]["pair_source"] == "rewrite":
+            label = f"{label}+teacher"  # its own rows: the self-rewrite rows stay beside them
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
         # Read the file again just before writing, under a lock: another process (a second worker, another
@@ -252,7 +263,9 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         f"Reproduce: `flock /tmp/residlab-heavy.lock python benchmarks/asc_methods.py --model {args.model} "
         f"--engine {args.engine} --dtype {args.dtype} --dataset {args.dataset} "
         f"--split {args.split} "
-        f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}`",
+        f"--offset {args.offset} --limit {args.limit} --pairs {args.pairs} --methods {args.methods}"
+        + (f" --teacher-url {args.teacher_url} --teacher-model {args.teacher_model}" if args.teacher_url else "")
+        + "`",
     ]
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 

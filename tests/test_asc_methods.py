@@ -183,7 +183,7 @@ def test_rewrite_source_rewrites_only_correct_traces(qwen, tmp_path):
     from residlab.methods.asc.teacher import TeacherClient
 
     problems = load_problems("synthetic", "train", limit=3)
-    traces = ["First, 2 + 3 = 5. \\boxed{5}", "wrong", "Then 4 * 2 = 8 so \\boxed{8}"]
+    traces = ["Half of 56 is 56 / 2 = 28, and 56 + 28 = 84. \\boxed{84}", "wrong", "Then 4 * 2 = 8 so \\boxed{8}"]
     verbose = [_verbose_record(p, t, c) for p, t, c in zip(problems, traces, [True, False, True], strict=True)]
     request = PairRequest(
         qwen, problems, verbose, Decoding(max_new_tokens=6), tmp_path, "both_correct", 1, None, None, False
@@ -204,13 +204,35 @@ def test_rewrite_source_rewrites_only_correct_traces(qwen, tmp_path):
     asked = []
 
     class Rewriter(TeacherClient):
+        def __init__(self, url: str, dense: str) -> None:
+            super().__init__(url)
+            self.dense = dense
+
         def complete(self, question, max_tokens, template=prompts.CONCISE):
             asked.append(template.format(question=question))
-            return f"x=1 \\boxed{{{problems[0].answer}}}" if traces[0] in question else "\\boxed{-12345}"
+            return self.dense if traces[0] in question else "\\boxed{-12345}"
 
-    by_teacher = CONCISE_SOURCES["rewrite"](replace(request, teacher=Rewriter("http://127.0.0.1:9/v1")))
+    dense = Rewriter("http://127.0.0.1:9/v1", "56/2=28; 56+28=84 \\boxed{84}")
+    by_teacher = CONCISE_SOURCES["rewrite"](replace(request, teacher=dense))
     assert [c.correct for c in by_teacher] == [True, False, False]  # kept only when it reaches the gold answer
     assert len(asked) == 2 and traces[0] in asked[0] and "minimal, dense derivation" in asked[0]
+    # A "rewrite" that jumps to the answer reaches it, but is no derivation: dropped.
+    jump = Rewriter("http://127.0.0.1:10/v1", "\\boxed{84}")
+    assert [c.correct for c in CONCISE_SOURCES["rewrite"](replace(request, teacher=jump))] == [False, False, False]
+
+
+def test_keeps_computations():
+    from residlab.methods.asc.pairs import keeps_computations
+
+    question = "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?"
+    trace = "In May she sold 48 / 2 = 24 clips. Altogether 48 + 24 = 72 clips. \\boxed{72}"
+    assert keeps_computations("48/2 = 24, 48 + 24 = 72. \\boxed{72}", trace, question)
+    assert not keeps_computations("\\[\\boxed{72}\\]", trace, question)  # 1 of 3 intermediate numbers
+    assert keeps_computations("24 + 48 = 72", trace, question, share=0.5)  # 24 and 72 of 2, 24, 72
+    assert keeps_computations("\\boxed{7}", "It is \\boxed{7}.", "What is 3 + 4?")  # the answer was all it had
+    assert keeps_computations("anything", "3 + 4 gives the answer", "What is 3 + 4?")  # nothing intermediate
+    # Written forms of one number agree: thousands commas, trailing zero decimals.
+    assert keeps_computations("1000 + 2.5", "1,000 plus 2.50", "Add them.", share=1.0)
 
 
 def test_vector_method_registry():

@@ -6,10 +6,11 @@ Sources of the concise side (a registry, :data:`CONCISE_SOURCES`, of plain calla
 correct of N of the model's own samples under the plain prompt: same style, same prompt, only
 shorter), ``teacher`` (an OpenAI-compatible endpoint), ``rewrite`` (the model's own correct trace
 rewritten densely by the teacher endpoint, or by the model itself without one; kept only when the
-rewrite still reaches the gold answer) and ``file``."""
+rewrite still reaches the gold answer and keeps the trace's computations) and ``file``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,9 @@ from residlab.models.lm import LanguageModel
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_TOP_P = 0.9
 KEEP_FILTERS = ("both_correct", "concise_correct", "all")
+# A rewrite must keep at least this share of the trace's intermediate numbers (see keeps_computations).
+KEPT_COMPUTATIONS = 0.5
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,33 @@ def teacher_source(request: PairRequest) -> list[ConciseTrace]:
     return [_graded(text, p) for text, p in zip(texts, request.problems, strict=True)]
 
 
+def _numbers(text: str) -> set[str]:
+    """The numbers written in ``text``, normalised (no thousands commas, no trailing zero decimals)."""
+    out = set()
+    for raw in _NUMBER.findall(text):
+        number = raw.replace(",", "").rstrip(".")
+        if "." in number:
+            number = number.rstrip("0").rstrip(".")
+        out.add(number)
+    return out
+
+
+def keeps_computations(rewrite: str, trace: str, question: str, share: float = KEPT_COMPUTATIONS) -> bool:
+    """Whether ``rewrite`` still shows the computations of ``trace``: at least ``share`` of the trace's
+    intermediate results (the numbers it writes that the question does not) appear in it. A rewrite
+    that jumps to ``\\boxed{answer}`` reaches the gold answer but is no derivation: small rewriters
+    often do that, and such a pair teaches "skip the reasoning", not "reason densely"."""
+    intermediate = _numbers(trace) - _numbers(question)
+    if not intermediate:
+        return True
+    return len(intermediate & _numbers(rewrite)) >= share * len(intermediate)
+
+
 def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
     """The model's own correct verbose traces, rewritten as dense derivations (:data:`prompts.REWRITE`) by
     the teacher endpoint, else by the model itself (greedy, cached like every trace). A problem whose
-    verbose trace is wrong gets no rewrite (an empty, wrong trace: the filter drops it)."""
+    verbose trace is wrong gets no rewrite (an empty, wrong trace: the filter drops it); a rewrite counts
+    as correct when it reaches the gold answer and :func:`keeps_computations` of the trace."""
     wanted = [
         replace(p, question=prompts.REWRITE.format(question=p.question, trace=v.output))
         for p, v in zip(request.problems, request.verbose, strict=True)
@@ -144,7 +171,11 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
             progress=request.progress,
         )  # fmt: skip
         rewritten = {r.id: ConciseTrace(r.output, r.solved) for r in records}
-    return [rewritten.get(p.id, ConciseTrace("", False)) for p in request.problems]
+    out = []
+    for problem, verbose in zip(request.problems, request.verbose, strict=True):
+        text, correct = rewritten.get(problem.id, ConciseTrace("", False))
+        out.append(ConciseTrace(text, correct and keeps_computations(text, verbose.output, problem.question)))
+    return out
 
 
 def file_source(request: PairRequest) -> list[ConciseTrace]:
