@@ -200,6 +200,7 @@ def main() -> None:
             "n_pairs": report["n_pairs"],
             "learned": report.get("learned"),
             "calibration_strength": (report["calibration"] or {}).get("strength"),  # None: KL bound not run
+            "teacher": f"{args.teacher_model} at {args.teacher_url}" if label.endswith("+teacher") else None,
         }
         for row in _rows(label, report, args.dataset, args.split, args.offset):
             rows[_key(row)] = row

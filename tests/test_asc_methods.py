@@ -229,10 +229,16 @@ def test_keeps_computations():
     assert keeps_computations("48/2 = 24, 48 + 24 = 72. \\boxed{72}", trace, question)
     assert not keeps_computations("\\[\\boxed{72}\\]", trace, question)  # 1 of 3 intermediate numbers
     assert keeps_computations("24 + 48 = 72", trace, question, share=0.5)  # 24 and 72 of 2, 24, 72
+    # The answer is no intermediate result: a bare answer fails even a two-step derivation.
+    two_steps = "3 * 20 = 60 in all, and 20 + 60 = 80. \\boxed{80}"
+    assert not keeps_computations("\\boxed{80}", two_steps, "20 apples, 3 times as many pears?", answer="80")
+    assert keeps_computations("3*20=60; 20+60=80", two_steps, "20 apples, 3 times as many pears?", answer="80")
     assert keeps_computations("\\boxed{7}", "It is \\boxed{7}.", "What is 3 + 4?")  # the answer was all it had
     assert keeps_computations("anything", "3 + 4 gives the answer", "What is 3 + 4?")  # nothing intermediate
     # Written forms of one number agree: thousands commas, trailing zero decimals.
     assert keeps_computations("1000 + 2.5", "1,000 plus 2.50", "Add them.", share=1.0)
+    assert keeps_computations("1{,}000 and 0.5", "1,000 and .5", "Add them.", share=1.0)
+    assert not keeps_computations("12", "the pair (1,2)", "Which pair?", share=1.0)  # a list is two numbers
 
 
 def test_vector_method_registry():

@@ -34,7 +34,8 @@ SAMPLE_TOP_P = 0.9
 KEEP_FILTERS = ("both_correct", "concise_correct", "all")
 # A rewrite must keep at least this share of the trace's intermediate numbers (see keeps_computations).
 KEPT_COMPUTATIONS = 0.5
-_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+# 1,000 and 1,200.50 as one number each; (1,2) as two; .5 as 0.5.
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class TracePair:
 
 
 class ConciseTrace(NamedTuple):
-    """A concise trace and whether it reaches the gold answer."""
+    """A concise trace and whether it is usable: it reaches the gold answer (a rewrite must also keep its
+    trace's computations, :func:`keeps_computations`)."""
 
     text: str
     correct: bool
@@ -124,22 +126,26 @@ def teacher_source(request: PairRequest) -> list[ConciseTrace]:
 
 
 def _numbers(text: str) -> set[str]:
-    """The numbers written in ``text``, normalised (no thousands commas, no trailing zero decimals)."""
+    """The numbers written in ``text``, normalised (no thousands commas, LaTeX's ``{,}`` included; no
+    leading or trailing zeros)."""
     out = set()
-    for raw in _NUMBER.findall(text):
-        number = raw.replace(",", "").rstrip(".")
+    for raw in _NUMBER.findall(text.replace("{,}", ",")):
+        number = raw.replace(",", "")
         if "." in number:
             number = number.rstrip("0").rstrip(".")
-        out.add(number)
+        out.add(number.lstrip("0") or "0")
     return out
 
 
-def keeps_computations(rewrite: str, trace: str, question: str, share: float = KEPT_COMPUTATIONS) -> bool:
+def keeps_computations(
+    rewrite: str, trace: str, question: str, answer: str = "", share: float = KEPT_COMPUTATIONS
+) -> bool:
     """Whether ``rewrite`` still shows the computations of ``trace``: at least ``share`` of the trace's
-    intermediate results (the numbers it writes that the question does not) appear in it. A rewrite
-    that jumps to ``\\boxed{answer}`` reaches the gold answer but is no derivation: small rewriters
-    often do that, and such a pair teaches "skip the reasoning", not "reason densely"."""
-    intermediate = _numbers(trace) - _numbers(question)
+    intermediate results (the numbers it writes that neither the question nor the ``answer`` does)
+    appear in it. A rewrite that jumps to ``\\boxed{answer}`` reaches the gold answer but is no
+    derivation: small rewriters often do that, and such a pair teaches "skip the reasoning", not
+    "reason densely"."""
+    intermediate = _numbers(trace) - _numbers(question) - _numbers(answer)
     if not intermediate:
         return True
     return len(intermediate & _numbers(rewrite)) >= share * len(intermediate)
@@ -174,7 +180,8 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
     out = []
     for problem, verbose in zip(request.problems, request.verbose, strict=True):
         text, correct = rewritten.get(problem.id, ConciseTrace("", False))
-        out.append(ConciseTrace(text, correct and keeps_computations(text, verbose.output, problem.question)))
+        kept = keeps_computations(text, verbose.output, problem.question, problem.answer)
+        out.append(ConciseTrace(text, correct and kept))
     return out
 
 
