@@ -41,8 +41,9 @@ METHODS = {
     "prompt-contrast": {"method": "prompt-contrast", "pair_source": "reference"},
     "learned": {"method": "learned", "pair_source": "reference"},
     # In-distribution pairs: the model's own correct trace against its dense rewrite by the model itself,
-    # or by --teacher-url (kept when the rewrite still reaches the gold answer). ``--pairs`` counts
-    # problems, and the model solves about a third of them: give ~3x the pairs wanted.
+    # or by --teacher-url (kept when the rewrite still reaches the gold answer and keeps the trace's
+    # computations). ``--pairs`` counts problems, and the model solves about a third of them: give ~3x
+    # the pairs wanted.
     "mean-diff-rewrite": {"method": "mean_diff", "pair_source": "rewrite"},
     "learned-rewrite": {"method": "learned", "pair_source": "rewrite"},
 }
