@@ -56,6 +56,16 @@ def patch(
             "not named: a part without '=', else the model family's default)."
         ),
     ] = "default",
+    ig_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="AtP and RelP gradients averaged over this many points of the embedding path from the "
+            "corrupted to the clean prompt (integrated gradients; each point a forward and backward pass): "
+            "more faithful where the model is far from linear between the runs, N times slower. "
+            "0: at the corrupted run.",
+        ),
+    ] = 0,
     max_rows: Annotated[int, typer.Option(min=1, help="Batch rows per patching forward pass (memory bound).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the generated datasets.")] = 0,
     split: Annotated[str, typer.Option(help="eval, or train (generated pairs disjoint from the eval ones).")] = "eval",
@@ -86,7 +96,8 @@ def patch(
     err_console.print(f"loaded {lm.name}; {len(prompt_pairs)} {dataset} pairs", markup=False)
     run = measure_faithfulness(
         lm, prompt_pairs, families=families, methods=chosen_methods, metric=metric, rules=relp_rules,
-        window=window, max_rows=max_rows, progress=True, log=lambda m: err_console.print(m, markup=False),
+        window=window, max_rows=max_rows, ig_steps=ig_steps, progress=True,
+        log=lambda m: err_console.print(m, markup=False),
     )  # fmt: skip
     name = Path(dataset).stem if dataset not in ("ioi", "capitals") else dataset
     result = PatchingResult.from_run(run, model=lm.name, architecture=lm.arch.family, dataset=name)

@@ -1,4 +1,5 @@
-"""AtP and RelP: every site's patching effect estimated from one forward and one backward pass.
+"""AtP and RelP: every site's patching effect estimated from one forward and one backward pass (or, along
+the input path, one of each per point: :mod:`.path`).
 
 ``effect(site) ~ sum over the site's units of (source - base) * d metric / d base``, with the base run
 differentiated by plain autograd (AtP, attribution patching) or with the LRP rules of :mod:`.relp`
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from residlab.analyses.patching.activations import SiteKey, values_and_grad_passes
+from residlab.analyses.patching.activations import SiteKey, record_values, values_and_grad_passes
 from residlab.analyses.patching.metrics import Metric, MetricTargets
+from residlab.analyses.patching.path import embeddings_between, path_points
 from residlab.analyses.patching.relp import RelpRules, relp_rules
 from residlab.analyses.patching.relp_switch import RuleSwitch
 from residlab.analyses.patching.sites import FAMILIES, PatchSite, SiteFamily
@@ -37,6 +39,16 @@ class Attribution:
         torch.Tensor
     )  # [pairs, tokens] 0 = padding (whose values vary with the attention kernel, and count for nothing)
     rules: tuple[str, ...]  # the RelP rules that shaped the gradients (empty: AtP)
+    steps: int = 0  # gradients averaged over this many points of the input path (0: at the base run)
+
+
+@dataclass(frozen=True)
+class InputPath:
+    """Where the gradients are taken: at the base run (``steps`` 0) or averaged over ``steps`` midpoints
+    of the embedding path from the base prompts to ``clean_ids`` (:mod:`.path`)."""
+
+    clean_ids: torch.Tensor
+    steps: int = 0
 
 
 def attribute(
@@ -47,9 +59,10 @@ def attribute(
     metric: Metric,
     keys: Sequence[SiteKey],
     rules: RelpRules | None = None,
+    path: InputPath | None = None,
 ) -> Attribution:
-    """Run ``ids`` forward and backward once, with ``rules`` (RelP) or without (AtP)."""
-    with closing(attribute_each(lm, ids, mask, targets, metric, keys, [rules])) as one:
+    """Run ``ids`` forward and backward once (per path point), with ``rules`` (RelP) or without (AtP)."""
+    with closing(attribute_each(lm, ids, mask, targets, metric, keys, [rules], path)) as one:
         return next(one)  # closing: the hooks come off now
 
 
@@ -78,14 +91,19 @@ def attribute_each(
     metric: Metric,
     keys: Sequence[SiteKey],
     rule_sets: Sequence[RelpRules | None],
+    path: InputPath | None = None,
 ) -> Generator[Attribution, None, None]:
     """RelP with each of ``rule_sets``, in order: one forward pass shared by all (the rules change no
     value, :mod:`.relp_switch`), then one backward pass per set. Yields each set's attribution and keeps
     no reference to it afterwards: a consumer that drops it before asking for the next holds one set of
     gradients at a time. One set (``None``: AtP, plain autograd) takes no switch. Until the generator is
     exhausted or closed, the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and
-    do not run the model between passes."""
+    do not run the model between passes. With a ``path`` of N > 0 steps, that runs once per point and
+    each set's gradients are their mean (every set's sums are held until the last point)."""
     if not rule_sets:
+        return
+    if path is not None and path.steps > 0:
+        yield from _along_path(lm, ids, mask, targets, metric, keys, rule_sets, path)
         return
     sites = sorted({site for _, site in keys})
     layers = sorted({layer for layer, _ in keys})
@@ -111,6 +129,39 @@ def attribute_each(
                 del grads
                 yield attribution
                 del attribution
+
+
+def _along_path(
+    lm: LanguageModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    targets: MetricTargets,
+    metric: Metric,
+    keys: Sequence[SiteKey],
+    rule_sets: Sequence[RelpRules | None],
+    path: InputPath,
+) -> Generator[Attribution, None, None]:
+    """Each rule set's gradients averaged over the path's points; the values are the base run's own
+    (recorded without gradients: the deltas start there, not at a point of the path)."""
+    sites = sorted({site for _, site in keys})
+    layers = sorted({layer for layer, _ in keys})
+    base = record_values(lm, ids, mask, sites, layers)
+    points = path_points(path.steps)
+    sums: list[dict[SiteKey, torch.Tensor]] = [{} for _ in rule_sets]
+    lines: list[tuple[str, ...]] = [() for _ in rule_sets]
+    for alpha in points:
+        with embeddings_between(lm, path.clean_ids, ids, alpha):
+            with closing(attribute_each(lm, ids, mask, targets, metric, keys, rule_sets)) as passes:
+                for index, attribution in enumerate(passes):
+                    for key, grad in attribution.grads.items():
+                        sums[index][key] = grad if key not in sums[index] else sums[index][key] + grad
+                    lines[index] = attribution.rules
+                    del attribution
+    for index in range(len(rule_sets)):
+        grads = {key: total / len(points) for key, total in sums[index].items()}
+        sums[index] = {}  # hand the sums over: the consumer holds one set at a time
+        yield Attribution(base.values, grads, base.logits, mask, lines[index], path.steps)
+        del grads
 
 
 def unit_scores(family: SiteFamily, delta: torch.Tensor, grad: torch.Tensor, head_dim: int) -> torch.Tensor:

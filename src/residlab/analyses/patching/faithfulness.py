@@ -8,7 +8,9 @@ Timing: ``exact`` counts the corrupted recording and its patching passes, per fa
 the clean forward pass (the source activations) plus its one forward and backward pass, which serves
 every family at once; ``relp`` the clean pass plus one shared forward pass and one backward pass per
 distinct rule set the families need (:class:`~.relp_defaults.FamilyRules`; the rules change no value,
-so the sets share the forward pass), all of it charged to every family.
+so the sets share the forward pass), all of it charged to every family. With ``ig_steps`` N > 0 the
+estimates' gradients are averaged over N points of the input path (:mod:`.path`): N forward passes and
+N backward passes per rule set, plus the corrupted run the deltas start from, all charged to them.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 from scipy import stats
 
 from residlab.analyses.patching.activations import last_logits, record_values, unit_shape
-from residlab.analyses.patching.attribution import attribute, attribute_each, estimated_effects
+from residlab.analyses.patching.attribution import InputPath, attribute, attribute_each, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects, is_noop
 from residlab.analyses.patching.metrics import MetricTargets, get_metric, metric_name
 from residlab.analyses.patching.pairs import encode_pairs
+from residlab.analyses.patching.path import path_points
 from residlab.analyses.patching.relp import RelpRules
 from residlab.analyses.patching.relp_defaults import FamilyRules, choose_rules
 from residlab.analyses.patching.sites import get_families, site_grid
@@ -114,6 +117,7 @@ class Faithfulness:
     metric: str
     window: int
     rules_source: str = ""  # where RelP's rules came from (explicit, the family's default, a fallback)
+    ig_steps: int = 0  # the estimates' gradients: at the corrupted run (0) or averaged over N path points
 
 
 def measure_faithfulness(
@@ -126,14 +130,17 @@ def measure_faithfulness(
     rules: RelpRules | FamilyRules | None = None,
     window: int = 1,
     max_rows: int = 256,
+    ig_steps: int = 0,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> Faithfulness:
     """Exact patching and the estimates of every site of ``families`` on ``pairs`` (see the module doc);
     ``rules`` None: the model family's default RelP rules (:func:`~.relp_defaults.choose_rules`); one
-    :class:`RelpRules` serves every component family, a :class:`FamilyRules` sets them per family."""
+    :class:`RelpRules` serves every component family, a :class:`FamilyRules` sets them per family.
+    ``ig_steps`` > 0: both estimates average their gradients over that many points of the input path."""
     chosen, methods = get_families(families), _check_methods(methods)
-    choice = choose_rules(lm.arch.family, rules)
+    path_points(ig_steps)  # a negative count fails here, before any model run
+    choice = choose_rules(lm.arch.family, rules, along_path=ig_steps > 0)
     passes = choice.rules.passes([f.name for f in chosen])
     if "relp" in methods:
         for pass_rules, names in passes.items():
@@ -153,6 +160,7 @@ def measure_faithfulness(
     corrupted_seconds = time.perf_counter() - started
     targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
     run = PatchRun(batch.corrupted_ids, batch.attention_mask, targets, corrupted.values, clean.values, corrupted.logits)
+    path = InputPath(batch.clean_ids, ig_steps)
     shape = unit_shape(lm, clean.values, batch.num_tokens)
     grids = {family.name: site_grid(family, lm.num_layers, shape, window=window) for family in chosen}
     # method -> component family -> (its estimated effects, the RelP rule lines they ran with). Each pass's
@@ -164,10 +172,10 @@ def measure_faithfulness(
         # Both are lazy: the passes run (and are timed) inside the loop, not where they are set up.
         if method == "relp":  # one forward pass shared by every rule set, one backward pass each
             groups = list(passes.values())
-            attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes))
+            attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes), path)
         else:  # AtP: plain autograd
             groups = [tuple(f.name for f in chosen)]
-            attributions = (attribute(lm, run.ids, run.mask, targets, score, keys) for _ in groups)
+            attributions = (attribute(lm, run.ids, run.mask, targets, score, keys, path=path) for _ in groups)
         estimates[method], seconds[method] = {}, clean_seconds
         remaining = iter(groups)
         with closing(attributions):  # the rule hooks come off even if scoring fails
@@ -179,7 +187,9 @@ def measure_faithfulness(
                     estimates[method][name] = (estimate, attribution.rules)
                 del attribution
                 started = time.perf_counter()
-        log(f"{method}: {seconds[method]:.2f} s for every site ({len(groups)} backward pass{'es' * (len(groups) > 1)})")
+        passes_text = f"{len(groups)} backward pass{'es' * (len(groups) > 1)}"
+        along = f" at each of {ig_steps} points of the input path" if ig_steps else ""
+        log(f"{method}: {seconds[method]:.2f} s for every site ({passes_text}{along})")
     results = []
     for family in chosen:
         sites = grids[family.name]
@@ -209,4 +219,5 @@ def measure_faithfulness(
         metric_name(metric),
         window,
         choice.source if "relp" in estimates else "",
+        ig_steps,
     )

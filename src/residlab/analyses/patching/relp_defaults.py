@@ -17,6 +17,12 @@ a model family (in the earlier one-rule-out ablation, leaving out the AH-rule he
 every component family but cost Qwen's resid and mlp), and a family is entered only once both its
 train runs exist. Explicit rules always win; a family with no entry gets every rule, and the choice
 says so (never silently).
+
+Gradients averaged along the input path (``ig_steps`` > 0, :mod:`.path`) change which rules help: the
+path takes over much of what the AH-rule did (the softmax that switches between names is integrated
+instead of linearised at one end), so :data:`PATH_RULES` holds a second table, chosen the same way at
+8 path points (benchmarks/patching_path.py ``--split train``, benchmarks/results/patching_path.json),
+used for any step count; a family without an entry there keeps its one-point default and says so.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from residlab.analyses.patching.sites import FAMILIES
 from residlab.core.errors import ResidlabError
 
 SELECTION = "chosen on train pairs (per family group: min Pearson over its families, IOI + capitals)"
+PATH_SELECTION = (
+    "chosen on train pairs with gradients at 8 input-path points (per family group: min Pearson over its "
+    "families, IOI + capitals)"
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,16 @@ DEFAULT_RULES: dict[str, FamilyRules] = {
 }
 
 
+NO_RULES = RelpRules(norm=False, activation=False, attention=False, gated=False)
+
+PATH_RULES: dict[str, FamilyRules] = {
+    # qwen2.5-coder-0.5b-instruct, the same train pairs, 8 path points: resid/mlp with norm + activation
+    # (min r 0.970; with the AH-rule 0.900), attn/heads with the plain gradient (min r 0.953; norm +
+    # activation 0.940). At one point the AH-rule had been best for resid/mlp (0.830).
+    "qwen2": FamilyRules(default=RelpRules(attention=False, gated=False), groups=((("attn", "heads"), NO_RULES),)),
+}
+
+
 @dataclass(frozen=True)
 class RuleChoice:
     """The rules RelP runs with and where they came from (``source``: explicit, default or fallback)."""
@@ -108,13 +128,19 @@ class RuleChoice:
     source: str
 
 
-def choose_rules(family: str, explicit: RelpRules | FamilyRules | None = None) -> RuleChoice:
+def choose_rules(
+    family: str, explicit: RelpRules | FamilyRules | None = None, *, along_path: bool = False
+) -> RuleChoice:
     """``explicit`` when given (one :class:`RelpRules` serves every component family; a
     :class:`FamilyRules` without a default leaves the families it does not name to the table); else the
-    architecture family's default from :data:`DEFAULT_RULES`; else every rule, with a source that says
-    no default was chosen for ``family``."""
-    if family in DEFAULT_RULES:
-        base = RuleChoice(DEFAULT_RULES[family], f"default for {family}, {SELECTION}")
+    architecture family's default from :data:`PATH_RULES` (``along_path``: gradients averaged along the
+    input path) or :data:`DEFAULT_RULES`; else every rule, with a source that says no default was chosen
+    for ``family``."""
+    if along_path and family in PATH_RULES:
+        base = RuleChoice(PATH_RULES[family], f"input-path default for {family}, {PATH_SELECTION}")
+    elif family in DEFAULT_RULES:
+        note = " (no input-path choice measured for it: its one-point default)" if along_path else ""
+        base = RuleChoice(DEFAULT_RULES[family], f"default for {family}, {SELECTION}{note}")
     else:
         base = RuleChoice(FamilyRules(RelpRules()), f"fallback: no default chosen for {family}, so every rule")
     if explicit is None:

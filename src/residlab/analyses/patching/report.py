@@ -35,12 +35,13 @@ class PatchingResult(AnalysisResult):
     rules: list[str]
     families: list[FamilyEffects]
     rules_source: str = ""
+    ig_steps: int = 0  # the estimates' gradients: at the corrupted run (0) or averaged over N input-path points
 
     @classmethod
     def from_run(cls, run: Faithfulness, *, model: str, architecture: str, dataset: str) -> PatchingResult:
         return cls(
             model, architecture, dataset, run.metric, run.num_pairs, run.window, list(run.tokens),
-            run.clean_score, run.corrupted_score, list(run.rules), run.families, run.rules_source,
+            run.clean_score, run.corrupted_score, list(run.rules), run.families, run.rules_source, run.ig_steps,
         )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
@@ -121,7 +122,9 @@ class PatchingResult(AnalysisResult):
             "",
             f"{self.num_pairs} prompt pairs, metric {self.metric} (clean {self.clean_score:.3f}, corrupted "
             f"{self.corrupted_score:.3f}), window {self.window}. RelP rules: {'; '.join(self.rules) or 'n/a'}"
-            f"{f' ({self.rules_source})' if self.rules_source else ''}.",
+            f"{f' ({self.rules_source})' if self.rules_source else ''}. Estimates' gradients: "
+            + (f"averaged over {self.ig_steps} points of the input path" if self.ig_steps else "at the corrupted run")
+            + ".",
             "",
             "| family | sites | no-op | Pearson AtP | Pearson RelP | Spearman AtP | Spearman RelP "
             "| s exact | s AtP | s RelP | RelP rules |",
