@@ -112,7 +112,8 @@ def run_one(model: str, dataset: str, split: str, steps: list[int], work_dir: Pa
         "dataset": dataset,
         "split": split,
         "pairs": stored["num_pairs"],
-        "seconds_exact": sum(f["seconds"]["exact"] for f in stored["families"]),
+        # exact patching's time in patching.py's run (another run: compare N with N here, not with this)
+        "seconds_exact_other_run": sum(f["seconds"]["exact"] for f in stored["families"]),
         "rows": rows,
         "threads": threads,
         "commit": commit(),
@@ -148,26 +149,29 @@ def _markdown(data: dict) -> str:
         "",
         "Gradients averaged over N midpoints of the embedding path from the corrupted to the clean prompts "
         "(N = 0: at the corrupted run, plain AtP/RelP); Pearson r against exact patching per family. "
-        "`python benchmarks/patching_path.py --split train|eval --steps 0,1,2,4,8` (float32, CPU, one thread). "
-        "x AtP / x RelP: exact patching of every family's sites (its time from benchmarks/patching.py's run) over "
-        "the measured wall-clock of the estimate at N (RelP: the model family's default rule sets at N, one "
-        "backward pass each, listed under each model's rows).",
+        "`python benchmarks/patching_path.py --split train|eval --steps 0,1,2,4,8,16` (float32, CPU, one thread). "
+        "s AtP / s RelP: the measured wall-clock of each estimate at N (RelP: the model family's default rule "
+        "sets at N, one backward pass each, listed below); cost: RelP's time over its time at N = 0 in the same "
+        "run (divide benchmarks/results/patching.md's RelP speed-up by it for the speed-up at N).",
         "",
-        "| model | dataset | split | N | rules | r resid | r attn | r mlp | r heads | x AtP | x RelP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dataset | split | N | rules | r resid | r attn | r mlp | r heads | s AtP | s RelP | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in data.get("entries", []):
+        plain = next((row["seconds"]["relp"] for row in e["rows"] if row["steps"] == 0), None)
         for row in e["rows"]:
-            speed = [f"{e['seconds_exact'] / row['seconds'][m]:.0f}x" for m in ("atp", "relp")]
+            seconds = [f"{row['seconds'][m]:.1f}" for m in ("atp", "relp")]
+            cost = f"{row['seconds']['relp'] / plain:.1f}x" if plain else "-"
             for name, r in row["pearson"].items():
                 cells = [e["model"], e["dataset"], e["split"], str(row["steps"]), name]
                 cells += [_fmt(r.get(f)) for f in ("resid", "attn", "mlp", "heads")]
-                lines.append("| " + " | ".join(cells + speed) + " |")
-    timed = {
-        (e["model"], row["steps"]): row.get("relp_default_rules") for e in data.get("entries", []) for row in e["rows"]
-    }
-    lines += ["", "RelP's timed rule sets (the model family's defaults at N; relp_defaults.py):", ""]
-    lines += [f"- {model}, N={n}: {' / '.join(rules or ['?'])}" for (model, n), rules in timed.items()]
+                lines.append("| " + " | ".join([*cells, *seconds, cost]) + " |")
+    timed: dict[tuple[str, str, int], list[str]] = {}
+    for e in data.get("entries", []):
+        for row in e["rows"]:
+            timed[e["model"], e["split"], row["steps"]] = row["relp_default_rules"]
+    lines += ["", "RelP's timed rule sets (the model family's defaults at N when the row ran; relp_defaults.py):", ""]
+    lines += [f"- {model}, {split}, N={n}: {' / '.join(rules)}" for (model, split, n), rules in timed.items()]
     selection = data.get("selection", {})
     if selection:
         lines += ["", "## Best rules per family group and N (train pairs, min r over the group and datasets)", ""]
@@ -198,6 +202,11 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             entry = run_one(model, dataset, args.split, steps, Path(args.work_dir), args.threads)
             key = (entry["model"], dataset, args.split)
+            previous = [e for e in data.get("entries", []) if (e["model"], e["dataset"], e["split"]) == key]
+            if previous:  # a rerun replaces the rows of the steps it measured and keeps the others
+                measured = {row["steps"] for row in entry["rows"]}
+                rows = [row for row in previous[0]["rows"] if row["steps"] not in measured] + entry["rows"]
+                entry["rows"] = sorted(rows, key=lambda row: row["steps"])
             kept = [e for e in data.get("entries", []) if (e["model"], e["dataset"], e["split"]) != key]
             data["entries"] = [*kept, entry]
             data["selection"] = select(data["entries"])

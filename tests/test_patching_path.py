@@ -125,6 +125,8 @@ def test_path_runs_take_the_path_table_and_say_so(monkeypatch):
     from residlab.analyses.patching import relp_defaults
     from residlab.analyses.patching.relp_defaults import FamilyRules, choose_rules
 
+    for family, rules in relp_defaults.PATH_RULES.items():  # every path entry has its one-point default too
+        assert family in relp_defaults.DEFAULT_RULES and isinstance(rules, FamilyRules)
     assert choose_rules("qwen2", along_path=True).rules == relp_defaults.PATH_RULES["qwen2"]
     assert choose_rules("qwen2", along_path=True).source.startswith("input-path default for qwen2")
     assert choose_rules("qwen2").rules == relp_defaults.DEFAULT_RULES["qwen2"]

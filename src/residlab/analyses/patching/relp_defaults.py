@@ -117,6 +117,14 @@ PATH_RULES: dict[str, FamilyRules] = {
     # (min r 0.970; with the AH-rule 0.900), attn/heads with the plain gradient (min r 0.953; norm +
     # activation 0.940). At one point the AH-rule had been best for resid/mlp (0.830).
     "qwen2": FamilyRules(default=RelpRules(attention=False, gated=False), groups=((("attn", "heads"), NO_RULES),)),
+    # llama (SmolLM2-135M-Instruct), 8 points: norm + activation for every family, one pass (min r 0.991
+    # resid/mlp, 0.968 attn/heads).
+    "llama": FamilyRules(default=RelpRules(attention=False, gated=False)),
+    # gemma3_text (Gemma-3-270M), 8 points: resid/mlp keep norm + attention (min r 0.985), attn/heads the
+    # plain gradient (min r 0.975; its one-point norm + gated 0.946).
+    "gemma3_text": FamilyRules(
+        default=RelpRules(activation=False, gated=False), groups=((("attn", "heads"), NO_RULES),)
+    ),
 }
 
 
