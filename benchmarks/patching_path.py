@@ -87,6 +87,7 @@ def run_one(model: str, dataset: str, split: str, steps: list[int], work_dir: Pa
 
     rows = []
     clean = record_values(lm, batch.clean_ids, batch.attention_mask, names, layers)
+    corrupted = record_values(lm, batch.corrupted_ids, batch.attention_mask, names, layers)  # deltas start here
     targets = MetricTargets(batch.answer, batch.wrong, clean.logits.float().log_softmax(-1))
     shape = unit_shape(lm, clean.values, batch.num_tokens)
     for n in steps:
@@ -100,11 +101,14 @@ def run_one(model: str, dataset: str, split: str, steps: list[int], work_dir: Pa
                 pearson[name] = {}
                 for family in exact:
                     sites = site_grid(FAMILIES[family], lm.num_layers, shape)
-                    estimate = estimated_effects(attribution, clean.values, sites, shape.head_dim)
+                    estimate = estimated_effects(attribution, clean.values, sites, shape.head_dim, corrupted.values)
                     pearson[name][family] = correlation(estimate, exact[family])[0]
                 del attribution
         timed_rules = ["+".join(r.names()) or "none" for r in default_sets]
-        rows.append({"steps": n, "pearson": pearson, "seconds": seconds, "relp_default_rules": timed_rules})
+        rows.append(
+            {"steps": n, "pearson": pearson, "seconds": seconds, "relp_default_rules": timed_rules,
+             "threads": threads, "commit": commit()}  # per row: a rerun of some N keeps the others
+        )  # fmt: skip
         print(f"  {dataset} {split} N={n}: AtP {seconds['atp']:.1f} s, RelP {seconds['relp']:.1f} s; " + "; ".join(
             f"{k} " + "/".join(f"{v:.3f}" for v in r.values()) for k, r in pearson.items()), flush=True)  # fmt: skip
     return {
@@ -151,8 +155,9 @@ def _markdown(data: dict) -> str:
         "(N = 0: at the corrupted run, plain AtP/RelP); Pearson r against exact patching per family. "
         "`python benchmarks/patching_path.py --split train|eval --steps 0,1,2,4,8,16` (float32, CPU, one thread). "
         "s AtP / s RelP: the measured wall-clock of each estimate at N (RelP: the model family's default rule "
-        "sets at N, one backward pass each, listed below); cost: RelP's time over its time at N = 0 in the same "
-        "run (divide benchmarks/results/patching.md's RelP speed-up by it for the speed-up at N).",
+        "sets at N, one backward pass each, listed below); cost: RelP's time over its time at N = 0 of the same "
+        "entry (rows can come from reruns: each row's commit is in the JSON; divide benchmarks/results/"
+        "patching.md's RelP speed-up by it for the speed-up at N).",
         "",
         "| model | dataset | split | N | rules | r resid | r attn | r mlp | r heads | s AtP | s RelP | cost |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

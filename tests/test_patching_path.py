@@ -86,7 +86,43 @@ def test_path_gradients_are_the_mean_of_the_points(qwen, rules):
     assert not torch.allclose(path.grads[0, "block"][real], plain.grads[0, "block"][real])
 
 
+def test_each_rule_set_gets_its_own_path_average_and_no_hook_stays(qwen):
+    """Several rule sets along one path: each set's gradients are the mean of that set's own gradients
+    at the points; closing the generator early leaves no hook on the model."""
+    from contextlib import closing
+
+    from residlab.analyses.patching.attribution import attribute_each
+    from tests.conftest import hook_keys  # noqa: PLC0415
+
+    before = hook_keys(qwen)
+    batch = encode_pairs(qwen, PAIRS)
+    ids, mask = batch.corrupted_ids, batch.attention_mask
+    clean = record_values(qwen, batch.clean_ids, mask, ["block"], list(range(qwen.num_layers)))
+    targets = MetricTargets(batch.answer, batch.wrong, clean.logits.log_softmax(-1))
+    metric, keys = get_metric("logit_diff"), list(clean.values)
+    sets = [None, RelpRules()]
+    together = list(attribute_each(qwen, ids, mask, targets, metric, keys, sets, InputPath(batch.clean_ids, 2)))
+    real = mask.bool()
+    for rules, attribution in zip(sets, together, strict=True):
+        points = []
+        for alpha in (0.25, 0.75):
+            with embeddings_between(qwen, batch.clean_ids, ids, alpha):
+                points.append(attribute(qwen, ids, mask, targets, metric, keys, rules))
+        for key in keys:
+            want = (points[0].grads[key] + points[1].grads[key]) / 2
+            scale = want[real].abs().max().clamp_min(1e-6)
+            assert (attribution.grads[key][real] - want[real]).abs().max() <= 1e-4 * scale, (rules, key)
+    assert not torch.allclose(together[0].grads[0, "block"][real], together[1].grads[0, "block"][real])
+    with closing(attribute_each(qwen, ids, mask, targets, metric, keys, sets, InputPath(batch.clean_ids, 3))) as gen:
+        next(gen)  # stop after the first set
+    assert hook_keys(qwen) == before
+    with pytest.raises(ResidlabError, match="must be 0 or more"):
+        InputPath(batch.clean_ids, -2)
+
+
 def test_path_estimates_stay_exact_on_a_linear_model():
+    """On a linear model the gradient is the same at every point, so this checks where the deltas start
+    and that the path changes nothing it should not (the average itself is checked above)."""
     lm = _linear_gpt2()
     batch = encode_pairs(lm, PAIRS)
     names, layers = ["block", "attn", "mlp", "attn_heads"], list(range(lm.num_layers))

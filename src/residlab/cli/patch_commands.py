@@ -62,7 +62,8 @@ def patch(
             min=0,
             help="AtP and RelP gradients averaged over this many points of the embedding path from the "
             "corrupted to the clean prompt (integrated gradients; each point a forward and backward pass): "
-            "more faithful where the model is far from linear between the runs, N times slower. "
+            "more faithful where the model is far from linear between the runs, at roughly N/1.5 times the "
+            "time (measured: 5.6x at 8, 10.9x at 16). Use 8 or more: 1 or 2 can be worse than 0. "
             "0: at the corrupted run.",
         ),
     ] = 0,

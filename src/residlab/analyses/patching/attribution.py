@@ -42,13 +42,16 @@ class Attribution:
     steps: int = 0  # gradients averaged over this many points of the input path (0: at the base run)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InputPath:
     """Where the gradients are taken: at the base run (``steps`` 0) or averaged over ``steps`` midpoints
     of the embedding path from the base prompts to ``clean_ids`` (:mod:`.path`)."""
 
     clean_ids: torch.Tensor
     steps: int = 0
+
+    def __post_init__(self) -> None:
+        path_points(self.steps)  # a negative count is an error here, not a silent one-point estimate
 
 
 def attribute(
@@ -98,8 +101,9 @@ def attribute_each(
     no reference to it afterwards: a consumer that drops it before asking for the next holds one set of
     gradients at a time. One set (``None``: AtP, plain autograd) takes no switch. Until the generator is
     exhausted or closed, the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and
-    do not run the model between passes. With a ``path`` of N > 0 steps, that runs once per point and
-    each set's gradients are their mean (every set's sums are held until the last point)."""
+    do not run the model between passes. With a ``path`` of N > 0 steps, every point runs to the end
+    (one shared forward pass, one backward pass per set) before the first set is yielded: no hook stays on
+    between yields, and every set's summed gradients are held until then (float32 sums)."""
     if not rule_sets:
         return
     if path is not None and path.steps > 0:
@@ -154,6 +158,7 @@ def _along_path(
             with closing(attribute_each(lm, ids, mask, targets, metric, keys, rule_sets)) as passes:
                 for index, attribution in enumerate(passes):
                     for key, grad in attribution.grads.items():
+                        grad = grad.float()  # bfloat16 sums over many points would lose the small terms
                         sums[index][key] = grad if key not in sums[index] else sums[index][key] + grad
                     lines[index] = attribution.rules
                     del attribution

@@ -9,8 +9,9 @@ the clean forward pass (the source activations) plus its one forward and backwar
 every family at once; ``relp`` the clean pass plus one shared forward pass and one backward pass per
 distinct rule set the families need (:class:`~.relp_defaults.FamilyRules`; the rules change no value,
 so the sets share the forward pass), all of it charged to every family. With ``ig_steps`` N > 0 the
-estimates' gradients are averaged over N points of the input path (:mod:`.path`): N forward passes and
-N backward passes per rule set, plus the corrupted run the deltas start from, all charged to them.
+estimates' gradients are averaged over N points of the input path (:mod:`.path`): N forward passes
+shared by the rule sets, N backward passes per rule set, plus the corrupted run the deltas start from, all
+charged to them.
 """
 
 from __future__ import annotations
@@ -219,5 +220,5 @@ def measure_faithfulness(
         metric_name(metric),
         window,
         choice.source if "relp" in estimates else "",
-        ig_steps,
+        ig_steps if estimates else 0,  # exact patching alone takes no gradient anywhere
     )
