@@ -1,5 +1,5 @@
 """RelP's rules checked against their formulas on single modules, AtP == RelP == exact patching on a
-purely linear model, and the hooks leave no trace."""
+purely linear model (at one point and along the input path), and the hooks leave no trace."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from residlab.analyses.patching.activations import record_values, unit_shape
-from residlab.analyses.patching.attribution import attribute, estimated_effects
+from residlab.analyses.patching.attribution import InputPath, attribute, estimated_effects
 from residlab.analyses.patching.exact import PatchRun, exact_effects
 from residlab.analyses.patching.metrics import MetricTargets, get_metric
 from residlab.analyses.patching.pairs import encode_pairs
@@ -193,11 +193,16 @@ def test_atp_relp_and_exact_agree_on_a_linear_model():
     metric = get_metric("logit_diff")
     atp = attribute(lm, run.ids, run.mask, targets, metric, list(clean.values))
     relp = attribute(lm, run.ids, run.mask, targets, metric, list(clean.values), RelpRules())
+    # along the input path too: on a linear model the gradient is the same at every point, so this checks
+    # where the deltas start (the corrupted run) and that the path changes nothing it should not
+    path = InputPath(batch.clean_ids, 3)
+    atp_path = attribute(lm, run.ids, run.mask, targets, metric, list(clean.values), path=path)
+    relp_path = attribute(lm, run.ids, run.mask, targets, metric, list(clean.values), RelpRules(), path)
     for family in ("resid", "attn", "mlp", "heads", "neurons"):
         sites = site_grid(FAMILIES[family], lm.num_layers, shape)
         exact = exact_effects(lm, run, sites, metric, shape.head_dim)
         assert exact.abs().max() > 1e-2, family
-        for attribution in (atp, relp):
+        for attribution in (atp, relp, atp_path, relp_path):
             est = estimated_effects(attribution, clean.values, sites, shape.head_dim)
             assert torch.allclose(est, exact, atol=1e-3, rtol=1e-3), (family, est, exact)
 

@@ -9,14 +9,14 @@ run without gradients (the clean prompts for denoising patching; an ablation's r
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from residlab.analyses.patching.activations import SiteKey, record_values, values_and_grad_passes
+from residlab.analyses.patching.activations import SiteKey, SiteValues, record_values, values_and_grad_passes
 from residlab.analyses.patching.metrics import Metric, MetricTargets
 from residlab.analyses.patching.path import embeddings_between, path_points
 from residlab.analyses.patching.relp import RelpRules, relp_rules
@@ -106,11 +106,13 @@ def attribute_each(
     between yields, and every set's summed gradients are held until then (float32 sums)."""
     if not rule_sets:
         return
-    if path is not None and path.steps > 0:
-        yield from _along_path(lm, ids, mask, targets, metric, keys, rule_sets, path)
-        return
     sites = sorted({site for _, site in keys})
     layers = sorted({layer for layer, _ in keys})
+    if path is not None and path.steps > 0:
+        base = record_values(lm, ids, mask, sites, layers)  # the deltas start here, not at a point of the path
+        at_one_point = lambda: attribute_each(lm, ids, mask, targets, metric, keys, rule_sets)  # noqa: E731
+        yield from _along_path(lm, ids, mask, path, base, at_one_point, len(rule_sets))
+        return
     score = lambda logits: metric(logits, targets).mean()  # noqa: E731
     if len(rule_sets) == 1:
         only = rule_sets[0]
@@ -139,30 +141,25 @@ def _along_path(
     lm: LanguageModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
-    targets: MetricTargets,
-    metric: Metric,
-    keys: Sequence[SiteKey],
-    rule_sets: Sequence[RelpRules | None],
     path: InputPath,
+    base: SiteValues,
+    at_one_point: Callable[[], Generator[Attribution, None, None]],
+    num_sets: int,
 ) -> Generator[Attribution, None, None]:
-    """Each rule set's gradients averaged over the path's points; the values are the base run's own
-    (recorded without gradients: the deltas start there, not at a point of the path)."""
-    sites = sorted({site for _, site in keys})
-    layers = sorted({layer for layer, _ in keys})
-    base = record_values(lm, ids, mask, sites, layers)
+    """Each rule set's gradients (``at_one_point``'s passes, run at every point of ``path``) averaged
+    over the points; the values and logits are ``base``'s (the run the deltas start from)."""
     points = path_points(path.steps)
-    sums: list[dict[SiteKey, torch.Tensor]] = [{} for _ in rule_sets]
-    lines: list[tuple[str, ...]] = [() for _ in rule_sets]
+    sums: list[dict[SiteKey, torch.Tensor]] = [{} for _ in range(num_sets)]
+    lines: list[tuple[str, ...]] = [() for _ in range(num_sets)]
     for alpha in points:
-        with embeddings_between(lm, path.clean_ids, ids, alpha):
-            with closing(attribute_each(lm, ids, mask, targets, metric, keys, rule_sets)) as passes:
-                for index, attribution in enumerate(passes):
-                    for key, grad in attribution.grads.items():
-                        grad = grad.float()  # bfloat16 sums over many points would lose the small terms
-                        sums[index][key] = grad if key not in sums[index] else sums[index][key] + grad
-                    lines[index] = attribution.rules
-                    del attribution
-    for index in range(len(rule_sets)):
+        with embeddings_between(lm, path.clean_ids, ids, alpha), closing(at_one_point()) as passes:
+            for index, attribution in enumerate(passes):
+                for key, grad in attribution.grads.items():
+                    grad = grad.float()  # bfloat16 sums over many points would lose the small terms
+                    sums[index][key] = grad if key not in sums[index] else sums[index][key] + grad
+                lines[index] = attribution.rules
+                del attribution
+    for index in range(num_sets):
         grads = {key: total / len(points) for key, total in sums[index].items()}
         sums[index] = {}  # hand the sums over: the consumer holds one set at a time
         yield Attribution(base.values, grads, base.logits, mask, lines[index], path.steps)
