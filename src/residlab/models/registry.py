@@ -66,6 +66,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             hidden_size=1536,
             quantization="Q4 GGUF",
             notes="stronger, ~4x slower than the 0.5B",
+            # benchmarks/results/asc_sweep_train_qwen2.5-coder-1.5b-instruct.md (24 train problems)
+            asc_layer=17,
+            asc_strength=0.5,
         ),
         PackagedModel(
             name="smollm2-135m-instruct",
