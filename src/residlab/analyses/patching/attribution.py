@@ -63,9 +63,10 @@ def attribute(
     keys: Sequence[SiteKey],
     rules: RelpRules | None = None,
     path: InputPath | None = None,
+    base: SiteValues | None = None,
 ) -> Attribution:
     """Run ``ids`` forward and backward once (per path point), with ``rules`` (RelP) or without (AtP)."""
-    with closing(attribute_each(lm, ids, mask, targets, metric, keys, [rules], path)) as one:
+    with closing(attribute_each(lm, ids, mask, targets, metric, keys, [rules], path, base)) as one:
         return next(one)  # closing: the hooks come off now
 
 
@@ -95,6 +96,7 @@ def attribute_each(
     keys: Sequence[SiteKey],
     rule_sets: Sequence[RelpRules | None],
     path: InputPath | None = None,
+    base: SiteValues | None = None,
 ) -> Generator[Attribution, None, None]:
     """RelP with each of ``rule_sets``, in order: one forward pass shared by all (the rules change no
     value, :mod:`.relp_switch`), then one backward pass per set. Yields each set's attribution and keeps
@@ -103,13 +105,15 @@ def attribute_each(
     exhausted or closed, the rule and capture hooks stay on ``lm``: use it in ``contextlib.closing`` and
     do not run the model between passes. With a ``path`` of N > 0 steps, every point runs to the end
     (one shared forward pass, one backward pass per set) before the first set is yielded: no hook stays on
-    between yields, and every set's summed gradients are held until then (float32 sums)."""
+    between yields, and every set's summed gradients are held until then (float32 sums). The deltas start
+    at ``ids``' own run: ``base`` (its recorded values, if the caller has them) or a recording made here."""
     if not rule_sets:
         return
     sites = sorted({site for _, site in keys})
     layers = sorted({layer for layer, _ in keys})
     if path is not None and path.steps > 0:
-        base = record_values(lm, ids, mask, sites, layers)  # the deltas start here, not at a point of the path
+        if base is None:  # the deltas start at the base run, not at a point of the path
+            base = record_values(lm, ids, mask, sites, layers)
         at_one_point = lambda: attribute_each(lm, ids, mask, targets, metric, keys, rule_sets)  # noqa: E731
         yield from _along_path(lm, ids, mask, path, base, at_one_point, len(rule_sets))
         return

@@ -173,11 +173,14 @@ def measure_faithfulness(
         # Both are lazy: the passes run (and are timed) inside the loop, not where they are set up.
         if method == "relp":  # one forward pass shared by every rule set, one backward pass each
             groups = list(passes.values())
-            attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes), path)
+            attributions = attribute_each(lm, run.ids, run.mask, targets, score, keys, list(passes), path, corrupted)
         else:  # AtP: plain autograd
             groups = [tuple(f.name for f in chosen)]
-            attributions = (attribute(lm, run.ids, run.mask, targets, score, keys, path=path) for _ in groups)
-        estimates[method], seconds[method] = {}, clean_seconds
+            attributions = (
+                attribute(lm, run.ids, run.mask, targets, score, keys, path=path, base=corrupted) for _ in groups
+            )
+        # along the path the corrupted run (recorded above) is where the deltas start: charged here too
+        estimates[method], seconds[method] = {}, clean_seconds + (corrupted_seconds if ig_steps else 0.0)
         remaining = iter(groups)
         with closing(attributions):  # the rule hooks come off even if scoring fails
             started = time.perf_counter()
