@@ -19,7 +19,7 @@ import torch
 from residlab.analyses.patching.activations import SiteKey, SiteValues, record_values, values_and_grad_passes
 from residlab.analyses.patching.metrics import Metric, MetricTargets
 from residlab.analyses.patching.path import embeddings_between, path_points
-from residlab.analyses.patching.relp import RelpRules, relp_rules
+from residlab.analyses.patching.relp import NO_RULES, RelpRules, relp_rules
 from residlab.analyses.patching.relp_switch import RuleSwitch
 from residlab.analyses.patching.sites import FAMILIES, PatchSite, SiteFamily
 from residlab.core.errors import ResidlabError
@@ -126,7 +126,7 @@ def attribute_each(
                 values, grads = next(one_pass)
         yield Attribution(values.values, grads, values.logits, mask, tuple(applied))
         return
-    every = [RelpRules(False, False, False, False) if r is None else r for r in rule_sets]  # None: AtP
+    every = [NO_RULES if r is None else r for r in rule_sets]  # None: AtP
     switch = RuleSwitch(every[0])
     setters = [lambda rules=rules: setattr(switch, "active", rules) for rules in every]
     with relp_rules(lm, union_of(every), switch) as applied:

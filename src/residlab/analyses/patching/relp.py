@@ -52,6 +52,9 @@ class RelpRules:
         return [n for n in ("norm", "activation", "attention", "gated") if getattr(self, n)]
 
 
+NO_RULES = RelpRules(norm=False, activation=False, attention=False, gated=False)  # the plain gradient: AtP
+
+
 def applied_rule_names(lines: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The rules that ``relp_rules`` reported as applied (its ``name: ...`` lines), in
     :meth:`RelpRules.names` order; a rule the model had nothing to apply to is left out."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from residlab.analyses.patching.relp import RelpRules
+from residlab.analyses.patching.relp import NO_RULES, RelpRules
 from residlab.analyses.patching.sites import FAMILIES
 from residlab.core.errors import ResidlabError
 
@@ -109,8 +109,6 @@ DEFAULT_RULES: dict[str, FamilyRules] = {
     ),
 }
 
-
-NO_RULES = RelpRules(norm=False, activation=False, attention=False, gated=False)
 
 PATH_RULES: dict[str, FamilyRules] = {
     # qwen2.5-coder-0.5b-instruct, the same train pairs, 8 path points: resid/mlp with norm + activation
