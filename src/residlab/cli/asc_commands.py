@@ -56,7 +56,8 @@ def compress(
         str,
         typer.Option(
             help="Concise traces: reference, self, sampled, teacher, rewrite (the model's own correct trace made "
-            "dense by --teacher-url or the model itself) or file."
+            "dense by --teacher-url or the model itself), prune (that trace without its announced plan and units), "
+            "prune-prose (also without its narrating sentences) or file."
         ),
     ] = "reference",
     pair_samples: Annotated[

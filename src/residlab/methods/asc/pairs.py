@@ -6,7 +6,9 @@ Sources of the concise side (a registry, :data:`CONCISE_SOURCES`, of plain calla
 correct of N of the model's own samples under the plain prompt: same style, same prompt, only
 shorter), ``teacher`` (an OpenAI-compatible endpoint), ``rewrite`` (the model's own correct trace
 rewritten densely by the teacher endpoint, or by the model itself without one; kept only when the
-rewrite still reaches the gold answer and keeps the trace's computations) and ``file``."""
+rewrite still reaches the gold answer and keeps the trace's computations), ``prune`` and ``prune-prose``
+(the model's own correct trace with its plan and units cut, and also its narrating sentences:
+:mod:`residlab.methods.asc.prune`; no endpoint, every token the model's own) and ``file``."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.methods.asc import prompts
 from residlab.methods.asc.config import CompressConfig
+from residlab.methods.asc.prune import prune_trace
 from residlab.methods.asc.teacher import TeacherClient, teacher_traces
 from residlab.models.lm import LanguageModel
 
@@ -185,6 +188,30 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
     return out
 
 
+def _pruned(request: PairRequest, *, prose: bool) -> list[ConciseTrace]:
+    """Each correct verbose trace pruned (:func:`prune_trace`), graded again and held to
+    :func:`keeps_computations`; a wrong one gives an empty, wrong trace (the filter drops it)."""
+    out = []
+    for problem, verbose in zip(request.problems, request.verbose, strict=True):
+        if not verbose.solved:
+            out.append(ConciseTrace("", False))
+            continue
+        text, correct = _graded(prune_trace(verbose.output, narration=prose), problem)
+        kept = keeps_computations(text, verbose.output, problem.question, problem.answer)
+        out.append(ConciseTrace(text, correct and kept))
+    return out
+
+
+def prune_source(request: PairRequest) -> list[ConciseTrace]:
+    """The model's own correct traces without their announced plan and their units."""
+    return _pruned(request, prose=False)
+
+
+def prune_prose_source(request: PairRequest) -> list[ConciseTrace]:
+    """The model's own correct traces without plan and units, and each prose line cut to its last sentence."""
+    return _pruned(request, prose=True)
+
+
 def file_source(request: PairRequest) -> list[ConciseTrace]:
     """A user's JSONL file of ``id`` and ``concise`` traces (see :func:`read_pairs_file`)."""
     if request.pairs_file is None:
@@ -205,6 +232,8 @@ CONCISE_SOURCES: dict[str, ConciseSource] = {
     "sampled": sampled_source,
     "teacher": teacher_source,
     "rewrite": rewrite_source,
+    "prune": prune_source,
+    "prune-prose": prune_prose_source,
     "file": file_source,
 }
 
