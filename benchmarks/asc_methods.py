@@ -72,12 +72,15 @@ ROW_FIELDS = (
     "tokens_saved_within_2pts",  # the frontier summary number and its bootstrap CI
     "tokens_saved_within_2pts_ci95",
     "layer",
-    "strength",
+    "strength",  # on the unit vector (x the residual norm it was given as: see the runs)
     "n_pairs",
+    "learn_steps",  # the learned methods' optimiser steps
 )
 
 
-def _rows(label: str, report: dict[str, Any], dataset: str, split: str, offset: int) -> list[dict[str, Any]]:
+def _rows(
+    label: str, report: dict[str, Any], dataset: str, split: str, offset: int, learn_steps: int
+) -> list[dict[str, Any]]:
     """One row per condition of a compress report (the baseline's row has no comparison)."""
     from residlab.methods.asc.conditions import parse_condition_name
 
@@ -108,6 +111,7 @@ def _rows(label: str, report: dict[str, Any], dataset: str, split: str, offset: 
                 "layer": report["layer"] if steered else None,
                 "strength": report["strength"] if steered else None,
                 "n_pairs": report["n_pairs"] if steered else None,
+                "learn_steps": learn_steps if steered and report.get("learned") else None,
             }
         )
     return rows
@@ -208,7 +212,7 @@ def main() -> None:
             "calibration_strength": (report["calibration"] or {}).get("strength"),  # None: KL bound not run
             "teacher": f"{args.teacher_model} at {args.teacher_url}" if label.endswith("+teacher") else None,
         }
-        for row in _rows(label, report, args.dataset, args.split, args.offset):
+        for row in _rows(label, report, args.dataset, args.split, args.offset, args.learn_steps):
             rows[_key(row)] = row
         _write(stem, args, list(rows.values()), runs)
         lock.close()  # releases the lock
@@ -248,19 +252,24 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         "same problems (offset..offset+n-1 of that split). s/problem and speedup are wall-clock on the machine "
         "as it was when each condition ran: on a shared machine they compare nothing.",
         "",
-        "| data | split | offset | method | adaptive | pairs | n | accuracy (95% CI) | mean tokens | reduction "
-        "| acc. diff "
+        "Strength: on the unit vector (a learned vector's own trained norm), with the learned methods' steps.",
+        "",
+        "| data | split | offset | method | adaptive | pairs | strength | n | accuracy (95% CI) | mean tokens "
+        "| reduction | acc. diff "
         "| McNemar p | s/problem | speedup | tokens saved within 2 pts (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["accuracy_ci95"]
         saved = r["tokens_saved_within_2pts"]
         ci = r["tokens_saved_within_2pts_ci95"]
         saved_text = f"{saved:.1%} ({ci[0]:.1%} to {ci[1]:.1%})" if saved is not None else "-"
+        strength = "-" if r.get("strength") is None else f"{r['strength']:.2f}"
+        if r.get("learn_steps"):
+            strength += f" ({r['learn_steps']} steps)"
         lines.append(
             f"| {r.get('dataset', 'gsm8k')} | {r['split']} | {r['offset']} | {r['method']} | "
-            f"{r['adaptive'] or '-'} | {r['n_pairs'] or '-'} | {r['n']} | "
+            f"{r['adaptive'] or '-'} | {r['n_pairs'] or '-'} | {strength} | {r['n']} | "
             f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}) | "
             f"{r['mean_tokens']:.0f} | {r['token_reduction']:+.1%} | {r['accuracy_difference']:+.1%} | "
             f"{r['mcnemar_p']:.3f} | {r['seconds_per_problem']:.2f} | {r['speedup']:.2f}x | {saved_text} |"
