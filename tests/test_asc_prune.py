@@ -51,13 +51,13 @@ def test_prune_keeps_numbered_steps_that_carry_their_work():
 
 
 def test_prune_prose_keeps_the_last_sentence_of_each_prose_line():
-    pruned = prune_trace(TRACE, narration=True)
+    pruned = prune_trace(TRACE, prose=True)
     assert "So she read:\n\\[ 2 \\times 12 = 24 \\]" in pruned
     assert "Julie read 12 pages yesterday" not in pruned and "twice as many" not in pruned
     assert "So, we divide by 2:" in pruned and "wants to read half" not in pruned
     # Lines that compute keep every sentence; a line with one sentence is unchanged.
-    assert prune_trace("She has 3 apples. She buys 2 = 5 in all.", narration=True).startswith("She has 3 apples.")
-    assert prune_trace("Add them up:", narration=True) == "Add them up:"
+    assert prune_trace("She has 3 apples. She buys 2 = 5 in all.", prose=True).startswith("She has 3 apples.")
+    assert prune_trace("Add them up:", prose=True) == "Add them up:"
 
 
 def test_prune_sources_cut_only_correct_traces_and_grade_again():

@@ -196,7 +196,7 @@ def _pruned(request: PairRequest, *, prose: bool) -> list[ConciseTrace]:
         if not verbose.solved:
             out.append(ConciseTrace("", False))
             continue
-        text, correct = _graded(prune_trace(verbose.output, narration=prose), problem)
+        text, correct = _graded(prune_trace(verbose.output, prose=prose), problem)
         kept = keeps_computations(text, verbose.output, problem.question, problem.answer)
         out.append(ConciseTrace(text, correct and kept))
     return out

@@ -1,5 +1,5 @@
 """Pruned traces: the model's own chain of thought with its redundant parts cut, as the concise side of
-an ASC pair (the ``prune`` source).
+an ASC pair (the ``prune`` and ``prune-prose`` sources).
 
 The most in-distribution concise trace there is: every token left is one the model wrote itself, and
 every computation is kept, so the pair differs only in what a dense derivation leaves out. Step-by-step
@@ -56,13 +56,13 @@ def _without_narration(text: str) -> str:
     return "\n".join(out)
 
 
-def prune_trace(text: str, *, narration: bool = False) -> str:
+def prune_trace(text: str, *, prose: bool = False) -> str:
     """``text`` without its announced plan, its "let's start" lines and the units after its numbers (and,
-    with ``narration``, every prose sentence but the last of its line); blank lines and runs of spaces
+    with ``prose``, every prose sentence but the last of its line); blank lines and runs of spaces
     collapsed. A trace without any of these comes back unchanged apart from that whitespace."""
     pruned = _PLAN_ANNOUNCEMENT.sub(r"\1:", text)
     pruned = _without_plan(pruned)
-    if narration:
+    if prose:
         pruned = _without_narration(pruned)
     pruned = _START.sub("", pruned)
     pruned = _UNIT.sub("", pruned)
