@@ -61,6 +61,8 @@ def main() -> None:
 
     work = Path(args.work_dir)
     start = SteeringVector.load(args.start)
+    if len(start.layers) != 1:
+        parser.error(f"--start must be one layer (compress writes concise.safetensors); it has layers {start.layers}")
     (layer,) = start.layers
     lm = load(start.model_name, dtype="bfloat16")
     decoding = Decoding(max_new_tokens=512, batch_size=8)
