@@ -30,7 +30,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from residlab.core.io import atomic_write_text, write_json
 
@@ -75,11 +75,14 @@ ROW_FIELDS = (
     "strength",  # on the unit vector (x the residual norm it was given as: see the runs)
     "n_pairs",
     "learn_steps",  # the learned methods' optimiser steps
+    "learn_window",  # ... the trace tokens their preference loss sees
+    "learn_pairs_per_step",  # ... the pairs per step
+    "learn_keep_computation",  # ... and whether a KL hinge held the computation tokens of the pair traces
 )
 
 
 def _rows(
-    label: str, report: dict[str, Any], dataset: str, split: str, offset: int, learn_steps: int
+    label: str, report: dict[str, Any], dataset: str, split: str, offset: int, learn: Learn
 ) -> list[dict[str, Any]]:
     """One row per condition of a compress report (the baseline's row has no comparison)."""
     from residlab.methods.asc.conditions import parse_condition_name
@@ -111,10 +114,28 @@ def _rows(
                 "layer": report["layer"] if steered else None,
                 "strength": report["strength"] if steered else None,
                 "n_pairs": report["n_pairs"] if steered else None,
-                "learn_steps": learn_steps if steered and report.get("learned") else None,
+                **{
+                    f"learn_{k}": (v if steered and report.get("learned") else None) for k, v in learn._asdict().items()
+                },
             }
         )
     return rows
+
+
+class Learn(NamedTuple):
+    """How a learned method trained (CompressConfig's learn_* fields)."""
+
+    steps: int
+    window: int
+    pairs_per_step: int
+    keep_computation: bool
+
+
+DEFAULT_LEARN = Learn(steps=12, window=96, pairs_per_step=1, keep_computation=False)
+
+
+def _learn(args: argparse.Namespace) -> Learn:
+    return Learn(args.learn_steps, args.learn_window, args.learn_pairs_per_step, args.learn_keep_computation)
 
 
 def main() -> None:
@@ -135,6 +156,9 @@ def main() -> None:
     parser.add_argument("--keep", default="concise_correct")
     parser.add_argument("--strength", default=None, help="x residual norm (default: the model's tuned strength)")
     parser.add_argument("--learn-steps", type=int, default=12)
+    parser.add_argument("--learn-window", type=int, default=96, help="trace tokens the learned loss sees")
+    parser.add_argument("--learn-pairs-per-step", type=int, default=1)
+    parser.add_argument("--learn-keep-computation", action="store_true", help="KL hinge at the traces' computations")
     parser.add_argument("--calibration-states", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -175,6 +199,9 @@ def main() -> None:
             calibration_states=args.calibration_states,
             strength=parse_strength(args.strength),
             learn_steps=args.learn_steps,
+            learn_window=args.learn_window,
+            learn_pairs_per_step=args.learn_pairs_per_step,
+            learn_keep_computation=args.learn_keep_computation,
             eval_dataset=args.dataset,
             eval_split=args.split,
             eval_offset=args.offset,
@@ -202,6 +229,8 @@ def main() -> None:
             str(part)
             for part in (args.dataset, args.split, args.offset, args.limit, label, args.pairs, args.strength or "tuned")
         )
+        if _learn(args) != DEFAULT_LEARN:
+            run_key += ":" + ":".join(str(v) for v in _learn(args))
         runs[run_key] = {
             "seconds": report["seconds"],
             "stage_seconds": report.get("stage_seconds"),
@@ -212,7 +241,7 @@ def main() -> None:
             "calibration_strength": (report["calibration"] or {}).get("strength"),  # None: KL bound not run
             "teacher": f"{args.teacher_model} at {args.teacher_url}" if label.endswith("+teacher") else None,
         }
-        for row in _rows(label, report, args.dataset, args.split, args.offset, args.learn_steps):
+        for row in _rows(label, report, args.dataset, args.split, args.offset, _learn(args)):
             rows[_key(row)] = row
         _write(stem, args, list(rows.values()), runs)
         lock.close()  # releases the lock
@@ -252,7 +281,9 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         "same problems (offset..offset+n-1 of that split). s/problem and speedup are wall-clock on the machine "
         "as it was when each condition ran: on a shared machine they compare nothing.",
         "",
-        "Strength: on the unit vector (a learned vector's own trained norm), with the learned methods' steps.",
+        "Strength: on the unit vector (a learned vector's own trained norm), with the learned methods' steps (x pairs "
+        "per step), where not 96 the trace tokens their loss saw, and whether the KL also held the computation "
+        "tokens of the pair traces (--learn-keep-computation).",
         "",
         "| data | split | offset | method | adaptive | pairs | strength | n | accuracy (95% CI) | mean tokens "
         "| reduction | acc. diff "
@@ -266,7 +297,11 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         saved_text = f"{saved:.1%} ({ci[0]:.1%} to {ci[1]:.1%})" if saved is not None else "-"
         strength = "-" if r.get("strength") is None else f"{r['strength']:.2f}"
         if r.get("learn_steps"):
-            strength += f" ({r['learn_steps']} steps)"
+            pairs_per_step = r.get("learn_pairs_per_step") or 1
+            steps = f"{r['learn_steps']} x {pairs_per_step}" if pairs_per_step > 1 else str(r["learn_steps"])
+            window = r.get("learn_window") or DEFAULT_LEARN.window
+            strength += f" ({steps} steps" + (f", {window} tok" if window != DEFAULT_LEARN.window else "")
+            strength += ", computation kept)" if r.get("learn_keep_computation") else ")"
         lines.append(
             f"| {r.get('dataset', 'gsm8k')} | {r['split']} | {r['offset']} | {r['method']} | "
             f"{r['adaptive'] or '-'} | {r['n_pairs'] or '-'} | {strength} | {r['n']} | "

@@ -161,7 +161,8 @@ def test_compress_command_defaults_are_the_config_defaults():
 
     params = inspect.signature(compress).parameters
     config = CompressConfig()
-    for name in ("pairs", "limit", "method", "learn_steps", "batch_size", "max_new_tokens"):
+    names = ("pairs", "limit", "method", "learn_steps", "learn_window", "learn_pairs_per_step", "batch_size")
+    for name in (*names, "max_new_tokens"):
         if name in params:
             assert params[name].default == getattr(config, name), name
     assert (config.pairs, config.limit) == (16, 30)  # sized so `make demo` fits 15 minutes (README)
