@@ -17,7 +17,8 @@ interrupted run resumes where it stopped.
 The vector is always built from GSM8K train pairs; ``--dataset math500`` evaluates it on MATH-500
 (test only), which is the transfer the method claims.
 
-Writes benchmarks/results/asc_methods.json and .md (another --model: asc_methods_<model>.json and .md):
+Writes benchmarks/results/asc_methods.json and .md (another --model: asc_methods_<model>.json and .md; the
+default model on llama.cpp, or another on torch: ``_<engine>`` added):
 rows of every run so far (a rerun of the same data set, split, offset, n and pair count replaces its
 rows); each row says them. Row fields: ROW_FIELDS.
 """
@@ -183,8 +184,7 @@ def main() -> None:
     from residlab.methods.asc import CompressConfig, parse_strength, run_compress
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    # The default model's rows are asc_methods.json; another model's go to their own file (one model per file).
-    stem = "asc_methods" if args.model == DEFAULT else f"asc_methods_{args.model.replace('/', '_')}"
+    stem = _stem(args.model, args.engine)
     out_json = RESULTS / f"{stem}.json"
     for index, label in enumerate(m for m in args.methods.split(",") if m):
         steered = ("asc", f"asc-{args.adaptive}") if args.adaptive else ("asc",)
@@ -245,6 +245,16 @@ def main() -> None:
             rows[_key(row)] = row
         _write(stem, args, list(rows.values()), runs)
         lock.close()  # releases the lock
+
+
+def _stem(model: str, engine: str) -> str:
+    """The results file of a model and engine: one model and one engine per file (their numbers differ).
+
+    The default model on torch is ``asc_methods``, another model on llama.cpp (how it was first measured:
+    the 1.5B) ``asc_methods_<model>``; any other engine adds ``_<engine>``."""
+    stem = "asc_methods" if model == DEFAULT else f"asc_methods_{model.replace('/', '_')}"
+    usual = "torch" if model == DEFAULT else "llamacpp"
+    return stem if engine == usual else f"{stem}_{engine}"
 
 
 def _key(row: dict[str, Any]) -> str:
