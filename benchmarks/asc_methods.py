@@ -47,11 +47,13 @@ METHODS = {
     # the pairs wanted.
     "mean-diff-rewrite": {"method": "mean_diff", "pair_source": "rewrite"},
     "learned-rewrite": {"method": "learned", "pair_source": "rewrite"},
-    # The model's own correct trace pruned (plan and units cut; -prose: also its narrating sentences).
+    # The model's own correct trace pruned (plan and units cut; -prose: also its narrating sentences;
+    # -equations: only its lines that compute or answer are left).
     "mean-diff-prune": {"method": "mean_diff", "pair_source": "prune"},
     "learned-prune": {"method": "learned", "pair_source": "prune"},
     "mean-diff-prune-prose": {"method": "mean_diff", "pair_source": "prune-prose"},
     "learned-prune-prose": {"method": "learned", "pair_source": "prune-prose"},
+    "learned-prune-equations": {"method": "learned", "pair_source": "prune-equations"},
 }
 PROMPT_BASELINES = ("concise_prompt", "chain_of_draft")
 ROW_FIELDS = (

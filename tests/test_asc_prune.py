@@ -60,6 +60,20 @@ def test_prune_prose_keeps_the_last_sentence_of_each_prose_line():
     assert prune_trace("Add them up:", prose=True) == "Add them up:"
 
 
+def test_prune_equations_keeps_only_the_lines_that_compute_or_answer():
+    pruned = prune_trace(TRACE, equations=True)
+    assert pruned.split("\n") == [
+        "\\[ 2 \\times 12 = 24 \\]",
+        "\\[ \\text{Pages left} = 120 - 24 = 96 \\]",
+        "\\[ \\frac{96}{2} = 48 \\]",
+        "Thus, Julie should read \\(\\boxed{48}\\) pages tomorrow.",
+    ]
+    assert keeps_computations(pruned, TRACE, "Julie has a 120-page book and read 12 pages yesterday.", "48")
+    # A display block over several lines is kept whole, prose after it is not.
+    block = "We add:\n\\[\n2 + 3\n= 5\n\\]\nThat is five.\nSo \\boxed{5}"
+    assert prune_trace(block, equations=True) == "\\[\n2 + 3\n= 5\n\\]\nSo \\boxed{5}"
+
+
 def test_prune_sources_cut_only_correct_traces_and_grade_again():
     problems = load_problems("synthetic", "train", limit=3)
     steps = "To find it, we need to follow these steps:\n\n1. Halve.\n2. Add.\n\n"
@@ -72,7 +86,7 @@ def test_prune_sources_cut_only_correct_traces_and_grade_again():
     verbose = [_verbose_record(p, t, c) for p, t, c in zip(problems, traces, [True, False, True], strict=True)]
     # The prune sources generate nothing: no runner, no work dir.
     request = PairRequest(None, problems, verbose, Decoding(), None, "both_correct", 1, None, None, False)  # type: ignore
-    for source in ("prune", "prune-prose"):
+    for source in ("prune", "prune-prose", "prune-equations"):
         concise = CONCISE_SOURCES[source](request)
         assert concise[1] == ("", False)  # a wrong verbose trace gives no concise side
         assert concise[0].correct and "follow these steps" not in concise[0].text and "cups" not in concise[0].text

@@ -57,7 +57,8 @@ def compress(
         typer.Option(
             help="Concise traces: reference, self, sampled, teacher, rewrite (the model's own correct trace made "
             "dense by --teacher-url or the model itself), prune (that trace without its announced plan and units), "
-            "prune-prose (also without its narrating sentences) or file."
+            "prune-prose (also without its narrating sentences), prune-equations (only the lines that compute) "
+            "or file."
         ),
     ] = "reference",
     pair_samples: Annotated[

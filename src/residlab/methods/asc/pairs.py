@@ -6,9 +6,10 @@ Sources of the concise side (a registry, :data:`CONCISE_SOURCES`, of plain calla
 correct of N of the model's own samples under the plain prompt: same style, same prompt, only
 shorter), ``teacher`` (an OpenAI-compatible endpoint), ``rewrite`` (the model's own correct trace
 rewritten densely by the teacher endpoint, or by the model itself without one; kept only when the
-rewrite still reaches the gold answer and keeps the trace's computations), ``prune`` and ``prune-prose``
-(the model's own correct trace with its plan and units cut, and also its narrating sentences:
-:mod:`residlab.methods.asc.prune`; no endpoint, every token the model's own) and ``file``."""
+rewrite still reaches the gold answer and keeps the trace's computations), ``prune``, ``prune-prose`` and
+``prune-equations`` (the model's own correct trace with its plan and units cut; also its narrating
+sentences; or everything but the lines that compute: :mod:`residlab.methods.asc.prune`; no endpoint,
+every token the model's own) and ``file``."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
     return out
 
 
-def _pruned(request: PairRequest, *, prose: bool) -> list[ConciseTrace]:
+def _pruned(request: PairRequest, *, prose: bool = False, equations: bool = False) -> list[ConciseTrace]:
     """Each correct verbose trace pruned (:func:`prune_trace`), graded again and held to
     :func:`keeps_computations`; a wrong one gives an empty, wrong trace (the filter drops it)."""
     out = []
@@ -196,7 +197,7 @@ def _pruned(request: PairRequest, *, prose: bool) -> list[ConciseTrace]:
         if not verbose.solved:
             out.append(ConciseTrace("", False))
             continue
-        text, correct = _graded(prune_trace(verbose.output, prose=prose), problem)
+        text, correct = _graded(prune_trace(verbose.output, prose=prose, equations=equations), problem)
         kept = keeps_computations(text, verbose.output, problem.question, problem.answer)
         out.append(ConciseTrace(text, correct and kept))
     return out
@@ -210,6 +211,11 @@ def prune_source(request: PairRequest) -> list[ConciseTrace]:
 def prune_prose_source(request: PairRequest) -> list[ConciseTrace]:
     """The model's own correct traces without plan and units, and each prose line cut to its last sentence."""
     return _pruned(request, prose=True)
+
+
+def prune_equations_source(request: PairRequest) -> list[ConciseTrace]:
+    """The model's own correct traces cut to the lines that compute or answer: its derivation, no prose."""
+    return _pruned(request, equations=True)
 
 
 def file_source(request: PairRequest) -> list[ConciseTrace]:
@@ -234,6 +240,7 @@ CONCISE_SOURCES: dict[str, ConciseSource] = {
     "rewrite": rewrite_source,
     "prune": prune_source,
     "prune-prose": prune_prose_source,
+    "prune-equations": prune_equations_source,
     "file": file_source,
 }
 

@@ -1,5 +1,5 @@
 """Pruned traces: the model's own chain of thought with its redundant parts cut, as the concise side of
-an ASC pair (the ``prune`` and ``prune-prose`` sources).
+an ASC pair (the ``prune``, ``prune-prose`` and ``prune-equations`` sources).
 
 The most in-distribution concise trace there is: every token left is one the model wrote itself, and
 every computation is kept, so the pair differs only in what a dense derivation leaves out. Step-by-step
@@ -56,13 +56,29 @@ def _without_narration(text: str) -> str:
     return "\n".join(out)
 
 
-def prune_trace(text: str, *, prose: bool = False) -> str:
+def _only_equations(text: str) -> str:
+    """Keep only the lines that compute or answer (an equation, display math, ``\\boxed``): the trace's
+    derivation as the model wrote it, without a word of prose around it."""
+    kept, in_display = [], False
+    for line in text.split("\n"):
+        opens, closes = line.count("\\["), line.count("\\]")
+        if in_display or opens or _MATH.search(line):
+            kept.append(line.strip())
+        if opens != closes:  # a display block opened or closed on this line
+            in_display = opens > closes
+    return "\n".join(kept)
+
+
+def prune_trace(text: str, *, prose: bool = False, equations: bool = False) -> str:
     """``text`` without its announced plan, its "let's start" lines and the units after its numbers (and,
-    with ``prose``, every prose sentence but the last of its line); blank lines and runs of spaces
-    collapsed. A trace without any of these comes back unchanged apart from that whitespace."""
+    with ``prose``, every prose sentence but the last of its line; with ``equations``, every line that
+    neither computes nor answers); blank lines and runs of spaces collapsed. A trace without any of these
+    comes back unchanged apart from that whitespace."""
     pruned = _PLAN_ANNOUNCEMENT.sub(r"\1:", text)
     pruned = _without_plan(pruned)
-    if prose:
+    if equations:
+        pruned = _only_equations(pruned)
+    elif prose:
         pruned = _without_narration(pruned)
     pruned = _START.sub("", pruned)
     pruned = _UNIT.sub("", pruned)
