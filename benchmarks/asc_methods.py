@@ -79,8 +79,7 @@ ROW_FIELDS = (
     "n_pairs",
     "learn_steps",  # the learned methods' optimiser steps
     "learn_window",  # ... the trace tokens their preference loss sees
-    "learn_pairs_per_step",  # ... the pairs per step
-    "learn_keep_computation",  # ... and whether a KL hinge held the computation tokens of the pair traces
+    "learn_pairs_per_step",  # ... and the pairs per step
 )
 
 
@@ -131,14 +130,13 @@ class Learn(NamedTuple):
     steps: int
     window: int
     pairs_per_step: int
-    keep_computation: bool
 
 
-DEFAULT_LEARN = Learn(steps=12, window=96, pairs_per_step=1, keep_computation=False)
+DEFAULT_LEARN = Learn(steps=12, window=96, pairs_per_step=1)
 
 
 def _learn(args: argparse.Namespace) -> Learn:
-    return Learn(args.learn_steps, args.learn_window, args.learn_pairs_per_step, args.learn_keep_computation)
+    return Learn(args.learn_steps, args.learn_window, args.learn_pairs_per_step)
 
 
 def main() -> None:
@@ -161,7 +159,6 @@ def main() -> None:
     parser.add_argument("--learn-steps", type=int, default=12)
     parser.add_argument("--learn-window", type=int, default=96, help="trace tokens the learned loss sees")
     parser.add_argument("--learn-pairs-per-step", type=int, default=1)
-    parser.add_argument("--learn-keep-computation", action="store_true", help="KL hinge at the traces' computations")
     parser.add_argument("--calibration-states", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -203,7 +200,6 @@ def main() -> None:
             learn_steps=args.learn_steps,
             learn_window=args.learn_window,
             learn_pairs_per_step=args.learn_pairs_per_step,
-            learn_keep_computation=args.learn_keep_computation,
             eval_dataset=args.dataset,
             eval_split=args.split,
             eval_offset=args.offset,
@@ -294,8 +290,7 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
         "as it was when each condition ran: on a shared machine they compare nothing.",
         "",
         "Strength: on the unit vector (a learned vector's own trained norm), with the learned methods' steps (x pairs "
-        "per step), where not 96 the trace tokens their loss saw, and whether the KL also held the computation "
-        "tokens of the pair traces (--learn-keep-computation).",
+        "per step) and, where not 96, the trace tokens their loss saw.",
         "",
         "| data | split | offset | method | adaptive | pairs | strength | n | accuracy (95% CI) | mean tokens "
         "| reduction | acc. diff "
@@ -312,8 +307,7 @@ def _write(stem: str, args: argparse.Namespace, rows: list[dict[str, Any]], runs
             pairs_per_step = r.get("learn_pairs_per_step") or 1
             steps = f"{r['learn_steps']} x {pairs_per_step}" if pairs_per_step > 1 else str(r["learn_steps"])
             window = r.get("learn_window") or DEFAULT_LEARN.window
-            strength += f" ({steps} steps" + (f", {window} tok" if window != DEFAULT_LEARN.window else "")
-            strength += ", computation kept)" if r.get("learn_keep_computation") else ")"
+            strength += f" ({steps} steps" + (f", {window} tok)" if window != DEFAULT_LEARN.window else ")")
         lines.append(
             f"| {r.get('dataset', 'gsm8k')} | {r['split']} | {r['offset']} | {r['method']} | "
             f"{r['adaptive'] or '-'} | {r['n_pairs'] or '-'} | {strength} | {r['n']} | "

@@ -11,14 +11,10 @@ from residlab.methods.asc import prompts
 from residlab.methods.asc.prompt_contrast import prompt_contrast_vector, prompt_requests, shared_suffix
 from residlab.recipes.extraction import read_states
 from residlab.recipes.learned_vector import (
-    Anchor,
     LearnSettings,
     PreferencePair,
     _batch,
-    anchor_kl,
-    computation_mask,
     energies,
-    is_computation_token,
     learn_vector,
 )
 
@@ -118,39 +114,6 @@ def test_learning_resumes_across_last_bit_changes_of_the_start_but_not_another_s
     torch.testing.assert_close(torch.load(checkpoint, weights_only=False)["initial"], other)
 
 
-ANCHORS = [
-    Anchor("Q: 12+30?\nA:", " First, 12 + 30 = 42. So the total is 42."),
-    Anchor("Q: 7*6?\nA:", " Seven times six: 7 * 6 = 42 in all."),
-]
-
-
-def test_computation_mask_marks_the_traces_digits_and_signs_only(qwen):
-    assert is_computation_token(" 42") and is_computation_token(" =") and not is_computation_token(" total")
-    batch, heads = _batch(qwen, [a.prompt for a in ANCHORS], [a.trace for a in ANCHORS], 96)
-    mask = computation_mask(qwen, batch, heads)
-    pieces = qwen.tokenizer.convert_ids_to_tokens(batch.input_ids[0, 1:].tolist())
-    marked = [qwen.tokenizer.convert_tokens_to_string([p]) for p, m in zip(pieces, mask[0], strict=True) if m]
-    # The question's 12+30 is prompt, not trace; the spaces before the 42s are tokens of their own.
-    assert "".join(marked) == "12 + 30 =4242"
-
-
-def test_computation_anchors_hold_the_computation_kl(qwen):
-    """Trained with the anchors' hinge, the vector moves the traces' computation tokens less than without."""
-    batch, heads = _batch(qwen, [a.prompt for a in ANCHORS], [a.trace for a in ANCHORS], 96)
-    initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
-    settings = LearnSettings(
-        layer=1, steps=12, learning_rate=0.5, kl_eps=0.0, kl_weight=50.0, pairs_per_step=2, anchors_per_step=2
-    )
-    drift = {}
-    for name, anchors in (("free", []), ("anchored", ANCHORS)):
-        learned = learn_vector(qwen, PAIRS, GENERAL, initial, settings, anchors=anchors)
-        assert ("anchor_kl" in learned.history[-1]) == bool(anchors)
-        with torch.no_grad():
-            kl, mask = anchor_kl(qwen, batch, heads, (1, learned.vector))
-        drift[name] = float(kl.sum() / mask.sum())
-    assert drift["anchored"] < 0.8 * drift["free"]
-
-
 def test_learn_settings_are_checked():
     with pytest.raises(ResidlabError, match="steps must be at least 1"):
         LearnSettings(layer=1, steps=0)
@@ -189,14 +152,13 @@ def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
     assert not (work / "tiny" / "pairs").exists()  # no trace was generated
 
     work = tmp_path / "learned"
-    learn = "--method learned --learn-steps 2 --learn-window 5 --learn-pairs-per-step 2 --learn-keep-computation"
+    learn = "--method learned --learn-steps 2 --learn-window 5 --learn-pairs-per-step 2"
     result = runner.invoke(app, [*common, "--work-dir", str(work), *learn.split()])
     assert result.exit_code == 0, result.output
     report = json.loads((work / "tiny" / "report.json").read_text())
     assert report["method"] == "learned" and len(report["learned"]["history"]) == 2
     settings = report["learned"]["settings"]
     assert (settings["max_completion_tokens"], settings["pairs_per_step"]) == (5, 2)
-    assert report["learned"]["keeps_computation"] and "anchor_kl" in report["learned"]["history"][-1]
     # The strength used is the learned vector's own norm.
     assert report["strength"] == pytest.approx(report["learned"]["norm"], rel=1e-5)
     assert list((work / "tiny" / "learned").glob("learned-*.pt"))

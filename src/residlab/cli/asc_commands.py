@@ -97,13 +97,6 @@ def compress(
         int, typer.Option(min=1, help="--method learned: first tokens of each trace the preference loss sees.")
     ] = 96,
     learn_pairs_per_step: Annotated[int, typer.Option(min=1, help="--method learned: pairs per optimiser step.")] = 1,
-    learn_keep_computation: Annotated[
-        bool,
-        typer.Option(
-            help="--method learned: also hold the KL (same hinge) at the digits and arithmetic signs of the "
-            "pairs' own traces, so the vector changes the wording, not what is computed."
-        ),
-    ] = False,
     adaptive: Annotated[
         str | None,
         typer.Option(
@@ -171,7 +164,6 @@ def compress(
         learn_kl_eps=learn_kl_eps,
         learn_window=learn_window,
         learn_pairs_per_step=learn_pairs_per_step,
-        learn_keep_computation=learn_keep_computation,
         adaptive=adaptive,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()),
         layer=layer,

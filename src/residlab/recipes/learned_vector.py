@@ -10,11 +10,6 @@ general text stay close to the unsteered model's:
 where ``E`` is the length-normalised negative log-likelihood of a completion given its prompt and
 ``KL_t = KL(base || steered)`` of the next-token distribution at each token of a general text.
 
-Optional *computation anchors* (:class:`Anchor`: a prompt and a trace the model wrote for it) add the
-same hinge on ``KL_t`` at only the trace positions that predict a computation token (a digit or an
-arithmetic sign): the vector may change how the model words its reasoning but is held to what it
-computes. (A KL at every trace token would also forbid the change of style the pairs ask for.)
-
 Only ``v`` trains: every model parameter has ``requires_grad`` switched off for the run (and
 restored after), no weight is copied, the model's own forward runs with residlab's steering hook,
 whose delta is ``v``. On a CPU it stays affordable by keeping completions and general texts short
@@ -54,23 +49,6 @@ class PreferencePair:
 
 
 @dataclass(frozen=True)
-class Anchor:
-    """A prompt and a trace of the model's whose computation tokens the vector must leave predicted as
-    they were (see the module docstring)."""
-
-    prompt: str
-    trace: str
-
-
-COMPUTATION_CHARACTERS = frozenset("0123456789+-*/=×÷^%")
-
-
-def is_computation_token(text: str) -> bool:
-    """Whether a decoded token writes part of a computation: a digit or an arithmetic sign in it."""
-    return any(ch in COMPUTATION_CHARACTERS for ch in text)
-
-
-@dataclass(frozen=True)
 class LearnSettings:
     """How the vector is trained (see the module docstring)."""
 
@@ -81,14 +59,12 @@ class LearnSettings:
     kl_weight: float = 10.0
     pairs_per_step: int = 1
     general_per_step: int = 1
-    anchors_per_step: int = 1  # computation anchors per step, when anchors are given
     max_completion_tokens: int = 96
     max_general_tokens: int = 64
     checkpoint_every: int = 4
 
     def __post_init__(self) -> None:
-        counts = ("steps", "pairs_per_step", "general_per_step", "anchors_per_step")
-        for name in (*counts, "max_completion_tokens", "max_general_tokens"):
+        for name in ("steps", "pairs_per_step", "general_per_step", "max_completion_tokens", "max_general_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ResidlabError(f"{name} must be at least 1, got {getattr(self, name)}.", hint="use 1 or more.")
         if not (self.learning_rate > 0 and self.kl_eps >= 0 and self.kl_weight >= 0):
@@ -180,32 +156,11 @@ def general_kl(lm: LanguageModel, batch, steer: tuple[int, torch.Tensor]) -> tor
     """[b, t] KL(base || steered) of the next-token distribution at every real token of general texts
     (steered at every position), 0 at padding."""
     ones = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=lm.device)
-    return _kl(lm, batch, ones, steer, "all") * batch.attention_mask.float()
-
-
-def _kl(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor], rule: str) -> torch.Tensor:
-    """[b, t] KL(base || steered) of the next-token distribution at every position."""
     with torch.no_grad():
-        base = torch.log_softmax(_logits(lm, batch, heads_len, None, rule), dim=-1)
-    steered = torch.log_softmax(_logits(lm, batch, heads_len, steer, rule), dim=-1)
-    return (base.exp() * (base - steered)).sum(-1)
-
-
-def computation_mask(lm: LanguageModel, batch, heads_len: torch.Tensor) -> torch.Tensor:
-    """[b, t-1] 1 where the logits at t predict a computation token of the trace (position t+1)."""
-    pieces = lm.tokenizer.convert_ids_to_tokens(batch.input_ids[:, 1:].flatten().tolist())
-    decoded = [lm.tokenizer.convert_tokens_to_string([piece]) for piece in pieces]
-    computes = torch.tensor([is_computation_token(text) for text in decoded], device=lm.device)
-    return _tail_mask(batch, heads_len) * computes.view(batch.input_ids.shape[0], -1).float()
-
-
-def anchor_kl(
-    lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, t-1] KL(base || steered) at the positions that predict a trace's computation tokens (steered as
-    generation steers: from the prompt's last token on), 0 elsewhere; and that [b, t-1] mask."""
-    mask = computation_mask(lm, batch, heads_len)
-    return _kl(lm, batch, heads_len, steer, "prompt_last+generated")[:, :-1] * mask, mask
+        base = torch.log_softmax(_logits(lm, batch, ones, None, "all"), dim=-1)
+    steered = torch.log_softmax(_logits(lm, batch, ones, steer, "all"), dim=-1)
+    kl = (base.exp() * (base - steered)).sum(-1)
+    return kl * batch.attention_mask.float()
 
 
 # A checkpoint resumes when its starting vector matches this run's to within this cosine. The starting
@@ -221,7 +176,7 @@ def _fingerprint(lm: LanguageModel, settings: LearnSettings, pairs, general) -> 
     defining = {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), defining], sort_keys=True).encode())
     for item in [*pairs, *general]:
-        digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair | Anchor) else item).encode())
+        digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair) else item).encode())
     return digest.hexdigest()[:12]
 
 
@@ -246,12 +201,10 @@ def learn_vector(
     *,
     checkpoint_dir: str | Path | None = None,
     log: Log | None = None,
-    anchors: Sequence[Anchor] = (),
 ) -> LearnedVector:
     """Train ``initial`` (raw, at ``settings.layer``) by the contrastive energy loss with the KL hinge.
 
-    ``general`` texts (rendered as they are) bound the KL; ``anchors`` (optional) bound it at the
-    computation tokens of the model's own traces. With ``checkpoint_dir``, the run resumes from
+    ``general`` texts (rendered as they are) bound the KL. With ``checkpoint_dir``, the run resumes from
     its checkpoint (keyed by the model, settings and texts; the starting vector must match to within
     ``RESUME_MIN_COSINE``, else it learns again) and checkpoints as it goes. Runs that differ only in
     their starting vector share that one checkpoint: the later one replaces the earlier one's.
@@ -269,7 +222,7 @@ def learn_vector(
     start = 0
     path = None
     if checkpoint_dir is not None:
-        path = Path(checkpoint_dir) / f"learned-{_fingerprint(lm, settings, pairs, [*general, *anchors])}.pt"
+        path = Path(checkpoint_dir) / f"learned-{_fingerprint(lm, settings, pairs, general)}.pt"
         state = torch.load(path, weights_only=False) if path.exists() else None
         if state is not None and not same_start(state.get("initial", torch.zeros(0)), initial):
             if log is not None:
@@ -284,14 +237,12 @@ def learn_vector(
             history = history[: settings.steps]
     with frozen(lm.model), torch.enable_grad():
         for step in range(start, settings.steps):
-            record = _train_step(lm, layer, pairs, general, anchors, vector, optimizer, settings, step)
+            record = _train_step(lm, layer, pairs, general, vector, optimizer, settings, step)
             history.append(record)
             if log is not None:
                 log(
                     f"      step {step + 1}/{settings.steps}: loss {record['loss']:.4f} (preference "
-                    f"{record['preference']:.4f}, KL {record['kl']:.4f}"
-                    + (f", computation KL {record['anchor_kl']:.4f}" if "anchor_kl" in record else "")
-                    + f", margin {record['margin']:+.4f})"
+                    f"{record['preference']:.4f}, KL {record['kl']:.4f}, margin {record['margin']:+.4f})"
                 )
             done = step + 1
             if path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
@@ -306,7 +257,6 @@ def _train_step(
     layer: int,
     pairs: Sequence[PreferencePair],
     general: Sequence[str],
-    anchors: Sequence[Anchor],
     vector: torch.nn.Parameter,
     optimizer: torch.optim.Optimizer,
     settings: LearnSettings,
@@ -329,24 +279,13 @@ def _train_step(
     real = general_batch.attention_mask.float().sum().clamp_min(1)
     hinge = (F.relu(kl - settings.kl_eps) * general_batch.attention_mask.float()).sum() / real
     loss = preference + settings.kl_weight * hinge
-    record = {"kl": float(kl.detach().sum() / real)}
-    if anchors:
-        k = settings.anchors_per_step
-        chosen_anchors = [anchors[(step * k + j) % len(anchors)] for j in range(k)]
-        anchor_batch, anchor_heads = _batch(
-            lm, [a.prompt for a in chosen_anchors], [a.trace for a in chosen_anchors], settings.max_completion_tokens
-        )
-        drift, mask = anchor_kl(lm, anchor_batch, anchor_heads, steer)
-        counted = mask.sum().clamp_min(1)
-        loss = loss + settings.kl_weight * (F.relu(drift - settings.kl_eps) * mask).sum() / counted
-        record["anchor_kl"] = float(drift.detach().sum() / counted)
     loss.backward()
     optimizer.step()
     return {
         "step": float(step + 1),
         "loss": float(loss.detach()),
         "preference": float(preference.detach()),
-        **record,
+        "kl": float(kl.detach().sum() / real),
         "margin": float(margin.detach().mean()),
         "norm": float(vector.detach().norm()),
     }

@@ -54,7 +54,6 @@ class CompressConfig:
     learn_kl_eps: float = 0.05  # --method learned: per-token KL (nats) on general text before the hinge bites
     learn_window: int = 96  # --method learned: first completion tokens of each trace the preference loss sees
     learn_pairs_per_step: int = 1  # --method learned: pairs per optimiser step
-    learn_keep_computation: bool = False  # --method learned: KL hinge at the computation tokens of the pair traces
     adaptive: str | None = None  # every steered condition under this strength schedule (asc -> asc-<adaptive>)
     layer: int | None = None  # None: the model's tuned layer (registry), else the best separated middle layer
     strength: Strength = None  # x residual norm at the layer (unit vector); "auto" = KL bound,

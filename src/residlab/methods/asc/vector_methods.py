@@ -5,8 +5,7 @@
 - ``prompt-contrast``: concise-instruction - plain-instruction prompt states, no traces generated
   (``methods.asc.prompt_contrast``);
 - ``learned``: the mean difference at the steering layer as the start, trained by the contrastive
-  energy loss with a KL hinge on general text (and, with ``learn_keep_computation``, at the
-  computation tokens of the pairs' own traces) (``recipes.learned_vector``).
+  energy loss with a KL hinge on general text (``recipes.learned_vector``).
 
 A method has a ``build`` stage (before the steering layer is chosen: a vector at every layer and the
 per-layer separation that chooses it) and an optional ``refine`` stage (after: the learned vector
@@ -31,7 +30,7 @@ from residlab.methods.asc.prompt_contrast import prompt_contrast_vector
 from residlab.methods.asc.vector import ConciseVector, build_concise_vector
 from residlab.models.lm import LanguageModel
 from residlab.recipes.extraction import AGGREGATORS
-from residlab.recipes.learned_vector import Anchor, LearnSettings, PreferencePair, learn_vector
+from residlab.recipes.learned_vector import LearnSettings, PreferencePair, learn_vector
 
 Build = Callable[[LanguageModel, CompressConfig, Path, "Engine | None", Log], ConciseVector]
 # (lm, cfg, the built vector, steering layer, its absolute strength, run dir, engine, log) -> refined vector
@@ -100,11 +99,7 @@ def refine_learned(
         f"{settings.steps} steps x {settings.pairs_per_step} of {len(preference)} pairs (first "
         f"{settings.max_completion_tokens} tokens) and {len(general)} wiki texts"
     )
-    # The pairs' own (verbose) traces, held to the numbers they compute (--learn-keep-computation).
-    anchors = [Anchor(p.prompt, p.dispreferred) for p in preference] if cfg.learn_keep_computation else []
-    learned = learn_vector(
-        lm, preference, general, initial, settings, checkpoint_dir=run_dir / "learned", log=log, anchors=anchors
-    )
+    learned = learn_vector(lm, preference, general, initial, settings, checkpoint_dir=run_dir / "learned", log=log)
     directions = {**concise.vector.directions, layer: learned.vector}
     info = {
         **concise.vector.info,
@@ -114,7 +109,6 @@ def refine_learned(
         "learned_norm": learned.norm,
         "learned_cosine_to_mean_diff": learned.cosine_to_initial,
         "learned_settings": {k: v for k, v in vars(settings).items()},
-        "learned_keeps_computation": bool(anchors),
         "learned_history": learned.history,
     }
     vector = replace(concise.vector, directions=directions, info=info, source=concise.vector.source + " (learned)")
