@@ -15,6 +15,7 @@ from residlab.engines import SamplingParams, SteeringSpec, open_engine
 from residlab.evaluation.runner import Condition, Decoding
 from residlab.interventions.schedules import (
     SCHEDULES,
+    AfterSetup,
     EntropyScaled,
     ScheduleStep,
     StepBoundaries,
@@ -68,10 +69,18 @@ def test_each_schedule_by_hand(qwen):
     assert EntropyScaled(reference=0.1, cap=2.0).scales(step)[0].item() == 2.0
     with pytest.raises(ResidlabError, match="positive reference"):
         EntropyScaled(reference=0.0)
-    assert set(SCHEDULES) == {"until-answer", "step-boundaries", "entropy"}
+    assert set(SCHEDULES) == {"until-answer", "step-boundaries", "entropy", "after-setup"}
     assert strength_schedule(None) is None and isinstance(strength_schedule("entropy"), EntropyScaled)
     with pytest.raises(ResidlabError, match="unknown adaptive strength"):
         strength_schedule("sometimes")
+
+
+def test_after_setup_waits_for_the_first_equals_sign_then_stays_on(qwen):
+    tok = qwen.tokenizer
+    # Rows: a first token with "="; a later "=" while off; a later token with none while off; on already.
+    step = _step(tok, [" =", "Let x be 2 =", "Let x be", "so x"], previous=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert AfterSetup().scales(step).tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert AfterSetup().scales(_step(tok, ["Let"])).tolist() == [0.0]  # the first token, no "=": off
 
 
 def test_position_scales_map_generated_positions():
@@ -82,7 +91,13 @@ def test_position_scales_map_generated_positions():
     assert torch.equal(position_scales(positions, prompts, generated), expected)
 
 
-SCHEDULE_CASES = [OddTokens(), EntropyScaled(reference=1.0, cap=10.0), StepBoundaries(), UntilAnswer()]
+SCHEDULE_CASES = [
+    OddTokens(),
+    EntropyScaled(reference=1.0, cap=10.0),
+    StepBoundaries(),
+    UntilAnswer(),
+    AfterSetup(marker="e"),  # a marker random tokens reach within 8 steps: both phases are exercised
+]
 
 
 def _cached_recomputed_alone(lm, schedule, rule):

@@ -101,7 +101,8 @@ def compress(
         str | None,
         typer.Option(
             help="Adaptive strength for every steered condition: until-answer (stop after \\boxed{..}), "
-            "step-boundaries (newline tokens only) or entropy (scaled by next-token entropy)."
+            "step-boundaries (newline tokens only), entropy (scaled by next-token entropy) or after-setup (off "
+            "until the first '=', then on)."
         ),
     ] = None,
     conditions: Annotated[
@@ -271,7 +272,10 @@ def sweep(
     strengths: Annotated[str, typer.Option(help="Comma list, x residual norm at the layer.")] = "0,0.1,0.2,0.3",
     positions: Annotated[str, typer.Option(help="Comma list of position rules.")] = "prompt_last+generated",
     adaptive: Annotated[
-        str, typer.Option(help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy.")
+        str,
+        typer.Option(
+            help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy, after-setup."
+        ),
     ] = "constant",
     prompt_baselines: Annotated[
         str,

@@ -13,7 +13,9 @@ Schedules (a registry, :data:`SCHEDULES`):
   then 0 for good: the steering cannot disturb the answer's tokens or what follows;
 - ``step-boundaries``: 1 only at tokens that end a line (the model's reasoning steps), else 0;
 - ``entropy``: the next-token entropy ``H`` (nats) of the distribution the token was drawn from,
-  as ``min(cap, H / reference)``: strong where the model hesitates, weak where it is sure.
+  as ``min(cap, H / reference)``: strong where the model hesitates, weak where it is sure;
+- ``after-setup``: 0 until the trace writes its first ``=`` (its first computation), then 1 for good:
+  the question is read and set up unsteered, only the derivation after it is steered.
 """
 
 from __future__ import annotations
@@ -117,7 +119,25 @@ class EntropyScaled(StrengthSchedule):
         return (entropy / self.reference).clamp(0.0, self.cap).cpu()
 
 
-SCHEDULES: dict[str, type[StrengthSchedule]] = {s.name: s for s in (UntilAnswer, StepBoundaries, EntropyScaled)}
+@dataclass(frozen=True)
+class AfterSetup(StrengthSchedule):
+    """Scale 0 until a generated token holds ``marker`` (the first computation), then 1 for good."""
+
+    name: ClassVar[str] = "after-setup"
+    marker: str = "="
+
+    def scales(self, step: ScheduleStep) -> torch.Tensor:
+        out = torch.zeros(len(step.generated))
+        for row, ids in enumerate(step.generated):
+            # "previous" is 1 before the first token: it says "already on" only from the second token on.
+            on_already = len(ids) > 1 and step.previous[row] != 0
+            out[row] = 1.0 if on_already or self.marker in step.decode([int(step.tokens[row])]) else 0.0
+        return out
+
+
+SCHEDULES: dict[str, type[StrengthSchedule]] = {
+    s.name: s for s in (UntilAnswer, StepBoundaries, EntropyScaled, AfterSetup)
+}
 
 
 def strength_schedule(name: str | StrengthSchedule | None) -> StrengthSchedule | None:
