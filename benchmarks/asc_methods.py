@@ -132,7 +132,7 @@ class Learn(NamedTuple):
     pairs_per_step: int
 
 
-DEFAULT_LEARN = Learn(steps=12, window=96, pairs_per_step=1)
+DEFAULT_LEARN = Learn(steps=12, window=96, pairs_per_step=1)  # CompressConfig's (checked in main)
 
 
 def _learn(args: argparse.Namespace) -> Learn:
@@ -156,9 +156,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--keep", default="concise_correct")
     parser.add_argument("--strength", default=None, help="x residual norm (default: the model's tuned strength)")
-    parser.add_argument("--learn-steps", type=int, default=12)
-    parser.add_argument("--learn-window", type=int, default=96, help="trace tokens the learned loss sees")
-    parser.add_argument("--learn-pairs-per-step", type=int, default=1)
+    parser.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN.steps)
+    parser.add_argument("--learn-window", type=int, default=DEFAULT_LEARN.window, help="trace tokens the loss sees")
+    parser.add_argument("--learn-pairs-per-step", type=int, default=DEFAULT_LEARN.pairs_per_step)
     parser.add_argument("--calibration-states", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -181,6 +181,10 @@ def main() -> None:
         parser.error("a train-split evaluation must start past the pair and calibration problems (--offset)")
 
     from residlab.methods.asc import CompressConfig, parse_strength, run_compress
+
+    config = CompressConfig()
+    if DEFAULT_LEARN != Learn(config.learn_steps, config.learn_window, config.learn_pairs_per_step):
+        parser.error("DEFAULT_LEARN no longer matches CompressConfig's learn_* defaults: update it")
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     stem = _stem(args.model, args.engine)

@@ -1,5 +1,8 @@
 """The ``prune`` and ``prune-prose`` pair sources: the model's own trace with its redundant parts cut."""
 
+import pytest
+
+from residlab import ResidlabError
 from residlab.data import load_problems
 from residlab.evaluation.runner import Decoding
 from residlab.methods.asc.pairs import CONCISE_SOURCES, PairRequest, keeps_computations
@@ -32,7 +35,7 @@ def test_prune_cuts_the_plan_its_announcement_and_the_units():
     assert "1. Calculate" not in pruned and "Let's start" not in pruned and "follow these steps" not in pruned
     assert "\\[ 2 \\times 12 = 24 \\]" in pruned  # the units after numbers went ...
     assert "\\text{Pages left} = 120 - 24 = 96" in pruned  # ... a label opening an equation stays
-    assert "Today, she read twice as many pages." in pruned  # the narration stays without prose=True
+    assert "Today, she read twice as many pages." in pruned  # the narration stays unless cut="prose"
     assert "\n\n\n" not in pruned and pruned.endswith("\\(\\boxed{48}\\) pages tomorrow.")
     assert keeps_computations(pruned, TRACE, "Julie has a 120-page book and read 12 pages yesterday.", "48")
 
@@ -51,17 +54,17 @@ def test_prune_keeps_numbered_steps_that_carry_their_work():
 
 
 def test_prune_prose_keeps_the_last_sentence_of_each_prose_line():
-    pruned = prune_trace(TRACE, prose=True)
+    pruned = prune_trace(TRACE, cut="prose")
     assert "So she read:\n\\[ 2 \\times 12 = 24 \\]" in pruned
     assert "Julie read 12 pages yesterday" not in pruned and "twice as many" not in pruned
     assert "So, we divide by 2:" in pruned and "wants to read half" not in pruned
     # Lines that compute keep every sentence; a line with one sentence is unchanged.
-    assert prune_trace("She has 3 apples. She buys 2 = 5 in all.", prose=True).startswith("She has 3 apples.")
-    assert prune_trace("Add them up:", prose=True) == "Add them up:"
+    assert prune_trace("She has 3 apples. She buys 2 = 5 in all.", cut="prose").startswith("She has 3 apples.")
+    assert prune_trace("Add them up:", cut="prose") == "Add them up:"
 
 
 def test_prune_equations_keeps_only_the_lines_that_compute_or_answer():
-    pruned = prune_trace(TRACE, equations=True)
+    pruned = prune_trace(TRACE, cut="equations")
     assert pruned.split("\n") == [
         "\\[ 2 \\times 12 = 24 \\]",
         "\\[ \\text{Pages left} = 120 - 24 = 96 \\]",
@@ -71,7 +74,9 @@ def test_prune_equations_keeps_only_the_lines_that_compute_or_answer():
     assert keeps_computations(pruned, TRACE, "Julie has a 120-page book and read 12 pages yesterday.", "48")
     # A display block over several lines is kept whole, prose after it is not.
     block = "We add:\n\\[\n2 + 3\n= 5\n\\]\nThat is five.\nSo \\boxed{5}"
-    assert prune_trace(block, equations=True) == "\\[\n2 + 3\n= 5\n\\]\nSo \\boxed{5}"
+    assert prune_trace(block, cut="equations") == "\\[\n2 + 3\n= 5\n\\]\nSo \\boxed{5}"
+    with pytest.raises(ResidlabError, match="unknown cut"):
+        prune_trace(block, cut="words")  # type: ignore[arg-type]
 
 
 def test_prune_sources_cut_only_correct_traces_and_grade_again():

@@ -28,7 +28,7 @@ from residlab.evaluation.records import EvalRecord
 from residlab.evaluation.runner import Condition, Decoding, evaluate
 from residlab.methods.asc import prompts
 from residlab.methods.asc.config import CompressConfig
-from residlab.methods.asc.prune import prune_trace
+from residlab.methods.asc.prune import Cut, prune_trace
 from residlab.methods.asc.teacher import TeacherClient, teacher_traces
 from residlab.models.lm import LanguageModel
 
@@ -189,7 +189,7 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
     return out
 
 
-def _pruned(request: PairRequest, *, prose: bool = False, equations: bool = False) -> list[ConciseTrace]:
+def _pruned(request: PairRequest, cut: Cut) -> list[ConciseTrace]:
     """Each correct verbose trace pruned (:func:`prune_trace`), graded again and held to
     :func:`keeps_computations`; a wrong one gives an empty, wrong trace (the filter drops it)."""
     out = []
@@ -197,7 +197,7 @@ def _pruned(request: PairRequest, *, prose: bool = False, equations: bool = Fals
         if not verbose.solved:
             out.append(ConciseTrace("", False))
             continue
-        text, correct = _graded(prune_trace(verbose.output, prose=prose, equations=equations), problem)
+        text, correct = _graded(prune_trace(verbose.output, cut=cut), problem)
         kept = keeps_computations(text, verbose.output, problem.question, problem.answer)
         out.append(ConciseTrace(text, correct and kept))
     return out
@@ -205,17 +205,17 @@ def _pruned(request: PairRequest, *, prose: bool = False, equations: bool = Fals
 
 def prune_source(request: PairRequest) -> list[ConciseTrace]:
     """The model's own correct traces without their announced plan and their units."""
-    return _pruned(request, prose=False)
+    return _pruned(request, "plan")
 
 
 def prune_prose_source(request: PairRequest) -> list[ConciseTrace]:
     """The model's own correct traces without plan and units, and each prose line cut to its last sentence."""
-    return _pruned(request, prose=True)
+    return _pruned(request, "prose")
 
 
 def prune_equations_source(request: PairRequest) -> list[ConciseTrace]:
     """The model's own correct traces cut to the lines that compute or answer: its derivation, no prose."""
-    return _pruned(request, equations=True)
+    return _pruned(request, "equations")
 
 
 def file_source(request: PairRequest) -> list[ConciseTrace]:

@@ -11,6 +11,13 @@ model imitates poorly and sometimes drops computations; this needs no endpoint a
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
+
+from residlab.core.errors import ResidlabError
+
+# How much goes, each level cutting what the one before it cuts and more: the announced plan and units;
+# also every prose sentence but the last of its line; or every line that neither computes nor answers.
+Cut = Literal["plan", "prose", "equations"]
 
 # "To find X, we need to follow these steps:" -> "To find X:" (the plan it announces is dropped).
 _PLAN_ANNOUNCEMENT = re.compile(r"(?m)^(To [^\n]*?), we (?:need to|will|can) follow these steps:")
@@ -69,16 +76,18 @@ def _only_equations(text: str) -> str:
     return "\n".join(kept)
 
 
-def prune_trace(text: str, *, prose: bool = False, equations: bool = False) -> str:
+def prune_trace(text: str, *, cut: Cut = "plan") -> str:
     """``text`` without its announced plan, its "let's start" lines and the units after its numbers (and,
-    with ``prose``, every prose sentence but the last of its line; with ``equations``, every line that
-    neither computes nor answers); blank lines and runs of spaces collapsed. A trace without any of these
-    comes back unchanged apart from that whitespace."""
+    with ``cut="prose"``, every prose sentence but the last of its line; with ``cut="equations"``, every
+    line that neither computes nor answers); blank lines and runs of spaces collapsed. A trace without any
+    of these comes back unchanged apart from that whitespace."""
+    if cut not in get_args(Cut):
+        raise ResidlabError(f"unknown cut {cut!r}.", hint=f"use one of {', '.join(get_args(Cut))}.")
     pruned = _PLAN_ANNOUNCEMENT.sub(r"\1:", text)
     pruned = _without_plan(pruned)
-    if equations:
+    if cut == "equations":
         pruned = _only_equations(pruned)
-    elif prose:
+    elif cut == "prose":
         pruned = _without_narration(pruned)
     pruned = _START.sub("", pruned)
     pruned = _UNIT.sub("", pruned)
