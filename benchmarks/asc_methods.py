@@ -75,6 +75,7 @@ ROW_FIELDS = (
     "tokens_saved_within_2pts",  # the frontier summary number and its bootstrap CI
     "tokens_saved_within_2pts_ci95",
     "layer",
+    "also_layers",  # more layers steered with it (each at the same relative strength; learned: jointly)
     "strength",  # on the unit vector (x the residual norm it was given as: see the runs)
     "n_pairs",
     "learn_steps",  # the learned methods' optimiser steps
@@ -114,6 +115,7 @@ def _rows(
                 "tokens_saved_within_2pts": frontier.get("estimate"),
                 "tokens_saved_within_2pts_ci95": frontier.get("ci95"),
                 "layer": report["layer"] if steered else None,
+                "also_layers": (report.get("also_layers") or None) if steered else None,
                 "strength": report["strength"] if steered else None,
                 "n_pairs": report["n_pairs"] if steered else None,
                 **{
@@ -156,6 +158,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--keep", default="concise_correct")
     parser.add_argument("--strength", default=None, help="x residual norm (default: the model's tuned strength)")
+    parser.add_argument(
+        "--also-layers", default="", help="more layers steered with the tuned one, e.g. 8,12 (rows say '+L8,12')"
+    )
     parser.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN.steps)
     parser.add_argument("--learn-window", type=int, default=DEFAULT_LEARN.window, help="trace tokens the loss sees")
     parser.add_argument("--learn-pairs-per-step", type=int, default=DEFAULT_LEARN.pairs_per_step)
@@ -201,6 +206,7 @@ def main() -> None:
             keep=args.keep,
             calibration_states=args.calibration_states,
             strength=parse_strength(args.strength),
+            also_layers=tuple(int(k) for k in args.also_layers.split(",") if k),
             learn_steps=args.learn_steps,
             learn_window=args.learn_window,
             learn_pairs_per_step=args.learn_pairs_per_step,
@@ -218,6 +224,8 @@ def main() -> None:
         )
         if args.teacher_url and METHODS[label]["pair_source"] == "rewrite":
             label = f"{label}+teacher"  # its own rows: the self-rewrite rows stay beside them
+        if cfg.also_layers:
+            label = f"{label}+L{args.also_layers}"  # its own rows, beside the one-layer ones
         log(f"=== {label} ===")
         report = run_compress(cfg, log=log)
         # Read the file again just before writing, under a lock: another process (a second worker, another

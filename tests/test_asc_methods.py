@@ -73,8 +73,8 @@ def test_learned_vector_lowers_the_loss_and_only_the_vector_changes(qwen):
         qwen, [p.prompt for p in PAIRS] * 2, [p.preferred for p in PAIRS] + [p.dispreferred for p in PAIRS], 96
     )
     with torch.no_grad():
-        e0 = energies(qwen, batch, heads, (1, initial))
-        e1 = energies(qwen, batch, heads, (1, learned.vector))
+        e0 = energies(qwen, batch, heads, {1: initial})
+        e1 = energies(qwen, batch, heads, {1: learned.vector})
     assert float((e1[:2] - e1[2:]).mean()) < float((e0[:2] - e0[2:]).mean())
 
 
@@ -119,6 +119,34 @@ def test_learn_settings_are_checked():
         LearnSettings(layer=1, steps=0)
     with pytest.raises(ResidlabError, match="learning rate must be positive"):
         LearnSettings(layer=1, learning_rate=0.0)
+    with pytest.raises(ResidlabError, match="repeat one"):
+        LearnSettings(layer=1, also_layers=(2, 1))
+    assert LearnSettings(layer=1, also_layers=(0, 2)).layers == (1, 0, 2)
+
+
+def test_vectors_at_several_layers_train_jointly_and_each_moves(qwen, tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    initial = torch.randn(2, qwen.hidden_size, generator=generator) * 0.5  # rows: layer 1, then layer 2
+    settings = LearnSettings(layer=1, also_layers=(2,), steps=8, learning_rate=0.5, kl_eps=0.5, pairs_per_step=2)
+    learned = learn_vector(qwen, PAIRS, GENERAL, initial, settings, checkpoint_dir=tmp_path)
+    assert learned.vector.shape == initial.shape
+    for row in range(2):
+        assert not torch.allclose(learned.vector[row], initial[row])
+    assert learned.history[-1]["preference"] < learned.history[0]["preference"]
+    batch, heads = _batch(
+        qwen, [p.prompt for p in PAIRS] * 2, [p.preferred for p in PAIRS] + [p.dispreferred for p in PAIRS], 96
+    )
+    with torch.no_grad():
+        e0 = energies(qwen, batch, heads, {1: initial[0], 2: initial[1]})
+        e1 = energies(qwen, batch, heads, {1: learned.vector[0], 2: learned.vector[1]})
+        only_first = energies(qwen, batch, heads, {1: learned.vector[0]})
+    assert float((e1[:2] - e1[2:]).mean()) < float((e0[:2] - e0[2:]).mean())
+    assert not torch.allclose(e1, only_first)  # the second layer's delta is applied too
+    # The two-layer run has its own checkpoint: a one-layer run at layer 1 does not resume from it.
+    one = learn_vector(qwen, PAIRS, GENERAL, initial[0], LearnSettings(layer=1, steps=1), checkpoint_dir=tmp_path)
+    assert len(one.history) == 1 and len(list(tmp_path.glob("learned-*.pt"))) == 2
+    with pytest.raises(ResidlabError, match="starting vector has shape"):
+        learn_vector(qwen, PAIRS, GENERAL, initial[0], settings)
 
 
 def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
@@ -162,6 +190,23 @@ def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
     # The strength used is the learned vector's own norm.
     assert report["strength"] == pytest.approx(report["learned"]["norm"], rel=1e-5)
     assert list((work / "tiny" / "learned").glob("learned-*.pt"))
+
+    # Several layers: trained jointly, each saved in the vector file at its trained size relative to the main one.
+    work = tmp_path / "learned-layers"
+    result = runner.invoke(app, [*common, "--work-dir", str(work), *learn.split(), "--also-layers", "0,2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "tiny" / "report.json").read_text())
+    assert report["also_layers"] == [0, 2] and report["learned"]["layers"] == [1, 0, 2]
+    from residlab.vectors.steering_vector import SteeringVector
+
+    saved = SteeringVector.load(work / "tiny" / "concise.safetensors")
+    trained = SteeringVector.load(work / "tiny" / "vector_all_layers.safetensors")
+    assert saved.layers == [0, 1, 2]
+    for k in (0, 1, 2):  # strength x direction = the trained delta at every layer
+        delta = report["strength"] * saved.directions[k]
+        torch.testing.assert_close(delta, trained.directions[k], rtol=1e-4, atol=1e-6)
+    clash = runner.invoke(app, [*common, "--work-dir", str(work), "--also-layers", "1,2"])
+    assert clash.exit_code != 0 and "repeats a layer" in clash.output
 
     bad = runner.invoke(app, [*common, "--work-dir", str(work), "--adaptive", "sometimes"])
     assert bad.exit_code != 0 and "unknown adaptive strength" in bad.output

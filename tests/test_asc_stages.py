@@ -198,8 +198,18 @@ def test_one_vector_of_unit_norm_is_what_compress_saves(qwen):
         "n_pairs": 2,
         "normalized": True,
         "strength": 3.5,
+        "also_layers": [],
         "layer": 1,
         "raw_norm": pytest.approx(2.0 * qwen.hidden_size**0.5),
         "residual_norm": 10.0,
         "kl_bound_strength": 0.9,
     }
+    # More layers: an extracted vector's other layers get the same relative strength (x their residual
+    # norm, 5 and 20 against 10 here); a trained one's keep their trained sizes relative to the main layer.
+    spread = steering_vector(concise, 1, 3.5, "generated", None, (0, 2))
+    assert spread.layers == [0, 1, 2] and spread.info["also_layers"] == [0, 2]
+    norms = {k: float(v.norm()) for k, v in spread.directions.items()}
+    assert norms == {0: pytest.approx(0.5), 1: pytest.approx(1.0), 2: pytest.approx(2.0)}
+    kept = steering_vector(concise, 1, 3.5, "generated", None, (0, 2), trained=True)
+    for k in (0, 1, 2):
+        torch.testing.assert_close(kept.directions[k] * raw.norm(1), raw.directions[k])

@@ -12,6 +12,7 @@ from rich.console import Console
 from residlab.cli.errors import handle_errors
 from residlab.cli.options import (
     DEFAULT_POSITIONS,
+    AlsoLayersOption,
     DataDirOption,
     DeviceMapOption,
     DeviceOption,
@@ -115,6 +116,7 @@ def compress(
     layer: Annotated[
         int | None, typer.Option(help="Steering layer (default: the model's tuned layer, else best separation).")
     ] = None,
+    also_layers: AlsoLayersOption = None,
     strength: Annotated[
         str | None,
         typer.Option(help="x residual norm at the layer (unit vector), 'auto' (KL bound) or 'auto-centred'."),
@@ -168,6 +170,7 @@ def compress(
         adaptive=adaptive,
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()),
         layer=layer,
+        also_layers=tuple(also_layers or ()),
         strength=parse_compress_strength(strength),
         eps=eps,
         positions=positions.text,

@@ -184,6 +184,14 @@ _LAYERS = typer.Option(
 )
 LayersOption = Annotated[Layers, _LAYERS]
 OptionalLayersOption = Annotated[Layers | None, _LAYERS]
+AlsoLayersOption = Annotated[
+    Layers | None,
+    typer.Option(
+        parser=_parser(parse_layers),
+        help="More layers steered with --layer, each along its own direction at the same relative strength "
+        "(x its residual norm); --method learned trains them jointly. E.g. 8,12.",
+    ),
+]
 _POSITIONS_HELP = "all, prompt, generated, prompt_last+generated, or token indices like 0,-1."
 PositionsOption = Annotated[Positions, typer.Option(parser=_parser(parse_positions), help=_POSITIONS_HELP)]
 # Steering with a vector file: without --positions, the rule the file records (llama.cpp / repeng files: all).

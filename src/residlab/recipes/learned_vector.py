@@ -1,9 +1,10 @@
 """A steering vector trained, not extracted: contrastive energy-based steering.
 
-One vector ``v`` at one layer (added at the prompt's last token and every completion token, as
-generation steers) is trained so that, under the steered model, the preferred completion of each
-pair becomes more likely than the dispreferred one, while the model's next-token distributions on
-general text stay close to the unsteered model's:
+One vector ``v`` at one layer, or one per layer of a small set trained jointly (``also_layers``),
+each added at the prompt's last token and every completion token as generation steers, is trained
+so that, under the steered model, the preferred completion of each pair becomes more likely than
+the dispreferred one, while the model's next-token distributions on general text stay close to
+the unsteered model's:
 
     loss = mean_pairs softplus(E(preferred) - E(dispreferred)) + weight * mean_tokens relu(KL_t - eps)
 
@@ -25,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class LearnSettings:
     """How the vector is trained (see the module docstring)."""
 
     layer: int
+    also_layers: tuple[int, ...] = ()  # more layers steered and trained with ``layer``, jointly
     steps: int = 24
     learning_rate: float = 0.05  # Adam step, as a fraction of the initial vector's norm per sqrt(d)
     kl_eps: float = 0.05  # nats per token allowed before the hinge bites
@@ -72,23 +74,34 @@ class LearnSettings:
                 "the learning rate must be positive and the KL budget and weight non-negative.",
                 hint="e.g. learning_rate=0.05, kl_eps=0.05, kl_weight=10.",
             )
+        if len(set(self.layers)) != len(self.layers):
+            raise ResidlabError(
+                f"the layers {list(self.layers)} repeat one.", hint="name each layer once; also_layers excludes layer."
+            )
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every trained layer: ``layer`` first, then ``also_layers``."""
+        return (self.layer, *self.also_layers)
 
 
 @dataclass(frozen=True)
 class LearnedVector:
     """The trained vector (raw: its norm is the strength it was trained at) and how training went."""
 
-    vector: torch.Tensor  # [d] float32
-    initial: torch.Tensor  # [d] float32
+    vector: torch.Tensor  # [d] float32, or [layers, d] in ``settings.layers`` order for several layers
+    initial: torch.Tensor  # the same shape
     history: list[dict[str, float]] = field(default_factory=list)  # per step: loss, preference, kl, margin
 
     @property
     def norm(self) -> float:
+        """The norm of the vector (of all layers' together for several)."""
         return float(self.vector.norm())
 
     @property
     def cosine_to_initial(self) -> float:
-        return float(F.cosine_similarity(self.vector, self.initial, dim=0))
+        """Cosine between the trained and the starting vector (all layers' flattened together)."""
+        return float(F.cosine_similarity(self.vector.flatten(), self.initial.flatten(), dim=0))
 
 
 @contextlib.contextmanager
@@ -118,11 +131,14 @@ def _batch(lm: LanguageModel, heads: Sequence[str], tails: Sequence[str], limit:
     return lm.pad(rows), torch.tensor(heads_len, device=lm.device)
 
 
-def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor] | None, rule: str):
-    """Teacher-forced logits [b, t, vocab] (float32); ``steer`` = (layer, delta) added where ``rule``
+Deltas = Mapping[int, torch.Tensor]  # layer -> the delta added to that layer's output
+
+
+def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | None, rule: str):
+    """Teacher-forced logits [b, t, vocab] (float32); ``steer`` = {layer: delta} added where ``rule``
     says, each row's head counting as its prompt."""
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    steering = Steering(lm, {steer[0]: steer[1]}, rule) if steer is not None else contextlib.nullcontext()
+    steering = Steering(lm, dict(steer), rule) if steer is not None else contextlib.nullcontext()
     lm.tracker.prompt_lengths = heads_len
     try:
         with steering:
@@ -142,9 +158,9 @@ def _tail_mask(batch, heads_len: torch.Tensor) -> torch.Tensor:
     return is_tail[:, 1:].float()
 
 
-def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | None) -> torch.Tensor:
     """[b] length-normalised NLL of each row's completion given its head, steered by ``steer``
-    (layer, delta) from the head's last token on."""
+    ({layer: delta}) from the head's last token on."""
     logits = _logits(lm, batch, heads_len, steer, "prompt_last+generated")
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     nll = -logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -152,7 +168,7 @@ def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: tuple[int
     return (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
-def general_kl(lm: LanguageModel, batch, steer: tuple[int, torch.Tensor]) -> torch.Tensor:
+def general_kl(lm: LanguageModel, batch, steer: Deltas) -> torch.Tensor:
     """[b, t] KL(base || steered) of the next-token distribution at every real token of general texts
     (steered at every position), 0 at padding."""
     ones = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=lm.device)
@@ -172,8 +188,11 @@ RESUME_MAX_NORM_CHANGE = 1e-3
 
 def _fingerprint(lm: LanguageModel, settings: LearnSettings, pairs, general) -> str:
     # The step count is not part of the key: a longer run continues a shorter one's checkpoint. The
-    # starting vector is not either: it is compared with a tolerance on resume (same_start).
+    # starting vector is not either: it is compared with a tolerance on resume (same_start). No extra
+    # layers is left out, so one-layer checkpoints keep the key they had before also_layers existed.
     defining = {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}
+    if not settings.also_layers:
+        del defining["also_layers"]
     digest = hashlib.sha256(json.dumps([lm.name, str(lm.dtype), defining], sort_keys=True).encode())
     for item in [*pairs, *general]:
         digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair) else item).encode())
@@ -202,7 +221,8 @@ def learn_vector(
     checkpoint_dir: str | Path | None = None,
     log: Log | None = None,
 ) -> LearnedVector:
-    """Train ``initial`` (raw, at ``settings.layer``) by the contrastive energy loss with the KL hinge.
+    """Train ``initial`` (raw: [d] at ``settings.layer``, or [layers, d] at ``settings.layers`` in that
+    order) by the contrastive energy loss with the KL hinge; the result has ``initial``'s shape.
 
     ``general`` texts (rendered as they are) bound the KL. With ``checkpoint_dir``, the run resumes from
     its checkpoint (keyed by the model, settings and texts; the starting vector must match to within
@@ -213,8 +233,13 @@ def learn_vector(
         raise ResidlabError(
             "learning a vector needs preference pairs and general texts.", hint="give at least one of each."
         )
-    layer = lm.check_layer(settings.layer)
+    layers = tuple(lm.check_layer(k) for k in settings.layers)
     initial = initial.detach().float().cpu()
+    if initial.reshape(-1, initial.shape[-1]).shape[0] != len(layers) or initial.dim() > 2:
+        raise ResidlabError(
+            f"the starting vector has shape {list(initial.shape)} for {len(layers)} layer(s) {list(layers)}.",
+            hint="give [d] for one layer or [layers, d], one row per layer in settings.layers order.",
+        )
     vector = torch.nn.Parameter(initial.clone())
     scale = float(initial.norm()) / math.sqrt(initial.numel()) or 1.0
     optimizer = torch.optim.Adam([vector], lr=settings.learning_rate * scale)
@@ -237,7 +262,7 @@ def learn_vector(
             history = history[: settings.steps]
     with frozen(lm.model), torch.enable_grad():
         for step in range(start, settings.steps):
-            record = _train_step(lm, layer, pairs, general, vector, optimizer, settings, step)
+            record = _train_step(lm, layers, pairs, general, vector, optimizer, settings, step)
             history.append(record)
             if log is not None:
                 log(
@@ -254,7 +279,7 @@ def learn_vector(
 
 def _train_step(
     lm: LanguageModel,
-    layer: int,
+    layers: tuple[int, ...],
     pairs: Sequence[PreferencePair],
     general: Sequence[str],
     vector: torch.nn.Parameter,
@@ -266,7 +291,8 @@ def _train_step(
     chosen = [pairs[(step * settings.pairs_per_step + j) % len(pairs)] for j in range(settings.pairs_per_step)]
     texts = [general[(step * settings.general_per_step + j) % len(general)] for j in range(settings.general_per_step)]
     optimizer.zero_grad()
-    steer = (layer, vector.to(lm.device))
+    rows = vector.to(lm.device).reshape(len(layers), -1)
+    steer = {k: rows[i] for i, k in enumerate(layers)}
     heads = [p.prompt for p in chosen] * 2
     tails = [p.preferred for p in chosen] + [p.dispreferred for p in chosen]
     batch, heads_len = _batch(lm, heads, tails, settings.max_completion_tokens)

@@ -56,6 +56,8 @@ class CompressConfig:
     learn_pairs_per_step: int = 1  # --method learned: pairs per optimiser step
     adaptive: str | None = None  # every steered condition under this strength schedule (asc -> asc-<adaptive>)
     layer: int | None = None  # None: the model's tuned layer (registry), else the best separated middle layer
+    also_layers: tuple[int, ...] = ()  # more layers steered with ``layer``, each at the same relative strength
+    # (x its own residual norm, along its own direction); --method learned trains them all jointly
     strength: Strength = None  # x residual norm at the layer (unit vector); "auto" = KL bound,
     # "auto-centred" = the same bound on mean-free logit changes (tighter, still valid);
     # None: the model's tuned strength (registry), else 0.25
@@ -85,6 +87,21 @@ class CompressConfig:
         if isinstance(self.strength, str) and self.strength not in STRENGTH_MODES:
             raise ResidlabError(
                 f"unknown strength {self.strength!r}.", hint="give a number (x residual norm), auto or auto-centred."
+            )
+        if any(k < 0 for k in self.also_layers):
+            raise ResidlabError(
+                f"--also-layers {','.join(map(str, self.also_layers))} has a negative layer.",
+                hint="give block indices from 0, e.g. --also-layers 8,12.",
+            )
+        if len(set(self.also_layers)) != len(self.also_layers) or (self.layer in self.also_layers):
+            raise ResidlabError(
+                f"--also-layers {','.join(map(str, self.also_layers))} repeats a layer (or the steering layer).",
+                hint="name each extra layer once, none of them the --layer.",
+            )
+        if self.also_layers and isinstance(self.strength, str):
+            raise ResidlabError(
+                f"--strength {self.strength} calibrates one layer's KL bound; --also-layers steers several.",
+                hint="give a number for --strength (x each layer's residual norm) or leave --also-layers out.",
             )
         if self.method == "learned" and isinstance(self.strength, str):
             raise ResidlabError(

@@ -41,6 +41,8 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
     lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     engine = open_engine(cfg.model, cfg.engine, lm=lm, n_gpu_layers=cfg.n_gpu_layers)
     log(f"      generation engine: {engine.kind} ({engine.identity})")
+    for extra in cfg.also_layers:
+        lm.check_layer(extra)  # before any work
     stages = {"load": time.perf_counter() - started}
     concise, steering, choose = _vector_stage(lm, cfg, run_dir, engine, log)
     stages["pairs_and_vector"] = time.perf_counter() - started - sum(stages.values())
@@ -55,7 +57,10 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
     strength, calibrated = _strength_stage(lm, cfg, layer, raw.select([layer]).normalized(), choose, log)
     stages["calibration"] = time.perf_counter() - started - sum(stages.values())
     bound_strength = calibrated.calibration.strength if calibrated is not None else None
-    vector = steering_vector(concise, layer, strength, cfg.positions, bound_strength)
+    trained = vector_method(cfg.method).refine is not None
+    vector = steering_vector(
+        concise, layer, strength, cfg.positions, bound_strength, tuple(cfg.also_layers), trained=trained
+    )
     vector_path = vector.save(run_dir / "concise.safetensors")
     lens = vector_lens(lm, vector)
     log(f"      logit lens of the vector: promotes {lens.promotes[:8]}, suppresses {lens.suppresses[:8]}")

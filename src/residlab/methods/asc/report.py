@@ -80,6 +80,7 @@ def report_dict(outcome: CompressOutcome) -> dict[str, Any]:
         "n_pairs": concise.pairs.n_pairs,
         "n_eval": outcome.n_eval,
         "layer": outcome.steering.layer,
+        "also_layers": list(cfg.also_layers),  # steered too (the vector file holds their directions)
         "strength": outcome.strength,
         "strength_applies_to": "unit vector",
         "positions": cfg.positions,
@@ -150,11 +151,12 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
     projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
     sides = "concise vs plain instruction" if cfg.method == "prompt-contrast" else f"{cfg.pair_source} concise traces"
     adaptive = f", adaptive strength {cfg.adaptive}" if cfg.adaptive else ""
+    also = f" (and {', '.join(map(str, cfg.also_layers))} at the same relative strength)" if cfg.also_layers else ""
     lines = [
         f"# ASC report: {outcome.model_name}",
         "",
         f"Vector: {outcome.concise.pairs.n_pairs} {cfg.pairs_dataset} train pairs ({sides}"
-        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}, "
+        f"{projected}), {cfg.method} read={cfg.read}, layer {steering.layer}{also}, "
         f"strength {strength:.4g}{adaptive} on the unit "
         f"vector ({bound}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",

@@ -184,20 +184,43 @@ def build_concise_vector(
 
 
 def steering_vector(
-    concise: ConciseVector, layer: int, strength: float, positions: str, kl_bound_strength: float | None
+    concise: ConciseVector,
+    layer: int,
+    strength: float,
+    positions: str,
+    kl_bound_strength: float | None,
+    also_layers: tuple[int, ...] = (),
+    *,
+    trained: bool = False,
 ) -> SteeringVector:
-    """The unit vector at ``layer`` that compress saves, recording how strongly and where to apply it."""
+    """The vector that compress saves, recording how strongly and where to apply it: the unit vector at
+    ``layer`` and, at each of ``also_layers``, a direction sized so that ``strength`` x it is that layer's
+    steering delta. A ``trained`` vector's directions are its deltas (their ratios kept); an extracted
+    one's are rescaled to the same relative strength as ``layer`` (x each layer's residual norm)."""
     raw = concise.vector
-    unit = raw.select([layer]).normalized()
+    residual = concise.extraction.residual_norm
+    main = raw.directions[layer].norm()
+    if float(main) == 0.0:
+        raise ResidlabError(f"the direction at layer {layer} is zero.", hint="extract a non-zero direction.")
+    directions = {}
+    for k in (layer, *also_layers):
+        direction = raw.directions[k].float()
+        if trained:
+            directions[k] = direction / main
+        else:
+            directions[k] = direction / direction.norm().clamp_min(1e-12) * (residual[k] / residual[layer])
     return replace(
-        unit,
+        raw,
+        directions=directions,
         position_rule=positions,
         info={
-            **unit.info,
+            **raw.info,
+            "normalized": True,
             "strength": strength,
             "layer": layer,
+            "also_layers": list(also_layers),
             "raw_norm": raw.norm(layer),
-            "residual_norm": concise.extraction.residual_norm[layer],
+            "residual_norm": residual[layer],
             "kl_bound_strength": kl_bound_strength,
         },
     )
@@ -212,8 +235,9 @@ class VectorLens:
 
 
 def vector_lens(lm: LanguageModel, vector: SteeringVector, k: int = LENS_TOKENS) -> VectorLens:
-    """The logit lens of ``vector``: its ``k`` most promoted and most suppressed tokens."""
+    """The logit lens of ``vector`` (at its main layer): its ``k`` most promoted and most suppressed tokens."""
+    layer = vector.info.get("layer", vector.layers[0])  # compress's main layer when it steers several
     return VectorLens(
-        promotes=[t for t, _ in top_tokens(lm, vector, k=k)],
-        suppresses=[t for t, _ in top_tokens(lm, vector, k=k, largest=False)],
+        promotes=[t for t, _ in top_tokens(lm, vector, k=k, layer=layer)],
+        suppresses=[t for t, _ in top_tokens(lm, vector, k=k, layer=layer, largest=False)],
     )

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from residlab.core.errors import ResidlabError
 from residlab.core.types import Log
 from residlab.data import load_problems
@@ -65,6 +67,12 @@ def mean_diff_start(
     return build_concise_vector(lm, replace(cfg, method="mean_diff"), pairs_dir, engine, log)
 
 
+def _scaled(concise: ConciseVector, layer: int, norm: float) -> torch.Tensor:
+    """The mean difference at ``layer`` rescaled to ``norm``."""
+    direction = concise.vector.directions[layer].float()
+    return direction / direction.norm().clamp_min(1e-12) * norm
+
+
 def refine_learned(
     lm: LanguageModel,
     cfg: CompressConfig,
@@ -75,8 +83,9 @@ def refine_learned(
     engine: Engine | None,
     log: Log,
 ) -> ConciseVector:
-    """Train the vector at ``layer`` from the mean difference scaled to ``strength``; the result's norm
-    is its strength. Resumes from ``run_dir/learned``."""
+    """Train the vector at ``layer`` (and ``cfg.also_layers``, jointly) from the mean difference scaled to
+    ``strength`` (the others to the same relative strength); the result's norm at ``layer`` is its
+    strength. Resumes from ``run_dir/learned``."""
     problems = load_problems(cfg.pairs_dataset, "train", data_dir=cfg.data_dir, limit=cfg.pairs)
     pairs, _ = compress_pairs(lm, cfg, cfg.pair_source, problems, run_dir / "pairs", engine)
     chat = lm.has_chat_template
@@ -85,28 +94,35 @@ def refine_learned(
         for p in pairs
     ]
     general = [t for t in load_corpus("wiki").split("train") if t.strip()][: max(8, cfg.learn_steps)]
-    start = concise.vector.directions[layer].float()
-    initial = start / start.norm().clamp_min(1e-12) * strength
+    # Each layer starts from its own mean difference at the same relative strength (x its residual norm).
+    relative = strength / concise.extraction.residual_norm[layer]
+    layers = (layer, *cfg.also_layers)
+    initial = torch.stack([_scaled(concise, k, relative * concise.extraction.residual_norm[k]) for k in layers])
     settings = LearnSettings(
         layer=layer,
+        also_layers=tuple(cfg.also_layers),
         steps=cfg.learn_steps,
         kl_eps=cfg.learn_kl_eps,
         max_completion_tokens=cfg.learn_window,
         pairs_per_step=cfg.learn_pairs_per_step,
     )
+    where = f"layer {layer}" if not cfg.also_layers else f"layers {', '.join(map(str, layers))} (jointly)"
     log(
-        f"      learning the vector at layer {layer} from the mean difference at strength {strength:.3g}: "
+        f"      learning the vector at {where} from the mean difference at strength {strength:.3g}: "
         f"{settings.steps} steps x {settings.pairs_per_step} of {len(preference)} pairs (first "
         f"{settings.max_completion_tokens} tokens) and {len(general)} wiki texts"
     )
-    learned = learn_vector(lm, preference, general, initial, settings, checkpoint_dir=run_dir / "learned", log=log)
-    directions = {**concise.vector.directions, layer: learned.vector}
+    start = initial[0] if not cfg.also_layers else initial
+    learned = learn_vector(lm, preference, general, start, settings, checkpoint_dir=run_dir / "learned", log=log)
+    trained = learned.vector.reshape(len(layers), -1)
+    directions = {**concise.vector.directions, **{k: trained[i] for i, k in enumerate(layers)}}
     info = {
         **concise.vector.info,
         "method": "learned",
         "learned_layer": layer,
+        "learned_layers": list(layers),
         "learned_initial_strength": strength,
-        "learned_norm": learned.norm,
+        "learned_norm": float(trained[0].norm()),
         "learned_cosine_to_mean_diff": learned.cosine_to_initial,
         "learned_settings": {k: v for k, v in vars(settings).items()},
         "learned_history": learned.history,
