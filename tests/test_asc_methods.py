@@ -78,6 +78,20 @@ def test_learned_vector_lowers_the_loss_and_only_the_vector_changes(qwen):
     assert float((e1[:2] - e1[2:]).mean()) < float((e0[:2] - e0[2:]).mean())
 
 
+def test_energies_from_the_last_logits_only_equal_the_full_computation(lm, monkeypatch):
+    from residlab.recipes import learned_vector
+
+    heads = [p.prompt for p in PAIRS] + ["Q: a much longer question, padded less than the others?\nA:"]
+    tails = [p.preferred for p in PAIRS] + [" short"]
+    batch, heads_len = _batch(lm, heads, tails, 96)
+    delta = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(6))}
+    with torch.no_grad():
+        fast = energies(lm, batch, heads_len, delta)
+        monkeypatch.setattr(learned_vector, "_keeps_last_logits", lambda _: False)
+        full = energies(lm, batch, heads_len, delta)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
 def test_learning_resumes_where_it_stopped(qwen, tmp_path):
     initial = torch.randn(qwen.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5
     straight = learn_vector(qwen, PAIRS, GENERAL, initial, LearnSettings(layer=1, steps=6, learning_rate=0.3))

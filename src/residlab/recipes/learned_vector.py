@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -134,20 +135,30 @@ def _batch(lm: LanguageModel, heads: Sequence[str], tails: Sequence[str], limit:
 Deltas = Mapping[int, torch.Tensor]  # layer -> the delta added to that layer's output
 
 
-def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | None, rule: str):
-    """Teacher-forced logits [b, t, vocab] (float32); ``steer`` = {layer: delta} added where ``rule``
-    says, each row's head counting as its prompt."""
+def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | None, rule: str, keep: int = 0):
+    """Teacher-forced logits [b, t, vocab] (float32; only the last ``keep`` positions' when ``keep`` > 0);
+    ``steer`` = {layer: delta} added where ``rule`` says, each row's head counting as its prompt."""
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     steering = Steering(lm, dict(steer), rule) if steer is not None else contextlib.nullcontext()
+    extra = {"logits_to_keep": keep} if keep else {}
     lm.tracker.prompt_lengths = heads_len
     try:
         with steering:
             out = lm.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=positions,
+                use_cache=False,
+                **extra,
             )
     finally:
         lm.tracker.prompt_lengths = None
     return out.logits.float()
+
+
+def _keeps_last_logits(lm: LanguageModel) -> bool:
+    """Whether the model's forward can skip the unembedding of early positions (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
 
 
 def _tail_mask(batch, heads_len: torch.Tensor) -> torch.Tensor:
@@ -161,10 +172,15 @@ def _tail_mask(batch, heads_len: torch.Tensor) -> torch.Tensor:
 def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | None) -> torch.Tensor:
     """[b] length-normalised NLL of each row's completion given its head, steered by ``steer``
     ({layer: delta}) from the head's last token on."""
-    logits = _logits(lm, batch, heads_len, steer, "prompt_last+generated")
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    nll = -logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = _tail_mask(batch, heads_len)
+    # Rows are left-padded, so every logit that predicts a completion token is in the last columns: the
+    # unembedding (136M weights on the default model, the costliest matrix) runs on those alone.
+    first = int(mask.any(0).float().argmax()) if _keeps_last_logits(lm) else 0
+    keep = mask.shape[1] - first + 1 if first else 0
+    logits = _logits(lm, batch, heads_len, steer, "prompt_last+generated", keep)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, batch.input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1)
+    mask = mask[:, first:]
     return (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
