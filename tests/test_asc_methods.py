@@ -221,6 +221,17 @@ def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
         torch.testing.assert_close(delta, trained.directions[k], rtol=1e-4, atol=1e-6)
     clash = runner.invoke(app, [*common, "--work-dir", str(work), "--also-layers", "1,2"])
     assert clash.exit_code != 0 and "repeats a layer" in clash.output
+    # Without --layer the steering layer is resolved later; it still may not be one of the extra layers.
+    unnamed = [a for a in common if a not in ("--layer", "1")]
+    assert len(unnamed) == len(common) - 2
+    clash = runner.invoke(app, [*unnamed, "--work-dir", str(work), "--also-layers", "0,1,2", "--method", "mean_diff"])
+    assert clash.exit_code != 0 and "includes the steering layer" in clash.output
+    # The KL bound calibrates one layer: eval --strength auto refuses a vector that steers several.
+    from residlab.methods.asc import CalibrationProblems, CompressConfig, calibrate_vector
+
+    cfg = CompressConfig(model=model, pairs_dataset="synthetic", pairs=4, calibration_states=2)
+    with pytest.raises(ResidlabError, match="calibrates one layer"):
+        calibrate_vector(model, saved, CalibrationProblems.after_pairs(cfg), eps=1e-3)
 
     bad = runner.invoke(app, [*common, "--work-dir", str(work), "--adaptive", "sometimes"])
     assert bad.exit_code != 0 and "unknown adaptive strength" in bad.output

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from residlab.core.errors import ResidlabError
 from residlab.data import load_problems
 from residlab.methods.asc import prompts
 from residlab.methods.asc.config import CompressConfig
@@ -101,5 +102,11 @@ def calibrate_vector(
     """``eval --strength auto``: the unit vector at the vector's own layer (see :func:`vector_layer`) and
     the KL-bound strength for it."""
     layer = vector_layer(vector)
+    if vector.info.get("also_layers"):
+        raise ResidlabError(
+            f"--strength auto calibrates one layer's KL bound, and this vector steers layers {vector.layers} "
+            "(compress --also-layers).",
+            hint="give a number for --strength (its recorded strength is in the file's metadata).",
+        )
     unit = vector.select([layer]).normalized()
     return unit, calibrate_strength(model, problems, layer, unit.directions[layer], eps=eps)

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from residlab.core.errors import ResidlabError
 from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import Engine, open_engine
@@ -139,6 +140,12 @@ def _vector_stage(
         model_name=lm.name,
     )
     layer = steering.layer
+    if layer in cfg.also_layers:
+        raise ResidlabError(
+            f"--also-layers {','.join(map(str, cfg.also_layers))} includes the steering layer {layer} "
+            f"({steering.layer_source}).",
+            hint="leave that layer out of --also-layers (what was computed so far is cached).",
+        )
     choose = partial(steering.absolute_strength, concise.extraction.residual_norm[layer])
     if method.refine is None:
         return concise, steering, choose
