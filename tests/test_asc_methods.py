@@ -79,17 +79,33 @@ def test_learned_vector_lowers_the_loss_and_only_the_vector_changes(qwen):
 
 
 def test_energies_from_the_last_logits_only_equal_the_full_computation(lm, monkeypatch):
-    from residlab.recipes import learned_vector
-
+    assert lm.accepts_logits_to_keep  # every tiny family: the fast path is the one compared
     heads = [p.prompt for p in PAIRS] + ["Q: a much longer question, padded less than the others?\nA:"]
     tails = [p.preferred for p in PAIRS] + [" short"]
     batch, heads_len = _batch(lm, heads, tails, 96)
     delta = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(6))}
     with torch.no_grad():
         fast = energies(lm, batch, heads_len, delta)
-        monkeypatch.setattr(learned_vector, "_keeps_last_logits", lambda _: False)
+        monkeypatch.setattr(lm, "_accepts_logits_to_keep", False)
         full = energies(lm, batch, heads_len, delta)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_checkpoints_keep_the_key_they_had_before_extra_layers_existed(qwen):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from residlab.recipes.learned_vector import _fingerprint
+
+    settings = LearnSettings(layer=1, steps=3)
+    # The key as computed before LearnSettings had also_layers: a one-layer run resumes its old checkpoint.
+    defining = {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every", "also_layers")}
+    digest = hashlib.sha256(json.dumps([qwen.name, str(qwen.dtype), defining], sort_keys=True).encode())
+    for item in [*PAIRS, *GENERAL]:
+        digest.update(json.dumps(asdict(item) if isinstance(item, PreferencePair) else item).encode())
+    assert _fingerprint(qwen, settings, PAIRS, GENERAL) == digest.hexdigest()[:12]
+    assert _fingerprint(qwen, LearnSettings(layer=1, also_layers=(2,)), PAIRS, GENERAL) != digest.hexdigest()[:12]
 
 
 def test_learning_resumes_where_it_stopped(qwen, tmp_path):
@@ -220,7 +236,11 @@ def test_compress_with_each_new_method_and_adaptive_conditions(tmp_path):
         delta = report["strength"] * saved.directions[k]
         torch.testing.assert_close(delta, trained.directions[k], rtol=1e-4, atol=1e-6)
     clash = runner.invoke(app, [*common, "--work-dir", str(work), "--also-layers", "1,2"])
+    assert clash.exit_code != 0 and "includes the steering layer 1" in clash.output
+    clash = runner.invoke(app, [*common, "--work-dir", str(work), "--also-layers", "2,2"])
     assert clash.exit_code != 0 and "repeats a layer" in clash.output
+    clash = runner.invoke(app, [*common, "--work-dir", str(work), "--also-layers", "2", "--kl-bound"])
+    assert clash.exit_code != 0 and "calibrated for one layer" in clash.output
     # Without --layer the steering layer is resolved later; it still may not be one of the extra layers.
     unnamed = [a for a in common if a not in ("--layer", "1")]
     assert len(unnamed) == len(common) - 2

@@ -180,6 +180,7 @@ def test_control_vector_file_steers_like_the_vector(engines, tmp_path):
 
 def test_unsupported_requests_are_clear_errors(engines):
     torch_engine, llama = engines
+    assert (llama.first_steerable_layer, torch_engine.first_steerable_layer) == (1, 0)  # compress checks it early
     vec = _vec({0: _direction(0, llama.hidden_size)})
     with pytest.raises(ResidlabError, match="layer 0"):
         llama.generate(PROMPTS[:1], greedy(2), steering=SteeringSpec(vec, 1.0, "all"))

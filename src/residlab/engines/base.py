@@ -94,6 +94,7 @@ class Engine(ABC):
     """
 
     kind: ClassVar[str]  # "torch" | "llamacpp"
+    first_steerable_layer: ClassVar[int] = 0  # the lowest layer the engine can add a steering delta to
     # Token ids at or beyond this are rejected before decoding (None: the engine does not check).
     vocab_size: int | None = None
 

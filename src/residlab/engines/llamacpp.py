@@ -107,6 +107,7 @@ class LlamaCppEngine(Engine):
     """Generate and score with llama.cpp. Build one with :func:`residlab.engines.open_engine`."""
 
     kind = "llamacpp"
+    first_steerable_layer = 1  # the control-vector buffer starts at layer 1
 
     def __init__(
         self,
@@ -231,7 +232,7 @@ class LlamaCppEngine(Engine):
             )
         steering.vector.check_compatible(self, strict_name=False)
         deltas = steering.deltas()
-        if 0 in deltas:
+        if any(layer < self.first_steerable_layer for layer in deltas):
             raise ResidlabError(
                 "llama.cpp cannot steer layer 0 (its control-vector buffer starts at layer 1).",
                 hint="steer at a layer >= 1, or use --engine torch.",

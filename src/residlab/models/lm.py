@@ -73,6 +73,11 @@ class LanguageModel:
 
     # -- facts ------------------------------------------------------------------------------
     @property
+    def accepts_logits_to_keep(self) -> bool:
+        """Whether the model's forward can unembed only the last positions (Hugging Face ``logits_to_keep``)."""
+        return self._accepts_logits_to_keep
+
+    @property
     def num_layers(self) -> int:
         return len(self.blocks)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -156,11 +155,6 @@ def _logits(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | N
     return out.logits.float()
 
 
-def _keeps_last_logits(lm: LanguageModel) -> bool:
-    """Whether the model's forward can skip the unembedding of early positions (``logits_to_keep``)."""
-    return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
-
-
 def _tail_mask(batch, heads_len: torch.Tensor) -> torch.Tensor:
     """[b, t-1] 1 where position t+1 is a completion token (the logits at t predict it)."""
     real = batch.attention_mask.bool()
@@ -175,7 +169,7 @@ def energies(lm: LanguageModel, batch, heads_len: torch.Tensor, steer: Deltas | 
     mask = _tail_mask(batch, heads_len)
     # Rows are left-padded, so every logit that predicts a completion token is in the last columns: the
     # unembedding (136M weights on the default model, the costliest matrix) runs on those alone.
-    first = int(mask.any(0).float().argmax()) if _keeps_last_logits(lm) else 0
+    first = int(mask.any(0).float().argmax()) if lm.accepts_logits_to_keep else 0
     keep = mask.shape[1] - first + 1 if first else 0
     logits = _logits(lm, batch, heads_len, steer, "prompt_last+generated", keep)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -256,9 +250,18 @@ def learn_vector(
             f"the starting vector has shape {list(initial.shape)} for {len(layers)} layer(s) {list(layers)}.",
             hint="give [d] for one layer or [layers, d], one row per layer in settings.layers order.",
         )
-    vector = torch.nn.Parameter(initial.clone())
-    scale = float(initial.norm()) / math.sqrt(initial.numel()) or 1.0
-    optimizer = torch.optim.Adam([vector], lr=settings.learning_rate * scale)
+    # One parameter per layer, each with its own step size: Adam moves every element by about the
+    # learning rate, so a layer of a small residual norm would otherwise move further, relative to its size.
+    rows = [torch.nn.Parameter(row.clone()) for row in initial.reshape(len(layers), -1)]
+    optimizer = torch.optim.Adam(
+        [{"params": [row], "lr": settings.learning_rate * (float(row.norm()) / math.sqrt(row.numel()) or 1.0)}
+         for row in rows]
+    )  # fmt: skip
+
+    def vector() -> torch.Tensor:
+        """The trained rows in ``initial``'s shape."""
+        return torch.stack([row.detach() for row in rows]).reshape(initial.shape).clone()
+
     history: list[dict[str, float]] = []
     start = 0
     path = None
@@ -272,13 +275,14 @@ def learn_vector(
             state = None
         if state is not None:
             with torch.no_grad():
-                vector.copy_(state["vector"])
+                for row, saved_row in zip(rows, state["vector"].reshape(len(layers), -1), strict=True):
+                    row.copy_(saved_row)
             optimizer.load_state_dict(state["optimizer"])
             start, history = int(state["step"]), list(state["history"])
             history = history[: settings.steps]
     with frozen(lm.model), torch.enable_grad():
         for step in range(start, settings.steps):
-            record = _train_step(lm, layers, pairs, general, vector, optimizer, settings, step)
+            record = _train_step(lm, layers, pairs, general, rows, optimizer, settings, step)
             history.append(record)
             if log is not None:
                 log(
@@ -287,10 +291,10 @@ def learn_vector(
                 )
             done = step + 1
             if path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
-                saved = {"vector": vector.detach().clone(), "optimizer": optimizer.state_dict(), "step": done}
+                saved = {"vector": vector(), "optimizer": optimizer.state_dict(), "step": done}
                 with atomic_path(path) as tmp:
                     torch.save({**saved, "initial": initial, "history": history}, tmp)
-    return LearnedVector(vector.detach().clone(), initial, history)
+    return LearnedVector(vector(), initial, history)
 
 
 def _train_step(
@@ -298,17 +302,17 @@ def _train_step(
     layers: tuple[int, ...],
     pairs: Sequence[PreferencePair],
     general: Sequence[str],
-    vector: torch.nn.Parameter,
+    rows: Sequence[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     settings: LearnSettings,
     step: int,
 ) -> dict[str, float]:
-    """One optimiser step on the pairs and general texts this step's index selects."""
+    """One optimiser step on the pairs and general texts this step's index selects (``rows``: one
+    trained vector per layer of ``layers``)."""
     chosen = [pairs[(step * settings.pairs_per_step + j) % len(pairs)] for j in range(settings.pairs_per_step)]
     texts = [general[(step * settings.general_per_step + j) % len(general)] for j in range(settings.general_per_step)]
     optimizer.zero_grad()
-    rows = vector.to(lm.device).reshape(len(layers), -1)
-    steer = {k: rows[i] for i, k in enumerate(layers)}
+    steer = {k: row.to(lm.device) for k, row in zip(layers, rows, strict=True)}
     heads = [p.prompt for p in chosen] * 2
     tails = [p.preferred for p in chosen] + [p.dispreferred for p in chosen]
     batch, heads_len = _batch(lm, heads, tails, settings.max_completion_tokens)
@@ -329,5 +333,5 @@ def _train_step(
         "preference": float(preference.detach()),
         "kl": float(kl.detach().sum() / real),
         "margin": float(margin.detach().mean()),
-        "norm": float(vector.detach().norm()),
+        "norm": float(torch.stack([row.detach() for row in rows]).norm()),
     }

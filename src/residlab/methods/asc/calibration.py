@@ -99,14 +99,15 @@ def calibrate_strength(
 def calibrate_vector(
     model: str, vector: SteeringVector, problems: CalibrationProblems, *, eps: float
 ) -> tuple[SteeringVector, CalibratedStrength]:
-    """``eval --strength auto``: the unit vector at the vector's own layer (see :func:`vector_layer`) and
-    the KL-bound strength for it."""
+    """``eval --strength auto``: the unit vector at the vector's own layer (see :func:`vector_layer`; a
+    vector with directions at other layers too is refused: the bound is for one layer) and the KL-bound
+    strength for it."""
     layer = vector_layer(vector)
-    if vector.info.get("also_layers"):
+    if vector.layers != [layer]:
         raise ResidlabError(
-            f"--strength auto calibrates one layer's KL bound, and this vector steers layers {vector.layers} "
-            "(compress --also-layers).",
-            hint="give a number for --strength (its recorded strength is in the file's metadata).",
+            f"--strength auto calibrates one layer's KL bound, and this vector steers layers {vector.layers}.",
+            hint=f"give a number for --strength (compress records its strength in the file), or keep layer {layer} "
+            "only (SteeringVector.select).",
         )
     unit = vector.select([layer]).normalized()
     return unit, calibrate_strength(model, problems, layer, unit.directions[layer], eps=eps)

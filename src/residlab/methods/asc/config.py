@@ -93,14 +93,21 @@ class CompressConfig:
                 f"--also-layers {','.join(map(str, self.also_layers))} has a negative layer.",
                 hint="give block indices from 0, e.g. --also-layers 8,12.",
             )
-        if len(set(self.also_layers)) != len(self.also_layers) or (self.layer in self.also_layers):
+        if len(set(self.also_layers)) != len(self.also_layers):
             raise ResidlabError(
-                f"--also-layers {','.join(map(str, self.also_layers))} repeats a layer (or the steering layer).",
-                hint="name each extra layer once, none of them the --layer.",
+                f"--also-layers {','.join(map(str, self.also_layers))} repeats a layer.",
+                hint="name each extra layer once.",
             )
-        if self.also_layers and isinstance(self.strength, str):
+        if self.layer in self.also_layers:
             raise ResidlabError(
-                f"--strength {self.strength} calibrates one layer's KL bound; --also-layers steers several.",
+                f"--also-layers {','.join(map(str, self.also_layers))} includes the steering layer {self.layer}.",
+                hint="list only the layers steered besides --layer.",
+            )
+        # The same checkpoint and vector whatever order the layers are named in.
+        object.__setattr__(self, "also_layers", tuple(sorted(self.also_layers)))
+        if self.also_layers and (isinstance(self.strength, str) or self.kl_bound):
+            raise ResidlabError(
+                "the KL bound (--kl-bound, --strength auto) is calibrated for one layer; --also-layers steers several.",
                 hint="give a number for --strength (x each layer's residual norm) or leave --also-layers out.",
             )
         if self.method == "learned" and isinstance(self.strength, str):

@@ -42,8 +42,13 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
     lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     engine = open_engine(cfg.model, cfg.engine, lm=lm, n_gpu_layers=cfg.n_gpu_layers)
     log(f"      generation engine: {engine.kind} ({engine.identity})")
-    for extra in cfg.also_layers:
-        lm.check_layer(extra)  # before any work
+    for extra in cfg.also_layers:  # before any work
+        lm.check_layer(extra)
+        if extra < engine.first_steerable_layer:
+            raise ResidlabError(
+                f"--also-layers {extra}: the {engine.kind} engine steers layers >= {engine.first_steerable_layer}.",
+                hint="leave that layer out, or use --engine torch.",
+            )
     stages = {"load": time.perf_counter() - started}
     concise, steering, choose = _vector_stage(lm, cfg, run_dir, engine, log)
     stages["pairs_and_vector"] = time.perf_counter() - started - sum(stages.values())

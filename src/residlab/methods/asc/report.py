@@ -151,7 +151,8 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
     projected = f"; minus its component along the {cfg.project_out} pairs' direction" if cfg.project_out else ""
     sides = "concise vs plain instruction" if cfg.method == "prompt-contrast" else f"{cfg.pair_source} concise traces"
     adaptive = f", adaptive strength {cfg.adaptive}" if cfg.adaptive else ""
-    also = f" (and {', '.join(map(str, cfg.also_layers))} at the same relative strength)" if cfg.also_layers else ""
+    how = "trained jointly" if outcome.concise.vector.info.get("learned_layers") else "at the same relative strength"
+    also = f" (and {', '.join(map(str, cfg.also_layers))}, {how})" if cfg.also_layers else ""
     lines = [
         f"# ASC report: {outcome.model_name}",
         "",

@@ -98,5 +98,6 @@ def vector_layer(vector: SteeringVector) -> int:
     raise ResidlabError(
         f"the vector has {len(vector.layers)} layers and records no steering layer, so there is no one layer "
         "to calibrate the strength at.",
-        hint="use the one-layer concise.safetensors that compress writes, or give a number for --strength.",
+        hint="use the concise.safetensors that compress writes (it records its layer), or give a number for "
+        "--strength.",
     )

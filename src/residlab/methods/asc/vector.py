@@ -200,11 +200,11 @@ def steering_vector(
     raw = concise.vector
     residual = concise.extraction.residual_norm
     main = raw.directions[layer].norm()
-    if float(main) == 0.0:
-        raise ResidlabError(f"the direction at layer {layer} is zero.", hint="extract a non-zero direction.")
     directions = {}
     for k in (layer, *also_layers):
         direction = raw.directions[k].float()
+        if float(direction.norm()) == 0.0:
+            raise ResidlabError(f"the direction at layer {k} is zero.", hint="leave that layer out.")
         if trained:
             directions[k] = direction / main
         else:
@@ -215,7 +215,7 @@ def steering_vector(
         position_rule=positions,
         info={
             **raw.info,
-            "normalized": True,
+            "normalized": not also_layers,  # unit at every layer (else at ``layer`` only)
             "strength": strength,
             "layer": layer,
             "also_layers": list(also_layers),
