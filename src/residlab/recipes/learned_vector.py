@@ -254,7 +254,7 @@ def learn_vector(
     # learning rate, so a layer of a small residual norm would otherwise move further, relative to its size.
     rows = [torch.nn.Parameter(row.clone()) for row in initial.reshape(len(layers), -1)]
     optimizer = torch.optim.Adam(
-        [{"params": [row], "lr": settings.learning_rate * (float(row.norm()) / math.sqrt(row.numel()) or 1.0)}
+        [{"params": [row], "lr": settings.learning_rate * (float(row.detach().norm()) / math.sqrt(row.numel()) or 1.0)}
          for row in rows]
     )  # fmt: skip
 
