@@ -56,7 +56,7 @@ class LearnSettings:
     layer: int
     also_layers: tuple[int, ...] = ()  # more layers steered and trained with ``layer``, jointly
     steps: int = 24
-    learning_rate: float = 0.05  # Adam step, as a fraction of the initial vector's norm per sqrt(d)
+    learning_rate: float = 0.05  # Adam step, as a fraction of each layer's initial vector norm per sqrt(d)
     kl_eps: float = 0.05  # nats per token allowed before the hinge bites
     kl_weight: float = 10.0
     pairs_per_step: int = 1

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from residlab.analyses.lens import top_tokens
 from residlab.core.errors import ResidlabError
 from residlab.core.io import write_json
@@ -183,6 +185,12 @@ def build_concise_vector(
     )
 
 
+def rescaled(direction: torch.Tensor, norm: float) -> torch.Tensor:
+    """``direction`` (float32) scaled to length ``norm``."""
+    direction = direction.float()
+    return direction / direction.norm().clamp_min(1e-12) * norm
+
+
 def steering_vector(
     concise: ConciseVector,
     layer: int,
@@ -208,7 +216,7 @@ def steering_vector(
         if trained:
             directions[k] = direction / main
         else:
-            directions[k] = direction / direction.norm().clamp_min(1e-12) * (residual[k] / residual[layer])
+            directions[k] = rescaled(direction, residual[k] / residual[layer])
     return replace(
         raw,
         directions=directions,

@@ -29,7 +29,7 @@ from residlab.methods.asc import prompts
 from residlab.methods.asc.config import CompressConfig
 from residlab.methods.asc.pairs import compress_pairs
 from residlab.methods.asc.prompt_contrast import prompt_contrast_vector
-from residlab.methods.asc.vector import ConciseVector, build_concise_vector
+from residlab.methods.asc.vector import ConciseVector, build_concise_vector, rescaled
 from residlab.models.lm import LanguageModel
 from residlab.recipes.extraction import AGGREGATORS
 from residlab.recipes.learned_vector import LearnSettings, PreferencePair, learn_vector
@@ -67,12 +67,6 @@ def mean_diff_start(
     return build_concise_vector(lm, replace(cfg, method="mean_diff"), pairs_dir, engine, log)
 
 
-def _scaled(concise: ConciseVector, layer: int, norm: float) -> torch.Tensor:
-    """The mean difference at ``layer`` rescaled to ``norm``."""
-    direction = concise.vector.directions[layer].float()
-    return direction / direction.norm().clamp_min(1e-12) * norm
-
-
 def refine_learned(
     lm: LanguageModel,
     cfg: CompressConfig,
@@ -97,7 +91,8 @@ def refine_learned(
     # Each layer starts from its own mean difference at the same relative strength (x its residual norm).
     relative = strength / concise.extraction.residual_norm[layer]
     layers = (layer, *cfg.also_layers)
-    initial = torch.stack([_scaled(concise, k, relative * concise.extraction.residual_norm[k]) for k in layers])
+    residual = concise.extraction.residual_norm
+    initial = torch.stack([rescaled(concise.vector.directions[k], relative * residual[k]) for k in layers])
     settings = LearnSettings(
         layer=layer,
         also_layers=tuple(cfg.also_layers),
