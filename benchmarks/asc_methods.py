@@ -57,7 +57,7 @@ METHODS = {
 }
 PROMPT_BASELINES = ("concise_prompt", "chain_of_draft")
 ROW_FIELDS = (
-    "method",  # a METHODS key, or "baseline" / a prompt baseline
+    "method",  # a METHODS key (+ the template it steers under, if not the plain prompt), or a prompt baseline
     "adaptive",  # the strength schedule (None: constant strength, or not steered)
     "condition",  # the compress condition name
     "dataset",  # the evaluation problems (the vector's pairs are always GSM8K train)
@@ -95,9 +95,12 @@ def _rows(
         steered, schedule, template = parse_condition_name(name)
         comparison = report["comparisons"].get(name, {})
         frontier = report["frontier"].get(name, {})
+        # A steered condition under a prompt baseline names both (``learned+chain_of_draft``): its row must
+        # not read as the plain-prompt one.
+        method = (label if template == "baseline" else f"{label}+{template}") if steered else template
         rows.append(
             {
-                "method": label if steered else template,
+                "method": method,
                 "adaptive": schedule,
                 "condition": name,
                 "dataset": dataset,
