@@ -396,3 +396,20 @@ def test_extraction_is_cached_and_reused(qwen, tmp_path, monkeypatch):
     redone = vector_module.cached_extraction(qwen, pairs, tmp_path, log=messages.append)
     assert any("unreadable" in m for m in messages)
     torch.testing.assert_close(redone.vector.directions[0], first.vector.directions[0])
+
+
+def test_extraction_shows_progress_over_both_sides(qwen, tmp_path, capsys):
+    """The extraction is minutes of forward passes on a CPU for a hundred pairs: it shows a bar over
+    each side's texts (concise, then verbose) unless asked not to, and a cache hit shows none."""
+    from residlab.methods.asc import vector as vector_module
+
+    pairs = _trace_pairs()
+    vector_module.cached_extraction(qwen, pairs, tmp_path, log=lambda _: None)
+    shown = capsys.readouterr().err
+    for side in ("reading states (1/2)", "reading states (2/2)"):
+        assert side in shown
+        assert f"{side}: 100%" in shown and f"{len(pairs)}/{len(pairs)}" in shown
+    vector_module.cached_extraction(qwen, pairs, tmp_path, log=lambda _: None)
+    assert "reading states" not in capsys.readouterr().err
+    vector_module.cached_extraction(qwen, pairs[:3], tmp_path / "other", log=lambda _: None, progress=False)
+    assert "reading states" not in capsys.readouterr().err

@@ -195,15 +195,16 @@ def read_states(
     *,
     batch_size: int = 8,
     progress: bool = False,
+    desc: str = "reading states",
 ) -> torch.Tensor:
     """[requests, layers, d] float32: each request's residual after each block in ``layers``, averaged
     over the tokens its read position selects. Requests run in order, ``batch_size`` at a time,
-    left-padded, every layer recorded in one pass."""
+    left-padded, every layer recorded in one pass; ``progress`` shows a bar labelled ``desc``."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), desc="reading states", unit="text")
+        bar = tqdm(total=len(requests), desc=desc, unit="text")
     out = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
@@ -233,10 +234,13 @@ def completion_states(
     read: str = "mean",
     batch_size: int = 4,
     add_special_tokens: bool = False,
+    progress: bool = False,
+    desc: str = "reading states",
 ) -> torch.Tensor:
     """[texts, layers, d] float32: each head+completion's residual after every block, at the
     completion's last token (``last``), averaged over its tokens (``mean``) or over its first N tokens
-    (``first:N``). ``heads`` are prompts already rendered as the model sees them."""
+    (``first:N``). ``heads`` are prompts already rendered as the model sees them; ``progress`` shows a
+    bar labelled ``desc``."""
     position = ReadPosition.parse(read)
     if position.text not in ("mean", "last") and not position.text.startswith("first:"):
         raise _bad_read(read)
@@ -245,7 +249,7 @@ def completion_states(
         ids = lm.tokenizer(head + completion, add_special_tokens=add_special_tokens)["input_ids"]
         first = len(lm.tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"])
         requests.append(ReadRequest(tuple(ids), first, position))
-    return read_states(lm, requests, range(lm.num_layers), batch_size=batch_size)
+    return read_states(lm, requests, range(lm.num_layers), batch_size=batch_size, progress=progress, desc=desc)
 
 
 def cross_validated_separation(positive: torch.Tensor, negative: torch.Tensor, aggregate: Aggregator) -> float:
@@ -305,8 +309,10 @@ def contrast_vector(
     add_special_tokens: bool = False,
     source: str = "",
     info: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> ExtractionResult:
-    """The direction from ``negative`` to ``positive`` completions of the same ``heads``, at every layer."""
+    """The direction from ``negative`` to ``positive`` completions of the same ``heads``, at every layer
+    (``progress``: a bar for each side's forward passes, minutes on a CPU for a hundred pairs)."""
     aggregate = aggregator(method)
     if not heads:
         raise ResidlabError(
@@ -314,8 +320,8 @@ def contrast_vector(
             hint="use more calibration problems, or relax the pair filter (--keep all).",
         )
     kwargs: dict[str, Any] = dict(read=read, batch_size=batch_size, add_special_tokens=add_special_tokens)
-    pos = completion_states(lm, heads, positive, **kwargs)
-    neg = completion_states(lm, heads, negative, **kwargs)
+    pos = completion_states(lm, heads, positive, **kwargs, progress=progress, desc="reading states (1/2)")
+    neg = completion_states(lm, heads, negative, **kwargs, progress=progress, desc="reading states (2/2)")
     stats = layer_statistics(pos, neg, range(lm.num_layers), aggregate)
     vector = SteeringVector.from_layers(
         stats.directions,

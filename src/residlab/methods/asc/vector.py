@@ -39,8 +39,10 @@ def extract_vector(
     method: str = "mean_diff",
     batch_size: int = 4,
     template: str = prompts.VERBOSE,
+    progress: bool = True,
 ) -> ExtractionResult:
-    """Mean (or first principal component) of concise - verbose residuals at every layer.
+    """Mean (or first principal component) of concise - verbose residuals at every layer (``progress``:
+    bars over the forward passes, as the trace generation shows them).
 
     Sign convention: the vector points from verbose towards concise, so a positive strength is meant
     to shorten outputs (measured, not assumed: see the sweep).
@@ -57,6 +59,7 @@ def extract_vector(
         method=method,
         batch_size=batch_size,
         add_special_tokens=not use_chat,
+        progress=progress,
         source=f"ASC: {method} of concise - verbose, read={read}, {len(pairs)} pairs ({source} concise traces)",
         info={
             "n_pairs": len(pairs),
@@ -101,6 +104,7 @@ def cached_extraction(
     batch_size: int = 4,
     template: str = prompts.VERBOSE,
     log: Log = print,
+    progress: bool = True,
 ) -> ExtractionResult:
     """:func:`extract_vector`, saved under ``cache_dir`` and reused by a rerun on the same model (name and
     dtype), pairs, read and method: the extraction is minutes of forward passes on a CPU, and a resumed
@@ -122,7 +126,9 @@ def cached_extraction(
             return extraction
         except (ResidlabError, ValueError, KeyError, TypeError, AttributeError) as err:
             log(f"      the cached extraction {vector_path.name} is unreadable ({err}); extracting again")
-    extraction = extract_vector(lm, pairs, read=read, method=method, batch_size=batch_size, template=template)
+    extraction = extract_vector(
+        lm, pairs, read=read, method=method, batch_size=batch_size, template=template, progress=progress
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     extraction.vector.save(vector_path)
     fields = ("separation", "residual_norm", "read", "method", "n_pairs")
