@@ -180,6 +180,7 @@ def main() -> None:
         "instead of the model itself; the rewrite rows' method names say '+teacher'",
     )
     parser.add_argument("--teacher-model", default="default", help="the model name sent to --teacher-url")
+    parser.add_argument("--teacher-concurrency", type=int, default=8, help="requests in flight to --teacher-url")
     args = parser.parse_args()
     if args.dataset == "math500" and args.split != "test":
         parser.error("MATH-500 has a test split only (--split test)")
@@ -223,6 +224,7 @@ def main() -> None:
             conditions=conditions,
             teacher_url=args.teacher_url,
             teacher_model=args.teacher_model,
+            teacher_concurrency=args.teacher_concurrency,
             **METHODS[label],
         )
         if args.teacher_url and METHODS[label]["pair_source"] == "rewrite":

@@ -437,3 +437,92 @@ def test_teacher_traces_are_asked_again_for_an_edited_problem(tmp_path):
     edited = [replace(problems[0], question=problems[0].question + " Then double it."), problems[1]]
     second = teacher_traces(teacher, edited, tmp_path, 8)
     assert len(asked) == 3 and second[0] == "trace 3" and second[1] == first[1]
+
+
+def test_teacher_keeps_requests_in_flight_and_answers_in_order(tmp_path, capsys):
+    """Up to ``concurrency`` requests at once (a serving engine batches them), answers in problem order,
+    a bar over the problems."""
+    import threading
+
+    from residlab.data import synthetic_problems
+    from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+
+    # Four requests must be in flight together to pass the barrier: one at a time breaks it.
+    together = threading.Barrier(4, timeout=10)
+
+    class BatchedTeacher(TeacherClient):
+        def complete(self, question: str, max_tokens: int) -> str:
+            together.wait()
+            return f"answer to {question}"
+
+    problems = synthetic_problems(8, seed=5)
+    texts = teacher_traces(BatchedTeacher("http://127.0.0.1:9/v1", concurrency=4), problems, tmp_path, 8, progress=True)
+    assert texts == [f"answer to {p.question}" for p in problems]
+    assert "teacher" in capsys.readouterr().err  # the bar, labelled by the cache's tag
+
+
+def test_teacher_answers_are_stored_as_they_arrive(tmp_path):
+    """Each answer is on disk as soon as it arrives, not when the last request of the run returns: a killed
+    run keeps it. The second request answers only once the first answer is stored."""
+    from residlab.data import synthetic_problems
+    from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+
+    problems = synthetic_problems(2, seed=9)
+
+    def first_answer_stored() -> bool:
+        return any(problems[0].id in path.read_text() for path in tmp_path.glob("teacher-*.jsonl"))
+
+    class Teacher(TeacherClient):
+        def complete(self, question: str, max_tokens: int) -> str:
+            deadline = time.monotonic() + 5
+            while question == problems[1].question and not first_answer_stored():
+                if time.monotonic() > deadline:
+                    raise ResidlabError("the first answer was not stored while the second was pending", hint="-")
+                time.sleep(0.01)
+            return f"answer to {question}"
+
+    texts = teacher_traces(Teacher("http://127.0.0.1:9/v1", concurrency=2), problems, tmp_path, 8)
+    assert texts == [f"answer to {p.question}" for p in problems]
+
+
+def test_a_failing_teacher_keeps_the_answers_that_arrived(tmp_path):
+    """One request fails: the error reaches the user, the answers already received (and those on their way)
+    are stored, and a rerun asks only for what is missing."""
+    from residlab.data import synthetic_problems
+    from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+
+    problems = synthetic_problems(6, seed=7)
+    broken = problems[2].question
+
+    class FlakyTeacher(TeacherClient):
+        def complete(self, question: str, max_tokens: int) -> str:
+            time.sleep(0.05)
+            if question == broken:
+                raise ResidlabError("the teacher endpoint failed: boom", hint="retry")
+            return f"answer to {question}"
+
+    with pytest.raises(ResidlabError, match="boom"):
+        teacher_traces(FlakyTeacher("http://127.0.0.1:9/v1", concurrency=2), problems, tmp_path, 8)
+    (store,) = tmp_path.glob("teacher-*.jsonl")
+    kept = {json.loads(line)["id"] for line in store.read_text().splitlines()}
+    # Problems 0 and 1 were sent before the failing one: each had answered or was on its way.
+    assert {problems[0].id, problems[1].id} <= kept and problems[2].id not in kept
+
+    asked: list[str] = []
+
+    class HealthyTeacher(TeacherClient):
+        def complete(self, question: str, max_tokens: int) -> str:
+            asked.append(question)
+            return f"answer to {question}"
+
+    texts = teacher_traces(HealthyTeacher("http://127.0.0.1:9/v1"), problems, tmp_path, 8)
+    assert texts == [f"answer to {p.question}" for p in problems]
+    assert sorted(asked) == sorted(p.question for p in problems if p.id not in kept)
+
+
+def test_teacher_concurrency_below_one_is_refused():
+    from residlab.methods.asc.teacher import TeacherClient
+
+    with pytest.raises(ResidlabError, match="concurrency 0") as err:
+        TeacherClient("http://127.0.0.1:9/v1", concurrency=0)
+    assert err.value.hint

@@ -78,9 +78,12 @@ def compress(
         ),
     ] = None,
     teacher_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint for --pair-source teacher.")
+        str | None, typer.Option(help="OpenAI-compatible endpoint for --pair-source teacher or rewrite.")
     ] = None,
     teacher_model: str = "default",
+    teacher_concurrency: Annotated[
+        int, typer.Option(min=1, help="Requests kept in flight to --teacher-url (its server batches them).")
+    ] = 8,
     pairs_file: Annotated[Path | None, typer.Option(help="JSONL with id and concise (--pair-source file).")] = None,
     read: Annotated[str, typer.Option(help="Read residuals at the trace's 'mean' or 'last' token.")] = "mean",
     method: Annotated[
@@ -160,6 +163,7 @@ def compress(
         project_out=project_out,
         teacher_url=teacher_url,
         teacher_model=teacher_model,
+        teacher_concurrency=teacher_concurrency,
         pairs_file=str(pairs_file) if pairs_file else None,
         read=read,
         method=method,

@@ -47,6 +47,7 @@ class CompressConfig:
     project_out: str | None = None  # a second pair source whose direction is removed from the vector
     teacher_url: str | None = None
     teacher_model: str = "default"
+    teacher_concurrency: int = 8  # requests kept in flight to the teacher endpoint (its server batches them)
     pairs_file: str | None = None
     read: str = "mean"
     method: str = "learned"  # an extraction aggregator, prompt-contrast or learned (methods.asc.vector_methods)

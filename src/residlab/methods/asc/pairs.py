@@ -125,7 +125,9 @@ def teacher_source(request: PairRequest) -> list[ConciseTrace]:
     """A teacher endpoint's traces under the concise prompt (cached)."""
     if request.teacher is None:
         raise ResidlabError("the teacher source needs a teacher endpoint.", hint="pass --teacher-url.")
-    texts = teacher_traces(request.teacher, request.problems, request.work_dir, request.decoding.max_new_tokens)
+    texts = teacher_traces(
+        request.teacher, request.problems, request.work_dir, request.decoding.max_new_tokens, progress=request.progress
+    )
     return [_graded(text, p) for text, p in zip(texts, request.problems, strict=True)]
 
 
@@ -173,6 +175,7 @@ def rewrite_source(request: PairRequest) -> list[ConciseTrace]:
             request.decoding.max_new_tokens,
             template="{question}",
             tag="rewrite",
+            progress=request.progress,
         )
         rewritten = {p.id: _graded(text, p) for p, text in zip(wanted, texts, strict=True)}
     else:
@@ -382,7 +385,11 @@ def compress_pairs(
         work_dir=work_dir,
         decoding=Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
         keep=cfg.keep,
-        teacher=TeacherClient(cfg.teacher_url, cfg.teacher_model) if cfg.teacher_url else None,
+        teacher=(
+            TeacherClient(cfg.teacher_url, cfg.teacher_model, concurrency=cfg.teacher_concurrency)
+            if cfg.teacher_url
+            else None
+        ),
         pairs_file=cfg.pairs_file,
         engine=engine,
         samples=cfg.pair_samples,
