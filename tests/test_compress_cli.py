@@ -130,6 +130,10 @@ def test_compress_with_missing_data_dir_is_a_clear_error(tmp_path):
         app, ["compress", "--model", model, "--project-out", "reference", "--work-dir", str(tmp_path / "o")]
     )
     assert same.exit_code == 2 and "is the pair source itself" in same.output
+    idle = runner.invoke(
+        app, ["compress", "--model", model, "--teacher-concurrency", "0", "--work-dir", str(tmp_path / "o")]
+    )
+    assert idle.exit_code == 2 and "--teacher-concurrency" in idle.output
 
 
 def test_compress_can_project_out_a_second_pair_source(tmp_path):
