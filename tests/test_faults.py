@@ -520,6 +520,42 @@ def test_a_failing_teacher_keeps_the_answers_that_arrived(tmp_path):
     assert sorted(asked) == sorted(p.question for p in problems if p.id not in kept)
 
 
+def test_ctrl_c_ends_a_teacher_run_without_waiting_for_its_requests(tmp_path):
+    """Ctrl-C while requests are in flight ends the run at once (no wait for a slow server), and the
+    answers stored before it stay."""
+    script = textwrap.dedent(
+        f"""
+        import signal, time
+        from dataclasses import replace
+        from pathlib import Path
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background child ignores SIGINT
+        from residlab.data import synthetic_problems
+        from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+
+        class Slow(TeacherClient):
+            def complete(self, question, max_tokens):
+                if question == "QUICK":
+                    return "quick"
+                print("in flight", flush=True)
+                time.sleep(120)
+                return "slow"
+
+        problems = synthetic_problems(3, seed=2)
+        problems[0] = replace(problems[0], question="QUICK")
+        teacher_traces(Slow("http://127.0.0.1:9/v1", concurrency=2), problems, Path({str(tmp_path)!r}), 8)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "in flight"
+    time.sleep(0.5)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    assert proc.returncode != 0 and time.monotonic() - began < 30  # not the 120 s the requests take
+    (store,) = tmp_path.glob("teacher-*.jsonl")
+    assert [json.loads(line)["concise"] for line in store.read_text().splitlines()] == ["quick"]
+
+
 def test_teacher_concurrency_below_one_is_refused():
     from residlab.methods.asc.teacher import TeacherClient
 

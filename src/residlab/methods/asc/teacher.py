@@ -8,12 +8,13 @@ run asks only for the problems still missing. Several requests are kept in fligh
 from __future__ import annotations
 
 import json
+import queue
 import re
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from residlab.core.errors import ResidlabError
@@ -114,34 +115,57 @@ def teacher_traces(
             return teacher.complete(problem.question, max_tokens)
         return teacher.complete(problem.question, max_tokens, template)
 
-    def keep(future: Future[str], problem: Problem, sha: str) -> None:
-        stored = store.append([{"id": problem.id, "concise": future.result(), "problem_sha": sha}])
+    def keep(problem: Problem, sha: str, text: str) -> None:
+        stored = store.append([{"id": problem.id, "concise": text, "problem_sha": sha}])
         done[problem.id] = str(stored[0]["concise"])
         if bar is not None:
             bar.update(1)
 
-    pool = ThreadPoolExecutor(max_workers=teacher.concurrency)
-    pending: dict[Future[str], tuple[Problem, str]] = {pool.submit(ask, p): (p, sha) for p, sha in todo.values()}
+    # Daemon threads, not a ThreadPoolExecutor: Ctrl-C must end the run now, not after the requests in
+    # flight return (an executor's threads are joined at exit). Every answer is stored by this thread.
+    queued: queue.SimpleQueue[tuple[Problem, str]] = queue.SimpleQueue()
+    for item in todo.values():
+        queued.put(item)
+    answers: queue.SimpleQueue[tuple[Problem, str, str | None, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                problem, sha = queued.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                answers.put((problem, sha, ask(problem), None))
+            except Exception as err:  # noqa: BLE001 - handed to the caller's thread, raised there
+                answers.put((problem, sha, None, err))
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(teacher.concurrency, len(todo)))]
+    for worker in workers:
+        worker.start()
+    error: BaseException | None = None
+    received = 0
     try:
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            errors = [e for f in finished if (e := f.exception()) is not None]
-            for future in finished:
-                problem, sha = pending.pop(future)
-                if future.exception() is None:
-                    keep(future, problem, sha)
-            if errors:
-                # Requests not yet sent are dropped; those on their way are waited for and kept, so a rerun
-                # asks only for what is still missing.
-                for future in list(pending):
-                    if future.cancel():
-                        del pending[future]
-                for future in wait(pending).done:
-                    if future.exception() is None:
-                        keep(future, *pending[future])
-                raise errors[0]
+        while received < len(todo):
+            try:
+                # After a failure, poll: a worker may stop between requests without answering.
+                problem, sha, text, failure = answers.get(timeout=None if error is None else 0.1)
+            except queue.Empty:
+                if any(w.is_alive() for w in workers) or not answers.empty():
+                    continue
+                break  # after a failure: every request on its way has come back
+            received += 1
+            if failure is not None:
+                # Send nothing more; answers already on their way are still kept, so a rerun asks
+                # only for what is missing.
+                stop.set()
+                error = error or failure
+            elif text is not None:
+                keep(problem, sha, text)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not wait for the queue
+        stop.set()
         if bar is not None:
             bar.close()
+    if error is not None:
+        raise error
     return [done[p.id] for p in problems]
