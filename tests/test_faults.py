@@ -557,8 +557,11 @@ def test_ctrl_c_ends_a_teacher_run_without_waiting_for_its_requests(tmp_path):
 
 
 def test_teacher_concurrency_below_one_is_refused():
+    from residlab.methods.asc import CompressConfig
     from residlab.methods.asc.teacher import TeacherClient
 
     with pytest.raises(ResidlabError, match="concurrency 0") as err:
         TeacherClient("http://127.0.0.1:9/v1", concurrency=0)
     assert err.value.hint
+    with pytest.raises(ResidlabError, match="--teacher-concurrency 0"):
+        CompressConfig(teacher_concurrency=0)  # before any trace is generated

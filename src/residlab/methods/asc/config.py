@@ -85,6 +85,11 @@ class CompressConfig:
             )
         if self.adaptive is not None:
             strength_schedule(self.adaptive)  # an unknown name fails here, before any work
+        if self.teacher_concurrency < 1:
+            raise ResidlabError(
+                f"--teacher-concurrency {self.teacher_concurrency} is below 1.",
+                hint="keep at least one request in flight (default 8).",
+            )
         if isinstance(self.strength, str) and self.strength not in STRENGTH_MODES:
             raise ResidlabError(
                 f"unknown strength {self.strength!r}.", hint="give a number (x residual norm), auto or auto-centred."
