@@ -31,7 +31,14 @@ from residlab import load
 from residlab.data.problems import load_problems
 from residlab.engines import SamplingParams, as_engine
 from residlab.recipes.extraction import extract
-from residlab.serving.loadtest import LoadRequest, concurrent, mismatches, one_at_a_time, summarize
+from residlab.serving.loadtest import (
+    LoadRequest,
+    batches_between,
+    concurrent,
+    mismatches,
+    one_at_a_time,
+    summarize,
+)
 from residlab.serving.server import ModelServer, serving_in_background
 from residlab.serving.steering import SteeringRequest, VectorLibrary
 
@@ -129,12 +136,7 @@ def main() -> None:
     bad = mismatches(solo, together)
     direct_bad = [i for i, text in enumerate(direct) if text != solo[i].text]
     passes = after["forward_passes"] - before["forward_passes"]
-    histogram = {
-        k: v - before["batch_size"]["histogram"].get(k, 0)
-        for k, v in after["batch_size"]["histogram"].items()
-        if v - before["batch_size"]["histogram"].get(k, 0)
-    }
-    mean_batch = sum(int(k) * v for k, v in histogram.items()) / max(1, sum(histogram.values()))
+    histogram, mean_batch = batches_between(before, after)
     speedup = together_summary["tokens_per_s"] / solo_summary["tokens_per_s"]
     result = {
         "model": args.model,

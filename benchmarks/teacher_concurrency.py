@@ -28,6 +28,7 @@ from provenance import commit
 from residlab.data.problems import load_problems
 from residlab.engines import open_engine
 from residlab.methods.asc.teacher import TeacherClient, teacher_traces
+from residlab.serving.loadtest import batches_between
 from residlab.serving.server import ModelServer, serving_in_background
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,11 +65,7 @@ def main() -> None:
                 seconds = time.perf_counter() - began
             after = server.metrics.snapshot()
             generated = after["tokens_generated"] - before["tokens_generated"]
-            sizes = {
-                int(k): v - before["batch_size"]["histogram"].get(k, 0)
-                for k, v in after["batch_size"]["histogram"].items()
-            }
-            passes = sum(sizes.values())
+            _, mean_batch = batches_between(before, after)
             runs.append(
                 {
                     "concurrency": concurrency,
@@ -76,7 +73,7 @@ def main() -> None:
                     "seconds_per_problem": round(seconds / len(problems), 2),
                     "tokens_generated": generated,
                     "tokens_per_s": round(generated / seconds, 1),
-                    "mean_batch": round(sum(k * v for k, v in sizes.items()) / passes, 2) if passes else None,
+                    "mean_batch": round(mean_batch, 2) if mean_batch is not None else None,
                 }
             )
             answers.append(texts)

@@ -258,3 +258,12 @@ def test_many_clients_connecting_at_once_are_all_accepted(server):
     ]
     outcomes, _ = concurrent(server.server_address[1], requests, timeout=60)
     assert [o.error for o in outcomes if not o.ok] == []
+
+
+def test_batches_between_two_metrics_snapshots():
+    from residlab.serving.loadtest import batches_between
+
+    before = {"batch_size": {"histogram": {"1": 3, "4": 1}}}
+    after = {"batch_size": {"histogram": {"1": 4, "4": 1, "8": 2}}}
+    assert batches_between(before, after) == ({"1": 1, "8": 2}, (1 + 16) / 3)
+    assert batches_between(after, after) == ({}, None)

@@ -138,3 +138,12 @@ def summarize(outcomes: Sequence[Outcome], wall: float, tokens: Sequence[int]) -
 def mismatches(solo: Sequence[Outcome], together: Sequence[Outcome]) -> list[int]:
     """Indices of requests whose concurrent text differs from their one-at-a-time text (or failed)."""
     return [i for i, (a, b) in enumerate(zip(solo, together, strict=True)) if not (a.ok and b.ok and a.text == b.text)]
+
+
+def batches_between(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, int], float | None]:
+    """The forward passes' batch sizes between two ``GET /metrics`` snapshots (``ServerMetrics.snapshot``):
+    the histogram (size -> passes, sizes that occurred) and the mean batch (None: no pass)."""
+    earlier = before["batch_size"]["histogram"]
+    histogram = {k: v - earlier.get(k, 0) for k, v in after["batch_size"]["histogram"].items() if v - earlier.get(k, 0)}
+    passes = sum(histogram.values())
+    return histogram, (sum(int(k) * v for k, v in histogram.items()) / passes if passes else None)

@@ -126,7 +126,7 @@ def teacher_traces(
     queued: queue.SimpleQueue[tuple[Problem, str]] = queue.SimpleQueue()
     for item in todo.values():
         queued.put(item)
-    answers: queue.SimpleQueue[tuple[Problem, str, str | None, BaseException | None]] = queue.SimpleQueue()
+    answers: queue.SimpleQueue[tuple[Problem, str, str | Exception]] = queue.SimpleQueue()  # a text or a failure
     stop = threading.Event()
 
     def work() -> None:
@@ -136,32 +136,32 @@ def teacher_traces(
             except queue.Empty:
                 return
             try:
-                answers.put((problem, sha, ask(problem), None))
+                answers.put((problem, sha, ask(problem)))
             except Exception as err:  # noqa: BLE001 - handed to the caller's thread, raised there
-                answers.put((problem, sha, None, err))
+                answers.put((problem, sha, err))
 
     workers = [threading.Thread(target=work, daemon=True) for _ in range(min(teacher.concurrency, len(todo)))]
     for worker in workers:
         worker.start()
-    error: BaseException | None = None
+    error: Exception | None = None
     received = 0
     try:
         while received < len(todo):
             try:
                 # After a failure, poll: a worker may stop between requests without answering.
-                problem, sha, text, failure = answers.get(timeout=None if error is None else 0.1)
+                problem, sha, answer = answers.get(timeout=None if error is None else 0.1)
             except queue.Empty:
                 if any(w.is_alive() for w in workers) or not answers.empty():
                     continue
                 break  # after a failure: every request on its way has come back
             received += 1
-            if failure is not None:
+            if isinstance(answer, Exception):
                 # Send nothing more; answers already on their way are still kept, so a rerun asks
                 # only for what is missing.
                 stop.set()
-                error = error or failure
-            elif text is not None:
-                keep(problem, sha, text)
+                error = error or answer
+            else:
+                keep(problem, sha, answer)
     finally:
         stop.set()
         if bar is not None:
