@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from provenance import commit
 
@@ -100,6 +100,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.offset < args.pairs:
         parser.error("--offset must be past the example problems (--pairs): evaluate on problems not shown")
+    if args.shots < 1:
+        parser.error("--shots must be 1 or more")
+    cuts: list[Cut] = [cut for cut in args.cuts.split(",") if cut in get_args(Cut)]
+    if len(cuts) != len(args.cuts.split(",")):
+        parser.error(f"--cuts takes a comma list of {', '.join(get_args(Cut))}, got {args.cuts!r}")
 
     work = Path(args.work_dir)
     decoding = Decoding(max_new_tokens=512, batch_size=8)
@@ -113,8 +118,8 @@ def main() -> None:
             parser.error(f"only {len(examples)} correct traces among the first {args.pairs} train problems")
         base = evaluate(engine, problems, Condition("baseline", prompts.VERBOSE), decoding, work / "runs")
         rows.append(_row("baseline", base, base))
-        for cut in args.cuts.split(","):
-            condition = Condition(f"fewshot-{cut}-{args.shots}", few_shot_template(examples, cut))  # type: ignore[arg-type]
+        for cut in cuts:
+            condition = Condition(f"fewshot-{cut}-{args.shots}", few_shot_template(examples, cut))
             rows.append(_row(condition.name, evaluate(engine, problems, condition, decoding, work / "runs"), base))
     meta = {
         "commit": commit(),
