@@ -25,6 +25,9 @@ from residlab.cli.options import (
     PositionsOption,
     RayActorsOption,
     RayOption,
+    SeedOption,
+    TemperatureOption,
+    TopPOption,
     WorkDirOption,
     parse_strength,
 )
@@ -129,6 +132,9 @@ def compress(
     eval_dataset: Annotated[str, typer.Option("--eval", help="gsm8k, math500, synthetic or a .jsonl file.")] = "gsm8k",
     limit: Annotated[int, typer.Option(min=1, help="Evaluation problems (from the start of the test split).")] = 30,
     max_new_tokens: MaxNewTokens = 512,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = 0,
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
@@ -181,6 +187,9 @@ def compress(
         eval_dataset=eval_dataset,
         limit=limit,
         max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None,
         work_dir=str(work_dir),
@@ -215,8 +224,9 @@ def evaluate_command(
     ] = "baseline",
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 8,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = 0,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
     device: DeviceOption = "auto",
@@ -236,7 +246,7 @@ def evaluate_command(
     """Evaluate a model (optionally steered) on a dataset; resumable, records reused."""
     from residlab.core.io import check_writable_dir
     from residlab.data import load_problems
-    from residlab.evaluation.report import markdown_table, summarize
+    from residlab.evaluation.report import cut_off_warning, markdown_table, summarize
     from residlab.evaluation.runner import Condition, Decoding
     from residlab.methods.asc import CalibrationProblems, calibrate_vector, run_dir_for
     from residlab.methods.asc import template as template_named
@@ -264,10 +274,15 @@ def evaluate_command(
     condition = Condition(
         name, prompt, vector=vec, strength=value if vec is not None else 0.0, positions=positions.text
     )
-    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    decoding = Decoding(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size
+    )
     with evaluator_for(spec, ray, ray_actors) as evaluator:
         records = evaluator(runner, problems, condition, decoding, runs)
-    print(markdown_table([summarize(name, records)], name))
+    summary = summarize(name, records)
+    print(markdown_table([summary], name))
+    if (warning := cut_off_warning(summary, max_new_tokens)) is not None:
+        _log(warning)
     where = f", on Ray at {ray}" if ray else ""
     print(f"records: {runs} ({runner.kind} engine{where})", file=sys.stderr)
 
@@ -297,6 +312,9 @@ def sweep(
     offset: Annotated[int, typer.Option(min=0, help="Skip this many problems (past the pair problems).")] = 1000,
     limit: Annotated[int, typer.Option(min=1, help="Problems per grid point.")] = 24,
     max_new_tokens: MaxNewTokens = 512,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = 0,
     batch_size: BatchSize = 8,
     dtype: DtypeOption = "auto",
     engine: EngineOption = "auto",
@@ -337,6 +355,9 @@ def sweep(
         offset=offset,
         limit=limit,
         max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None,
         work_dir=str(work_dir),

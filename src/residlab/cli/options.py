@@ -200,6 +200,14 @@ VectorPositionsOption = Annotated[
     typer.Option(parser=_parser(parse_positions), help=_POSITIONS_HELP + " Default: the rule the vector records."),
 ]
 StrengthOption = Annotated[float, typer.Option(parser=_parser(parse_strength), help="Multiplies the vector as stored.")]
+# Decoding of the evaluation commands (compress, eval, sweep): greedy by default; reasoning (R1-style) models
+# are run sampled (the ASC paper: 0.7 / 0.9), since greedy decoding sends them into endless repetition.
+TemperatureOption = Annotated[
+    float,
+    typer.Option(min=0.0, help="0 = greedy. Reasoning (R1-style) models loop when greedy: sample them at 0.6-0.7."),
+]
+TopPOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus of sampled tokens (--temperature > 0).")]
+SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the sampled decoding (each batch draws from its own).")]
 
 
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace the output file if it exists.")]

@@ -45,6 +45,24 @@ def summarize(name: str, records: Sequence[EvalRecord]) -> ConditionSummary:
     )
 
 
+# A condition with at least this share of answers stopped by the token budget gets a warning: their grades
+# and lengths are cut short (a reasoning model's traces run to thousands of tokens).
+CUT_OFF_WARNING_SHARE = 0.1
+
+
+def cut_off_warning(summary: ConditionSummary, max_new_tokens: int) -> str | None:
+    """A ``warning:`` + ``hint:`` message when ``summary``'s answers often hit ``max_new_tokens``, else None."""
+    if not summary.cut_off_share >= CUT_OFF_WARNING_SHARE:  # also None for an empty (NaN) summary
+        return None
+    stopped = round(summary.cut_off_share * summary.n)
+    return (
+        f"warning: {summary.cut_off_share:.0%} of the {summary.name} answers ({stopped} of {summary.n}) stopped "
+        f"at {max_new_tokens} new tokens, so their accuracy and token counts are cut short.\n"
+        "hint: raise --max-new-tokens (reasoning models write 1,000-4,000 tokens a problem); a new limit generates "
+        "new records, the ones already written stay for this one."
+    )
+
+
 def compare(base: Sequence[EvalRecord], other: Sequence[EvalRecord]) -> PairedComparison:
     """Paired comparison of two conditions' records on the same problems, in the same order."""
     return compare_paired(

@@ -40,6 +40,12 @@ class Decoding:
             raise ResidlabError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}.",
                                 hint="pass --batch-size 1 or more.")  # fmt: skip
 
+    def describe(self) -> str:
+        """How the tokens are chosen, for a log line: ``greedy`` or the sampling settings."""
+        if self.temperature == 0:
+            return "greedy"
+        return f"sampled at temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}"
+
 
 @dataclass(frozen=True)
 class Condition:

@@ -26,7 +26,7 @@ from residlab.data import Problem, load_problems
 from residlab.engines import Engine, open_engine
 from residlab.evaluation.frontier import FrontierPoint, plot_frontier, shortest_correct_oracle, tokens_saved
 from residlab.evaluation.records import EvalRecord, record_key
-from residlab.evaluation.report import ConditionSummary, summarize
+from residlab.evaluation.report import ConditionSummary, cut_off_warning, summarize
 from residlab.evaluation.runner import Condition, Decoding, Evaluator, evaluate, read_records
 from residlab.interventions.schedules import strength_schedule
 from residlab.methods.asc.conditions import template
@@ -59,9 +59,19 @@ class SweepConfig:
     offset: int = 1000  # past the calibration pairs: tune on train, never on test
     limit: int = 24
     max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy; reasoning (R1-style) models are sampled (the ASC paper: 0.7, top-p 0.9)
+    top_p: float = 1.0
+    seed: int = 0
     batch_size: int = 8
     data_dir: str | None = None
     work_dir: str = "residlab-out"
+
+    def __post_init__(self) -> None:
+        self.decoding()  # bad sampling settings fail here, before any model is loaded
+
+    def decoding(self) -> Decoding:
+        """How every grid point and prompt baseline is decoded."""
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class SweepPoint:
     positions: str
     summary: ConditionSummary
     schedule: str | None = None  # the strength schedule (None: constant)
+    decoding: str = "greedy"  # Decoding.describe(): rows of another decoding are other points
     correct: tuple[bool, ...] = ()  # per problem, in order (for the frontier's bootstrap)
     tokens: tuple[int, ...] = ()
 
@@ -107,7 +118,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, evaluator: Evaluator = evaluat
     raw = load_vector(cfg.vector, lm)
     residual = {int(k): float(v) for k, v in raw.info.get("residual_norm", {}).items()}
     problems = load_problems(cfg.dataset, cfg.split, data_dir=cfg.data_dir, offset=cfg.offset, limit=cfg.limit)
-    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    decoding = cfg.decoding()
     run_dir = run_dir_for(cfg.work_dir, cfg.model)
     point = partial(_point, cfg, lm, problems, decoding, run_dir / "runs", log, evaluator)
     rows = []
@@ -177,6 +188,7 @@ def _point(
         positions=condition.positions,
         summary=summary,
         schedule=condition.schedule.name if condition.schedule is not None else None,
+        decoding=decoding.describe(),
         correct=tuple(bool(r.correct) for r in records),
         tokens=tuple(int(r.tokens) for r in records),
     ).to_json()
@@ -184,14 +196,16 @@ def _point(
         f"{condition.name:<40} acc {summary.accuracy:6.1%}  tokens {summary.mean_tokens:6.1f}  "
         f"cut {summary.cut_off_share:5.1%}"
     )
+    if (warning := cut_off_warning(summary, decoding.max_new_tokens)) is not None:
+        log(warning)
     return row
 
 
 def _oracle(cfg: SweepConfig, lm: Engine, problems: list[Problem], run_dir: Path, log: Log) -> FrontierPoint | None:
-    """The best-of-N shortest-correct oracle on these problems: the greedy baseline and the plain
+    """The best-of-N shortest-correct oracle on these problems: the baseline (decoded as the sweep is) and the plain
     prompt's samples (drawn like the ``sampled`` pair source, into the same cache, when
     ``cfg.oracle_samples`` > 0; else whatever samples that cache already holds for them)."""
-    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    decoding = cfg.decoding()
     baseline = evaluate(lm, problems, Condition("baseline", template("baseline")), decoding, run_dir / "runs")
     samples: dict[str, list[EvalRecord]] = {}
     for index in range(cfg.oracle_samples):
@@ -204,7 +218,7 @@ def _oracle(cfg: SweepConfig, lm: Engine, problems: list[Problem], run_dir: Path
     if not problems or any(p.id not in samples for p in problems):
         return None
     n = min(len(v) for v in samples.values())
-    log(f"best-of-{n + 1} shortest-correct oracle from {n} sample(s) per problem and the greedy trace")
+    log(f"best-of-{n + 1} shortest-correct oracle from {n} sample(s) per problem and the baseline trace")
     return shortest_correct_oracle(baseline, samples, label=f"best-of-{n + 1} oracle")
 
 
@@ -228,6 +242,7 @@ def frontier_summary(
     same = [
         r for r in rows
         if (r["dataset"], r["split"], r["offset"], r["n"]) == (cfg.dataset, cfg.split, cfg.offset, n)
+        and r.get("decoding", "greedy") == cfg.decoding().describe()
         and len(r.get("correct", ())) == n
     ]  # fmt: skip
     base_row = next((r for r in same if r["relative_strength"] == 0 and r["template"] == "baseline"), None)
@@ -279,6 +294,7 @@ _ROW_KEY = (
     "layer",
     "relative_strength",
     "positions",
+    "decoding",
 )
 
 
@@ -291,6 +307,7 @@ def _merge_rows(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
             old = json.loads(path.read_text()).get("rows", [])
         except (ValueError, AttributeError):
             old = []
+    old = [{"decoding": "greedy", **r} for r in old]  # rows written before sweeps could sample were greedy
     fresh = {tuple(r.get(k) for k in _ROW_KEY) for r in new}
     return [r for r in old if tuple(r.get(k) for k in _ROW_KEY) not in fresh] + new
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.core.errors import ResidlabError
+from residlab.evaluation.runner import Decoding
 from residlab.interventions.schedules import strength_schedule
 from residlab.models.registry import DEFAULT_MODEL
 
@@ -69,6 +70,9 @@ class CompressConfig:
     eval_offset: int = 0  # skip this many eval problems (a train-split evaluation must skip the pair problems)
     limit: int = 30
     max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy; reasoning (R1-style) models are sampled (the ASC paper: 0.7, top-p 0.9)
+    top_p: float = 1.0
+    seed: int = 0
     batch_size: int = 8
     data_dir: str | None = None
     work_dir: str = "residlab-out"
@@ -78,6 +82,7 @@ class CompressConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in report.json
 
     def __post_init__(self) -> None:
+        self.decoding()  # bad sampling settings fail here, before any trace is generated
         if self.project_out is not None and self.project_out == self.pair_source:
             raise ResidlabError(
                 f"--project-out {self.project_out} is the pair source itself: nothing would be left of the vector.",
@@ -140,6 +145,10 @@ class CompressConfig:
             f"asc-{self.adaptive}{name[3:]}" if name == "asc" or name.startswith("asc+") else name
             for name in self.conditions
         )
+
+    def decoding(self) -> Decoding:
+        """How the verbose traces and every evaluated condition are decoded."""
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.batch_size)
 
     def run_dir(self) -> Path:
         """Where this run's vectors, records and report go."""

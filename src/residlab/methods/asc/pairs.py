@@ -383,7 +383,7 @@ def compress_pairs(
         problems,
         source=source,
         work_dir=work_dir,
-        decoding=Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
+        decoding=cfg.decoding(),
         keep=cfg.keep,
         teacher=(
             TeacherClient(cfg.teacher_url, cfg.teacher_model, concurrency=cfg.teacher_concurrency)

@@ -161,7 +161,7 @@ def report_markdown(outcome: CompressOutcome, report: dict[str, Any]) -> str:
         f"strength {strength:.4g}{adaptive} on the unit "
         f"vector ({bound}), positions {cfg.positions}.",
         f"Logit lens of the vector: promotes {outcome.lens.promotes}, suppresses {outcome.lens.suppresses}.",
-        f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, greedy, "
+        f"Evaluation: {outcome.n_eval} {cfg.eval_dataset} {cfg.eval_split} problems, {cfg.decoding().describe()}, "
         f"{cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, engine {outcome.engine_identity}.",
         "",
         markdown_table(list(outcome.summaries.values()), outcome.baseline),
