@@ -319,7 +319,10 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for row in rows:
         if row["layer"] < 0:
             continue  # a prompt baseline: on the frontier plot
-        groups.setdefault(f"{Path(row.get('vector', '')).stem} L{row['layer']} {row['positions']}", []).append(row)
+        label = f"{Path(row.get('vector', '')).stem} L{row['layer']} {row['positions']}"
+        if row.get("decoding", "greedy") != "greedy":
+            label += f" ({row['decoding']})"  # a sampled sweep's points are a curve of their own
+        groups.setdefault(label, []).append(row)
     for label, items in groups.items():
         items = sorted(items, key=lambda r: r["relative_strength"])
         ax.plot([r["mean_tokens"] for r in items], [r["accuracy"] for r in items], "o-", label=label)
