@@ -21,6 +21,7 @@ from residlab.interventions.schedules import (
     StepBoundaries,
     StrengthSchedule,
     UntilAnswer,
+    UntilThoughtEnds,
     answer_written,
     position_scales,
     strength_schedule,
@@ -69,7 +70,7 @@ def test_each_schedule_by_hand(qwen):
     assert EntropyScaled(reference=0.1, cap=2.0).scales(step)[0].item() == 2.0
     with pytest.raises(ResidlabError, match="positive reference"):
         EntropyScaled(reference=0.0)
-    assert set(SCHEDULES) == {"until-answer", "step-boundaries", "entropy", "after-setup"}
+    assert set(SCHEDULES) == {"until-answer", "step-boundaries", "entropy", "after-setup", "until-thought-ends"}
     assert strength_schedule(None) is None and isinstance(strength_schedule("entropy"), EntropyScaled)
     with pytest.raises(ResidlabError, match="unknown adaptive strength"):
         strength_schedule("sometimes")
@@ -81,6 +82,28 @@ def test_after_setup_waits_for_the_first_equals_sign_then_stays_on(qwen):
     step = _step(tok, [" =", "Let x be 2 =", "Let x be", "so x"], previous=torch.tensor([1.0, 0.0, 0.0, 1.0]))
     assert AfterSetup().scales(step).tolist() == [1.0, 1.0, 0.0, 1.0]
     assert AfterSetup().scales(_step(tok, ["Let"])).tolist() == [0.0]  # the first token, no "=": off
+
+
+def test_until_thought_ends_stops_at_the_end_of_thinking_not_at_an_answer_written_while_thinking(qwen):
+    tok = qwen.tokenizer
+    thinking = "Okay, 3 + 4 = 7, so \\boxed{7}. Wait, let me check"
+    rows = [thinking, thinking + ".\n</think>", thinking + ".\n</think", "The answer is 7."]
+    step = _step(tok, rows, previous=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    # Still thinking (an answer inside the thinking does not count); closed; not yet closed; latched off.
+    assert UntilThoughtEnds().scales(step).tolist() == [1.0, 0.0, 1.0, 0.0]
+    boxed = _step(tok, ["Okay, 3 + 4 = 7, so \\boxed{7}"])  # an answer written while thinking
+    assert UntilAnswer().scales(boxed).tolist() == [0.0] and UntilThoughtEnds().scales(boxed).tolist() == [1.0]
+    # The marker may arrive split over tokens: the token that completes it ends the thinking.
+    ids = tok("so 7.\n</think>\n\nThe answer", add_special_tokens=False)["input_ids"]
+    scale, scales = torch.ones(1), []
+    for end in range(1, len(ids) + 1):
+        prefix = ids[:end]
+        scale = UntilThoughtEnds().scales(
+            ScheduleStep(torch.tensor([prefix[-1]]), torch.zeros(1, 5), scale, [prefix], tok.decode)
+        )
+        scales.append(scale.item())
+    closing = next(k for k in range(len(ids)) if "</think>" in tok.decode(ids[: k + 1]))
+    assert scales == [1.0] * closing + [0.0] * (len(ids) - closing)
 
 
 def test_position_scales_map_generated_positions():
@@ -97,6 +120,7 @@ SCHEDULE_CASES = [
     StepBoundaries(),
     UntilAnswer(),
     AfterSetup(marker="e"),  # a marker random tokens reach within 8 steps: both phases are exercised
+    UntilThoughtEnds(marker="e"),  # the same for the end-of-thinking latch
 ]
 
 

@@ -108,8 +108,8 @@ def compress(
         str | None,
         typer.Option(
             help="Adaptive strength for every steered condition: until-answer (stop after \\boxed{..}), "
-            "step-boundaries (newline tokens only), entropy (scaled by next-token entropy) or after-setup (off "
-            "until the first '=', then on)."
+            "step-boundaries (newline tokens only), entropy (scaled by next-token entropy), after-setup (off "
+            "until the first '=', then on) or until-thought-ends (reasoning models: stop after </think>)."
         ),
     ] = None,
     conditions: Annotated[
@@ -296,7 +296,8 @@ def sweep(
     adaptive: Annotated[
         str,
         typer.Option(
-            help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy, after-setup."
+            help="Comma list of strength schedules: constant, until-answer, step-boundaries, entropy, after-setup, "
+            "until-thought-ends."
         ),
     ] = "constant",
     prompt_baselines: Annotated[

@@ -15,7 +15,11 @@ Schedules (a registry, :data:`SCHEDULES`):
 - ``entropy``: the next-token entropy ``H`` (nats) of the distribution the token was drawn from,
   as ``min(cap, H / reference)``: strong where the model hesitates, weak where it is sure;
 - ``after-setup``: 0 until the trace writes its first ``=`` (its first computation), then 1 for good:
-  the question is read and set up unsteered, only the derivation after it is steered.
+  the question is read and set up unsteered, only the derivation after it is steered;
+- ``until-thought-ends``: for reasoning (R1-style) models, 1 while the model thinks, 0 for good once it
+  closes its thinking (``</think>``): the thinking is what ASC compresses, the summary and answer after it
+  are left as the model writes them (unlike ``until-answer``, a ``\\boxed{}`` written while thinking does
+  not end it). A model that never writes the marker is steered throughout.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from residlab.core.errors import ResidlabError
 
 ANSWER_MARKER = "\\boxed{"
+THOUGHT_END_MARKER = "</think>"  # closes the thinking of DeepSeek-R1 distills, QwQ and Qwen3
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,16 @@ def answer_written(text: str, marker: str = ANSWER_MARKER) -> bool:
     return False
 
 
+def _off_once_written(step: ScheduleStep, trigger: str, written: Callable[[str], bool]) -> torch.Tensor:
+    """The previous scales, with each row still on turned off for good once ``written(trace)`` holds. The
+    trace is decoded only when the new token holds ``trigger`` (the one character that can complete it)."""
+    out = step.previous.clone()
+    for row, ids in enumerate(step.generated):
+        if out[row] != 0 and trigger in step.decode([int(step.tokens[row])]) and written(step.decode(ids)):
+            out[row] = 0.0
+    return out
+
+
 @dataclass(frozen=True)
 class UntilAnswer(StrengthSchedule):
     """Scale 1 until the final answer is written (``marker`` ... closing brace), then 0 for good."""
@@ -79,13 +94,8 @@ class UntilAnswer(StrengthSchedule):
     marker: str = ANSWER_MARKER
 
     def scales(self, step: ScheduleStep) -> torch.Tensor:
-        out = step.previous.clone()
-        for row, ids in enumerate(step.generated):
-            # Only a token with a closing brace can complete the answer: decode the trace only then.
-            if out[row] != 0 and "}" in step.decode([int(step.tokens[row])]):
-                if answer_written(step.decode(ids), self.marker):
-                    out[row] = 0.0
-        return out
+        # Only a token with a closing brace can complete the answer.
+        return _off_once_written(step, "}", lambda text: answer_written(text, self.marker))
 
 
 @dataclass(frozen=True)
@@ -135,8 +145,20 @@ class AfterSetup(StrengthSchedule):
         return out
 
 
+@dataclass(frozen=True)
+class UntilThoughtEnds(StrengthSchedule):
+    """Scale 1 until the trace holds ``marker`` (the end of a reasoning model's thinking), then 0 for good."""
+
+    name: ClassVar[str] = "until-thought-ends"
+    marker: str = THOUGHT_END_MARKER
+
+    def scales(self, step: ScheduleStep) -> torch.Tensor:
+        # Only a token holding the marker's last character can complete it.
+        return _off_once_written(step, self.marker[-1], lambda text: self.marker in text)
+
+
 SCHEDULES: dict[str, type[StrengthSchedule]] = {
-    s.name: s for s in (UntilAnswer, StepBoundaries, EntropyScaled, AfterSetup)
+    s.name: s for s in (UntilAnswer, StepBoundaries, EntropyScaled, AfterSetup, UntilThoughtEnds)
 }
 
 
