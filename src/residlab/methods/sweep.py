@@ -239,10 +239,11 @@ def frontier_summary(
 ) -> dict[str, Any]:
     """Per method (vector x layer x positions x schedule) on these problems: its points and the tokens
     saved at accuracy within 2 points of the baseline; the plot with the references on the same axes."""
+    decoding = cfg.decoding().describe()
     same = [
         r for r in rows
         if (r["dataset"], r["split"], r["offset"], r["n"]) == (cfg.dataset, cfg.split, cfg.offset, n)
-        and r.get("decoding", "greedy") == cfg.decoding().describe()
+        and r.get("decoding", "greedy") == decoding
         and len(r.get("correct", ())) == n
     ]  # fmt: skip
     base_row = next((r for r in same if r["relative_strength"] == 0 and r["template"] == "baseline"), None)

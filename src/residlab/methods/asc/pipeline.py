@@ -18,7 +18,6 @@ from residlab.core.errors import ResidlabError
 from residlab.core.types import Log
 from residlab.data import load_problems
 from residlab.engines import Engine, open_engine
-from residlab.evaluation.report import cut_off_warning, summarize
 from residlab.evaluation.runner import Evaluator, evaluate
 from residlab.methods.asc.calibration import CalibratedStrength, CalibrationProblems, calibrate_strength
 from residlab.methods.asc.conditions import compress_conditions
@@ -82,9 +81,6 @@ def run_compress(cfg: CompressConfig, log: Log = print, evaluator: Evaluator = e
         f"({decoding.describe()}, {cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size})"
     )
     records = {c.name: evaluator(engine, problems, c, decoding, run_dir / "runs") for c in conditions}
-    for name, condition_records in records.items():
-        if (warning := cut_off_warning(summarize(name, condition_records), cfg.max_new_tokens)) is not None:
-            log(warning)
     stages["evaluation"] = time.perf_counter() - started - sum(stages.values())
     outcome = CompressOutcome(
         config=cfg,

@@ -14,6 +14,7 @@ from residlab.evaluation.report import (
     ConditionSummary,
     compare,
     comparison_dict,
+    cut_off_warning,
     markdown_table,
     plot_accuracy_vs_tokens,
     plot_token_histograms,
@@ -200,6 +201,9 @@ def write_report(run_dir: Path, outcome: CompressOutcome, log: Log = print) -> d
     _plot_frontier(outcome, run_dir / "frontier.png")
     atomic_write_text(run_dir / "report.md", report_markdown(outcome, report))
     log(markdown_table(list(summaries.values()), outcome.baseline))
+    for summary in summaries.values():
+        if (warning := cut_off_warning(summary, cfg.max_new_tokens)) is not None:
+            log(warning)
     log(
         f"vector: {outcome.vector_path}\nreport: {run_dir / 'report.md'} (+ report.json, accuracy_vs_tokens.png, "
         f"token_histogram.png)"
