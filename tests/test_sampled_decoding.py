@@ -89,7 +89,8 @@ def test_compress_sweep_and_eval_sample_when_asked_and_warn_on_cut_off_answers(t
     )
     (method,) = result["frontier"]["methods"].values()
     sampled_steered = next(r for r in result["rows"] if r["relative_strength"] == 0.5 and r["decoding"] != "greedy")
-    assert [p["mean_tokens"] for p in method["points"]] == [sampled_steered["mean_tokens"]]  # not the greedy point
+    # One point: the greedy row of the same grid is not mixed in.
+    assert [p["mean_tokens"] for p in method["points"]] == [sampled_steered["mean_tokens"]]
 
     evaluated = runner.invoke(app, ["eval", *common, "--dataset", "synthetic", "--limit", "2", *SAMPLED])
     assert evaluated.exit_code == 0, evaluated.output
@@ -100,3 +101,32 @@ def test_compress_refuses_a_nucleus_outside_zero_to_one_before_any_work(tmp_path
     result = runner.invoke(app, ["compress", "--top-p", "1.5", "--work-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_the_frontier_is_drawn_from_the_rows_of_its_own_decoding_only(tmp_path) -> None:
+    from residlab.methods.sweep import frontier_summary
+
+    sampled = SweepConfig(temperature=0.7, top_p=0.9, seed=3, dataset="synthetic", split="train", offset=0)
+
+    def row(decoding: str, strength: float, correct: list[bool], tokens: list[int]) -> dict[str, object]:
+        return {
+            "dataset": "synthetic", "split": "train", "offset": 0, "n": 2, "decoding": decoding,
+            "template": "baseline", "vector": "v.safetensors" if strength else "", "layer": 1 if strength else -1,
+            "positions": "generated", "schedule": None, "relative_strength": strength,
+            "accuracy": sum(correct) / 2, "mean_tokens": sum(tokens) / 2, "correct": correct, "tokens": tokens,
+        }  # fmt: skip
+
+    rows = [
+        row("greedy", 0.0, [True, True], [100, 100]),
+        row("greedy", 0.5, [True, True], [40, 40]),
+        row(sampled.decoding().describe(), 0.0, [True, False], [200, 200]),
+        row(sampled.decoding().describe(), 0.5, [False, False], [150, 150]),
+    ]
+    frontier = frontier_summary(rows, sampled, 2, None, tmp_path / "frontier.png", "t")
+    (method,) = frontier["methods"].values()
+    assert method["points"] == [{"relative_strength": 0.5, "accuracy": 0.0, "mean_tokens": 150.0}]
+    # Legacy rows without a decoding are greedy: the greedy frontier of the same rows sees only those.
+    greedy = SweepConfig(dataset="synthetic", split="train", offset=0)
+    legacy = [{k: v for k, v in r.items() if k != "decoding"} for r in rows[:2]] + rows[2:]
+    (method,) = frontier_summary(legacy, greedy, 2, None, tmp_path / "g.png", "t")["methods"].values()
+    assert method["points"] == [{"relative_strength": 0.5, "accuracy": 1.0, "mean_tokens": 40.0}]
